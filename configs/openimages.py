@@ -1,0 +1,29 @@
+"""OpenImages30K (wsolevaluation split) with the metadata shipped in metadata/OpenImages.
+
+    python train.py --config configs/openimages.py:resnet50 --workdir runs/oi_r50 \
+        --config.input.data_root=/data/OpenImages --config.optim.init_checkpoint=...
+
+Localization is scored with PxAP on the instance/ignore masks. Dual stage, reference settings:
+10 epochs, lr 3e-4 .. 5e-4 (3e-4 here), decay every 3.
+"""
+from dualsig_jax import defaults
+
+_ARCHS = ('vgg16', 'resnet50', 'inception_v3')
+
+
+def get_config(arg=None):
+  arch = arg or 'resnet50'
+  if arch not in _ARCHS:
+    raise ValueError(f'configs/openimages.py: unknown backbone {arch!r}; valid: {list(_ARCHS)}')
+  c = defaults.base_config()
+  c.experiment = f'openimages_{arch}'
+  c.stages = ('dual',)
+  c.model.arch = arch
+  c.model.num_classes = 100
+  c.input.dataset_name = 'OpenImages'
+  c.input.metadata_root = 'metadata'
+  c.vanilla.update(dict(num_epochs=10, lr=1e-3, lr_decay_frequency=3))
+  c.optim.update(dict(num_epochs=10, lr=3e-4, lr_decay_frequency=3))
+  c.checkpoint.every_steps = 1000
+  c.lock()
+  return c

@@ -1,0 +1,70 @@
+"""Orbax checkpoints of a stage: train state, grain iterator state and a small JSON record.
+
+Layout: `<workdir>/<stage>/checkpoints/<step>/{state,data,meta}`. The JSON record names the
+experiment's model (arch, classes, shapes) so a workdir holding another experiment's checkpoint
+is refused with a clear message instead of an opaque shape error.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+import grain.python as grain
+
+
+def manager(directory: str, *, max_to_keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -> None:
+  items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+  if data_iter is not None:
+    items['data'] = grain.PyGrainCheckpointSave(data_iter)
+  mgr.save(step, args=ocp.args.Composite(**items), force=True)
+  mgr.wait_until_finished()
+
+
+def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
+  return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+
+def check_compatible(meta: dict, expected: dict, where: str) -> None:
+  """Raises ValueError when a checkpoint was written by an experiment with another model."""
+  for key in ('arch', 'num_classes', 'stage'):
+    if key in expected and meta.get(key) != expected[key]:
+      raise ValueError(
+          f'{where} holds a checkpoint of another experiment: its {key} is {meta.get(key)!r}, '
+          f'this config asks for {expected[key]!r}. Use a fresh --workdir or remove it.')
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, target_state, data_iter=None) -> Any:
+  """Restores (state, meta) at `step` into the structure of `target_state`; the data iterator,
+  when given, is restored in place."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+  items = dict(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+  if data_iter is not None:
+    items['data'] = grain.PyGrainCheckpointRestore(data_iter)
+  try:
+    out = mgr.restore(step, args=ocp.args.Composite(**items))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'cannot restore step {step} from {mgr.directory}: the checkpoint does not '
+                     f'match this experiment\'s model ({e})') from e
+  return out['state'], out['meta']
+
+
+def save_variables(directory: str, variables: dict) -> None:
+  """Writes {'params', 'batch_stats'} as a standalone Orbax checkpoint (no step folders)."""
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(directory), variables, force=True)
+  ckptr.wait_until_finished()
+
+
+def load_variables(directory: str) -> dict:
+  """Reads a checkpoint written by `save_variables` (or the converter) as numpy arrays."""
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoint at {directory}')
+  return ocp.StandardCheckpointer().restore(os.path.abspath(directory))
