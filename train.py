@@ -3,6 +3,7 @@
 import logging
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from dualsig_jax import experiment
@@ -16,6 +17,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  # Orbax and grain log every checkpoint step at INFO; keep the console to our own progress.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('dualsig_jax').setLevel(logging.INFO)
   experiment.run(_CONFIG.value, _WORKDIR.value, evaluate=not _NO_EVAL.value)
 

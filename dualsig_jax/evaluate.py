@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from dualsig_jax import cam, data, defaults, models, wsol
 from dualsig_jax.train import loop, sharding
+from dualsig_jax.wsol import plots as wsol_plots
 
 log = logging.getLogger('dualsig_jax')
 BRANCHES = ('softmax', 'sigmoid')
@@ -52,8 +53,10 @@ class _Fidelity:
 def _loc_summary(box: dict | None, mask: dict | None) -> dict:
   out = {}
   if box is not None:
-    out.update(top1_loc=box['top1_loc'], gt_known_loc=box['gt_known_loc'],
-               maxboxacc_v2=box['maxboxacc_v2'], maxboxacc=box['maxboxacc'])
+    # Table 2 of the paper: Top-1 / GT-known Loc at IoU 50 and the loc threshold.
+    out.update(top1_loc=box['top1_loc']['50'], gt_known_loc=box['gt_known_loc']['50'],
+               maxboxacc_v2=box['maxboxacc_v2'], maxboxacc=box['maxboxacc'],
+               maxboxacc_v1=box['maxboxacc_v1'])
   if mask is not None:
     out['pxap'] = mask['pxap']
   return out
@@ -225,10 +228,10 @@ def _write_outputs(config, workdir, results, curves, plot_store) -> None:
     boxes = {b: curves[(m, b)][0] for b in BRANCHES if curves[(m, b)][0] is not None}
     masks = {b: curves[(m, b)][1] for b in BRANCHES if curves[(m, b)][1] is not None}
     if boxes:
-      wsol.plot_box_accuracy_curves(boxes, os.path.join(plot_dir, f'boxacc_{m}.png'),
+      wsol_plots.plot_box_curves(boxes, os.path.join(plot_dir, f'boxacc_{m}.png'),
                                     title=f'{m}: box accuracy vs CAM threshold')
     if masks:
-      wsol.plot_pr_curves(masks, os.path.join(plot_dir, f'pxap_pr_{m}.png'),
+      wsol_plots.plot_pr_curves(masks, os.path.join(plot_dir, f'pxap_pr_{m}.png'),
                           title=f'{m}: pixel precision-recall')
     if plot_store['image']:
       cam.save_cam_grid(os.path.join(plot_dir, f'cams_{m}.png'), np.stack(plot_store['image']),

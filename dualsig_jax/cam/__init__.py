@@ -1,0 +1,92 @@
+"""Jitted, batched CAM, Grad-CAM, Grad-CAM++, XGrad-CAM and LayerCAM for any Flax model.
+
+Maps come from either head (``branch='softmax'`` or ``'sigmoid'``), are resized on device with
+matrices that reproduce ``cv2.resize`` and normalized exactly as the reference (wsolevaluation +
+pytorch-grad-cam) does; see ``compute.postprocess_maps``.
+
+A model is seen through ``apply_fn(variables, images) -> {'features', '<branch>_logits'...}``,
+``head_fn(variables, features) -> logits dict`` (gradient methods) and
+``head_weights_fn(variables, branch) -> (w [C, K], b [K])`` (``cam``). For this package's models,
+``dualsig_jax.models.cam_fns(model)`` returns the three. For your own model, two recipes:
+
+Recipe 1 -- split the model into a feature extractor and a head::
+
+    import flax.linen as nn, jax, jax.numpy as jnp
+    from dualsig_jax.cam import compute_cams
+
+    class Net(nn.Module):
+        num_classes: int = 10
+
+        def setup(self):
+            self.conv1 = nn.Conv(16, (3, 3))
+            self.conv2 = nn.Conv(32, (3, 3), strides=2)
+            self.fc = nn.Dense(self.num_classes)
+
+        def features(self, x):                      # [B, H, W, 3] -> [B, h, w, C]
+            return nn.relu(self.conv2(nn.relu(self.conv1(x))))
+
+        def head(self, f):                          # GAP + Dense
+            return {'softmax_logits': self.fc(f.mean(axis=(1, 2)))}
+
+        def __call__(self, x):
+            f = self.features(x)
+            return {'features': f, **self.head(f)}
+
+    net = Net()
+    variables = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    apply_fn = net.apply                                        # define these once:
+    head_fn = lambda v, f: net.apply(v, f, method=Net.head)     # jit caches on their identity
+    head_weights_fn = lambda v, branch: (v['params']['fc']['kernel'], v['params']['fc']['bias'])
+    maps, targets = compute_cams(apply_fn, variables, images, method='gradcam', branch='softmax',
+                                 head_fn=head_fn, head_weights_fn=head_weights_fn)
+
+Recipe 2 -- a model that ``sow``s its features (``self.sow('intermediates', 'features', f)``
+before its GAP + Dense head named ``fc``)::
+
+    from dualsig_jax.cam import compute_cams_multi, linear_head_fns
+
+    def apply_fn(v, x):
+        logits, state = model.apply(v, x, mutable=['intermediates'])
+        return {'features': state['intermediates']['features'][0], 'softmax_logits': logits}
+
+    head_fn, head_weights_fn = linear_head_fns({'softmax': ('fc',)})
+    maps, targets = compute_cams_multi(apply_fn, variables, images,
+                                       methods=('cam', 'gradcam++'), branches=('softmax',),
+                                       head_fn=head_fn, head_weights_fn=head_weights_fn)
+    maps[('gradcam++', 'softmax')]   # [B, H, W] float32 in [0, 1]
+
+Method names: ``cam``, ``gradcam``, ``gradcam++``, ``xgradcam``, ``layercam``.
+"""
+from dualsig_jax.cam.compute import (BRANCHES, LOGIT_KEYS, check_branch, compute_cams,
+                                     feature_gradients,
+                                     compute_cams_multi, default_truncate, linear_head_fns,
+                                     postprocess_maps)
+from dualsig_jax.cam.fidelity import (average_drop, confidence_change, increase_in_confidence,
+                                      insertion_deletion)
+from dualsig_jax.cam.methods import (GRADIENT_METHODS, METHODS, cam, check_method, grad_cam,
+                                     grad_cam_plus_plus, grad_cam_plus_plus_weights,
+                                     grad_cam_weights, layer_cam, normalize_scoremap,
+                                     scale_cam_image, xgrad_cam, xgrad_cam_weights)
+from dualsig_jax.cam.resize import resize_maps, resize_matrix
+
+__all__ = [
+    "BRANCHES", "GRADIENT_METHODS", "LOGIT_KEYS", "METHODS",
+    "average_drop", "cam", "check_branch", "check_method", "compute_cams", "compute_cams_multi",
+    "confidence_change", "default_truncate", "feature_gradients", "grad_cam", "grad_cam_plus_plus",
+    "grad_cam_plus_plus_weights", "grad_cam_weights", "increase_in_confidence",
+    "insertion_deletion", "layer_cam", "linear_head_fns", "normalize_scoremap",
+    "postprocess_maps", "resize_maps", "resize_matrix", "scale_cam_image", "xgrad_cam",
+    "xgrad_cam_weights",
+]
+
+_PLOT_NAMES = ("overlay", "save_cam_grid", "largest_contour_box", "to_display")
+__all__ += list(_PLOT_NAMES)
+
+
+def __getattr__(name):
+    # Plot helpers come from dualsig_jax.cam.plots, imported on first use: matplotlib is slow to
+    # import and most callers (training, eval workers) never draw.
+    if name in _PLOT_NAMES:
+        from dualsig_jax.cam import plots
+        return getattr(plots, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,108 @@
+"""Flax variable path <-> PyTorch state-dict key, and the reference's lr groups.
+
+Flax module names mirror the torch module tree (``layer1/0/conv1``), so a key is the
+module path joined by dots plus the torch tensor name. The only renames: Flax's leaf names
+(``kernel``/``scale``/``mean``/``var``) and, for InceptionV3, the heads ``fc``/``fc2``
+which the reference calls ``SPG_A4``/``SPG_A4_2``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+MODELS = ("vgg16", "resnet50", "inception_v3", "vgg_tiny", "resnet_tiny")
+
+_LEAF_TO_TORCH = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+
+# Reference head names of InceptionV3-CAM (1x1 convs).
+INCEPTION_HEAD_NAMES = {"fc": "SPG_A4", "fc2": "SPG_A4_2"}
+
+# wsolevaluation's _FEATURE_PARAM_LAYER_PATTERNS: a *substring* match on the torch name.
+# For VGG/Inception a match means 'feature' (lr x 1); for ResNet it means 'classifier'.
+_LR_PATTERNS = {
+    "vgg": (("features.",), "feature"),
+    "resnet": (("layer4.", "fc."), "classifier"),
+    "inception": (("Mixed", "Conv2d_1", "Conv2d_2", "Conv2d_3", "Conv2d_4"), "feature"),
+}
+
+
+def check_arch(arch: str) -> str:
+    """Return ``arch`` or raise ``ValueError`` listing the valid names."""
+    if arch not in MODELS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(MODELS)}")
+    return arch
+
+
+def family(arch: str) -> str:
+    """'vgg' | 'resnet' | 'inception' for an arch name."""
+    check_arch(arch)
+    return arch.split("_")[0].rstrip("0123456789") if arch != "inception_v3" else "inception"
+
+
+def torch_key(arch: str, collection: str, path: tuple[str, ...]) -> str:
+    """Torch state-dict key of the Flax leaf ``variables[collection][path...]``.
+
+    >>> torch_key('resnet50', 'params', ('layer1', '0', 'bn1', 'scale'))
+    'layer1.0.bn1.weight'
+    """
+    leaf = _LEAF_TO_TORCH.get((collection, path[-1]))
+    if leaf is None:
+        raise ValueError(f"no torch name for {collection}/{'/'.join(path)}")
+    modules = list(path[:-1])
+    if family(arch) == "inception" and modules and modules[0] in INCEPTION_HEAD_NAMES:
+        modules[0] = INCEPTION_HEAD_NAMES[modules[0]]
+    return ".".join(modules + [leaf])
+
+
+def to_torch_layout(x: np.ndarray, collection: str, path: tuple[str, ...]) -> np.ndarray:
+    """Flax array -> torch layout (HWIO -> OIHW conv kernels, [in,out] -> [out,in] dense)."""
+    if collection == "params" and path[-1] == "kernel":
+        if x.ndim == 4:
+            return np.ascontiguousarray(np.transpose(x, (3, 2, 0, 1)))
+        if x.ndim == 2:
+            return np.ascontiguousarray(x.T)
+    return x
+
+
+def from_torch_layout(x: np.ndarray, collection: str, path: tuple[str, ...]) -> np.ndarray:
+    """Inverse of :func:`to_torch_layout`."""
+    if collection == "params" and path[-1] == "kernel":
+        if x.ndim == 4:
+            return np.ascontiguousarray(np.transpose(x, (2, 3, 1, 0)))
+        if x.ndim == 2:
+            return np.ascontiguousarray(x.T)
+    return x
+
+
+def torch_shape(shape: tuple[int, ...], collection: str, path: tuple[str, ...]) -> tuple:
+    """Torch shape of a Flax leaf of ``shape``."""
+    if collection == "params" and path[-1] == "kernel":
+        if len(shape) == 4:
+            return (shape[3], shape[2], shape[0], shape[1])
+        if len(shape) == 2:
+            return (shape[1], shape[0])
+    return tuple(shape)
+
+
+def lr_group(arch: str, path: tuple[str, ...]) -> str:
+    """'feature' | 'classifier' for a Flax param path, by the reference's name rules.
+
+    ``path`` may start with the collection (``'params'``); e.g.
+    ``lr_group('resnet50', ('params', 'layer4', '0', 'conv1', 'kernel')) == 'classifier'``
+    and ``lr_group('resnet50', ('fc2', 'kernel')) == 'feature'`` (reference quirk:
+    ``'fc.'`` does not match ``fc2.*``).
+    """
+    path = tuple(str(p) for p in path)
+    collection = "params"
+    if path and path[0] in ("params", "batch_stats"):
+        collection, path = path[0], path[1:]
+    name = torch_key(arch, collection, path)
+    patterns, group_on_match = _LR_PATTERNS[family(arch)]
+    matched = any(p in name for p in patterns)
+    other = "classifier" if group_on_match == "feature" else "feature"
+    return group_on_match if matched else other

@@ -1,0 +1,186 @@
+"""``python -m dualsig_jax.wsol``: a drop-in for wsolevaluation's ``evaluate_wsol``.
+
+Reads ``<scoremap_root>/<image_id>.npy`` for every id of ``<metadata_root>/<NAME>/<SPLIT>``,
+rescales GT boxes from ``image_sizes.txt`` to each map's size with ``int(x * W / w)`` (the
+reference's ``resize_bbox``), and/or builds GT masks (instances > 0.5 after nearest resize; ignore
+region minus instances = 255) read from ``--mask_root``. Prints the metrics as JSON and writes
+them to ``--output_json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import cv2
+import numpy as np
+
+from dualsig_jax.wsol.box import BoxEvaluator
+from dualsig_jax.wsol.mask import MaskEvaluator
+
+_BATCH = 64
+
+
+def str2bool(v: str) -> bool:
+  """'true'/'false' (and 1/0, yes/no) -> bool; anything else is an argparse error."""
+  s = str(v).lower()
+  if s in ('true', '1', 'yes', 'y', 't'):
+    return True
+  if s in ('false', '0', 'no', 'n', 'f'):
+    return False
+  raise argparse.ArgumentTypeError(f'expected true or false, got {v!r}')
+
+
+def load_scoremap(path: str) -> np.ndarray:
+  """Loads one ``.npy`` map; ``ValueError`` naming the file if missing, not 2-D, NaN, or outside
+  [0, 1]."""
+  if not os.path.isfile(path):
+    raise ValueError(f'{path}: score map file is missing')
+  try:
+    m = np.load(path, allow_pickle=False)
+  except Exception as e:  # noqa: BLE001 - any unreadable file is reported with its name
+    raise ValueError(f'{path}: cannot read score map ({e})') from None
+  if m.ndim != 2:
+    raise ValueError(f'{path}: score map must be 2-D; got shape {m.shape}')
+  if not np.issubdtype(m.dtype, np.floating):
+    raise ValueError(f'{path}: score map must be floating point; got {m.dtype}')
+  if np.isnan(m).any():
+    raise ValueError(f'{path}: score map contains NaN')
+  if (m < 0).any() or (m > 1).any():
+    raise ValueError(f'{path}: score map must lie in [0, 1]; min={m.min()}, max={m.max()}')
+  return m
+
+
+def resize_box(box, image_size, map_size):
+  """The reference's ``resize_bbox``: ``int(x * new_w / w)`` in float64 per coordinate.
+
+  Args: box (x0, y0, x1, y1) ints; image_size (w, h); map_size (w, h). Returns 4 ints.
+  """
+  x0, y0, x1, y1 = map(float, box)
+  w, h = map(float, image_size)
+  nw, nh = map(float, map_size)
+  return int(x0 * nw / w), int(y0 * nh / h), int(x1 * nw / w), int(y1 * nh / h)
+
+
+def _mask_file(mask_root, dataset_name, path):
+  for cand in (os.path.join(mask_root, path), os.path.join(mask_root, dataset_name, path)):
+    if os.path.isfile(cand):
+      return cand
+  raise ValueError(f'mask file {path!r} not found under {mask_root!r} '
+                   f'(nor under {os.path.join(mask_root, dataset_name)!r})')
+
+
+def _read_mask(file, size):
+  img = cv2.imread(file, cv2.IMREAD_GRAYSCALE)
+  if img is None:
+    raise ValueError(f'{file}: cannot read mask image')
+  return cv2.resize(np.float32(img), size, interpolation=cv2.INTER_NEAREST) > 0.5
+
+
+def load_gt_mask(mask_root, dataset_name, mask_paths, ignore_path, size):
+  """GT mask as the reference's ``get_mask``: uint8 ``[H, W]`` 1 object, 0 background, 255 ignore.
+
+  Args: size (w, h) of the score map.
+  """
+  inst = np.stack([_read_mask(_mask_file(mask_root, dataset_name, p), size)
+                   for p in mask_paths]).any(axis=0)
+  ignore = np.zeros_like(inst)
+  if ignore_path:
+    ignore = _read_mask(_mask_file(mask_root, dataset_name, ignore_path), size) & ~inst
+  return inst.astype(np.uint8) + 255 * ignore.astype(np.uint8)
+
+
+def evaluate_wsol(scoremap_root, metadata_root, dataset_name, split, mask_root=None,
+                  cam_curve_interval=0.001, iou_threshold_list=(30, 50, 70),
+                  multi_contour_eval=True, loc_threshold=0.2, num_workers=None,
+                  progress=True) -> dict:
+  """Evaluates saved maps. Returns the JSON-able result dict (see module docstring)."""
+  from dualsig_jax.data.metadata import load_metadata  # the shared metadata reader
+  meta = load_metadata(metadata_root, dataset_name, split, require_labels=False)
+  ids = meta.image_ids
+  box_eval = mask_eval = None
+  if meta.boxes:
+    if not meta.sizes:
+      raise ValueError(f'{dataset_name}/{split}: boxes need image_sizes.txt to be rescaled')
+    box_eval = BoxEvaluator(iou_threshold_list, cam_curve_interval, multi_contour_eval,
+                            loc_threshold, num_workers=num_workers)
+  if meta.masks:
+    if mask_root is None:
+      raise ValueError(f'{dataset_name}/{split} has mask localization: pass --mask_root')
+    mask_eval = MaskEvaluator(cam_curve_interval)
+  if box_eval is None and mask_eval is None:
+    raise ValueError(f'{dataset_name}/{split}: no localization.txt / localization_mask.txt')
+
+  from tqdm import tqdm
+  pending = []  # (map, image_id) with one shared shape
+
+  def flush():
+    if not pending:
+      return
+    maps = np.stack([m for m, _ in pending])
+    h, w = maps.shape[1:]
+    if box_eval is not None:
+      boxes = [np.array([resize_box(b, meta.sizes[i], (w, h)) for b in meta.boxes[i]],
+                        dtype=np.int64).reshape(-1, 4) for _, i in pending]
+      box_eval.accumulate(maps, boxes)
+    if mask_eval is not None:
+      masks = np.stack([load_gt_mask(mask_root, dataset_name, *meta.masks[i], (w, h))
+                        for _, i in pending])
+      mask_eval.accumulate(maps, masks)
+    pending.clear()
+
+  for image_id in tqdm(ids, desc=f'wsol {dataset_name}/{split}', disable=not progress,
+                       file=sys.stderr):
+    m = load_scoremap(os.path.join(scoremap_root, image_id + '.npy'))
+    if box_eval is not None and image_id not in meta.boxes:
+      raise ValueError(f'{image_id}: no box in localization.txt')
+    if pending and (m.shape != pending[0][0].shape or len(pending) >= _BATCH):
+      flush()
+    pending.append((m, image_id))
+  flush()
+
+  result = {}
+  if box_eval is not None:
+    r = box_eval.compute()
+    result.update({k: r[k] for k in ('maxboxacc', 'maxboxacc_v2', 'maxboxacc_v1',
+                                     'gt_known_loc', 'best_threshold', 'loc_threshold',
+                                     'multi_contour_eval')})
+  if mask_eval is not None:
+    result['pxap'] = mask_eval.compute()['pxap']
+  result['num_images'] = len(ids)
+  return result
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog='python -m dualsig_jax.wsol', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--scoremap_root', required=True)
+  p.add_argument('--metadata_root', required=True)
+  p.add_argument('--dataset_name', required=True)
+  p.add_argument('--split', required=True)
+  p.add_argument('--mask_root', default=None)
+  p.add_argument('--cam_curve_interval', type=float, default=0.001)
+  p.add_argument('--iou_threshold_list', type=int, nargs='+', default=[30, 50, 70])
+  p.add_argument('--multi_contour_eval', type=str2bool, nargs='?', const=True, default=True)
+  p.add_argument('--loc_threshold', type=float, default=0.2)
+  p.add_argument('--num_workers', type=int, default=None,
+                 help='processes for box evaluation (default: all cores; 0: in-process)')
+  p.add_argument('--output_json', default=None)
+  p.add_argument('--no_progress', action='store_true')
+  args = p.parse_args(argv)
+  try:
+    result = evaluate_wsol(args.scoremap_root, args.metadata_root, args.dataset_name,
+                           args.split, args.mask_root, args.cam_curve_interval,
+                           args.iou_threshold_list, args.multi_contour_eval,
+                           args.loc_threshold, args.num_workers, not args.no_progress)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  text = json.dumps(result, indent=2)
+  print(text)
+  if args.output_json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+    with open(args.output_json, 'w') as f:
+      f.write(text + '\n')
+  return 0

@@ -1,0 +1,195 @@
+"""The whole synthetic pipeline at smoke size: train both stages, evaluate, check invariants.
+
+One session-scoped run feeds most tests here (it is the expensive part); resume and bad-config
+tests reuse its dataset and workdir.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dualsig_jax import data, experiment
+from dualsig_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import synthetic  # noqa: E402
+
+
+def smoke_config(data_root, **overrides):
+  c = synthetic.get_config('smoke')
+  c.input.data_root = str(data_root)
+  c.input.metadata_root = os.path.join(str(data_root), 'metadata')
+  for k, v in overrides.items():
+    section, field = k.split('.')
+    c[section][field] = v
+  return c
+
+
+@pytest.fixture(scope='session')
+def smoke_data(tmp_path_factory):
+  root = tmp_path_factory.mktemp('synthetic_smoke')
+  data.ensure_synthetic(smoke_config(root).input)
+  return root
+
+
+@pytest.fixture(scope='session')
+def smoke_run(smoke_data, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('run')
+  config = smoke_config(smoke_data)
+  out = experiment.run(config, str(workdir))
+  return config, str(workdir), out
+
+
+def _same_tree(a, b):
+  la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(la, lb))
+
+
+def test_results_schema_and_invariants(smoke_run):
+  config, workdir, out = smoke_run
+  with open(os.path.join(workdir, 'results.json')) as f:
+    res = json.load(f)
+  assert res == json.loads(json.dumps(out['results']))
+  cls = res['classification']
+  # The paper's "no drop in classification": the softmax head is untouched by the dual stage.
+  assert cls['vanilla_softmax_top1'] == cls['softmax_top1']
+  assert 0.0 <= cls['sigmoid_top1'] <= 100.0
+  assert set(res['methods']) == set(config.eval.methods)
+  for method, heads in res['methods'].items():
+    assert set(heads) == {'softmax', 'sigmoid'}
+    for head, r in heads.items():
+      for key in ('top1_loc', 'gt_known_loc', 'maxboxacc_v2', 'pxap', 'avg_drop', 'inc_conf'):
+        assert 0.0 <= r[key] <= 100.0, (method, head, key, r[key])
+      assert set(r['maxboxacc']) == {'30', '50', '70'}
+      assert r['top1_loc'] <= r['gt_known_loc'] + 1e-9
+  for name in ('results.md', 'config.json', 'metrics.jsonl'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  plots = os.listdir(os.path.join(workdir, 'plots'))
+  for m in config.eval.methods:
+    assert f'cams_{m}.png' in plots and f'boxacc_{m}.png' in plots and f'pxap_pr_{m}.png' in plots
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  steps = [r for r in records if 'loss' in r]
+  assert {r['stage'] for r in steps} == {'vanilla', 'dual'}
+  assert all(np.isfinite(r['loss']) and 'lr' in r for r in steps)
+
+
+def test_dual_stage_keeps_backbone_fc_and_bn_bit_identical(smoke_run):
+  _, workdir, _ = smoke_run
+  start = loop.latest_variables(workdir, 'vanilla')
+  end = loop.latest_variables(workdir, 'dual')
+  for name in start['params']:
+    if name == 'fc2':
+      continue
+    assert _same_tree(start['params'][name], end['params'][name]), name
+  assert _same_tree(start['batch_stats'], end['batch_stats'])
+  # fc2 started as a copy of fc and trained away from it.
+  assert not _same_tree(end['params']['fc2'], end['params']['fc'])
+
+
+def test_maps_are_in_unit_interval(smoke_run):
+  from dualsig_jax import cam, models
+  config, workdir, _ = smoke_run
+  model = loop.build_stage_model(config, 'dual')
+  variables = loop.latest_variables(workdir, 'dual')
+  batch = next(iter(data.make_eval_loader(config.input, 'test', batch_size=8)))
+  fns = models.cam_fns(model)
+  maps, targets = cam.compute_cams_multi(fns['apply_fn'], variables, batch['image'],
+                                         methods=('cam', 'gradcam'),
+                                         head_fn=fns['head_fn'],
+                                         head_weights_fn=fns['head_weights_fn'])
+  for k, m in maps.items():
+    m = np.asarray(m)
+    assert m.shape == (8, config.input.eval_size, config.input.eval_size)
+    assert m.min() >= 0.0 and m.max() <= 1.0 and np.isfinite(m).all(), k
+
+
+def test_rerun_resumes_instead_of_retraining(smoke_run):
+  config, workdir, _ = smoke_run
+  before = os.path.getsize(os.path.join(workdir, 'metrics.jsonl'))
+  out = experiment.run(config, workdir, evaluate=False)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    new = [json.loads(line) for line in f.read()[before:].splitlines() if line]
+  assert all('loss' not in r for r in new), 'a finished stage trained again'
+  assert out['stages']['dual']['step'] == out['stages']['dual']['step']
+
+
+def test_unknown_arch_and_value_fail_before_training(smoke_data, tmp_path):
+  c = smoke_config(smoke_data)
+  c.model.arch = 'resnet9000'
+  with pytest.raises(ValueError, match='resnet9000'):
+    experiment.run(c, str(tmp_path))
+  c = smoke_config(smoke_data)
+  c.eval.methods = ('scorecam',)
+  with pytest.raises(ValueError, match='scorecam'):
+    experiment.run(c, str(tmp_path))
+  c = smoke_config(smoke_data)
+  with pytest.raises(AttributeError, match='lrr'):
+    c.optim.lrr = 0.1
+
+
+def test_batch_not_divisible_by_devices_fails(smoke_data, tmp_path):
+  c = smoke_config(smoke_data, **{'input.batch_size': 12})
+  with pytest.raises(ValueError, match='not divisible'):
+    loop.train_stage(c, str(tmp_path), 'vanilla')
+
+
+def test_dual_without_vanilla_checkpoint_fails(smoke_data, tmp_path):
+  c = smoke_config(smoke_data)
+  c.stages = ('dual',)
+  with pytest.raises(FileNotFoundError, match='vanilla checkpoint'):
+    loop.train_stage(c, str(tmp_path), 'dual')
+
+
+def test_workdir_of_another_experiment_is_refused(smoke_run, smoke_data):
+  _, workdir, _ = smoke_run
+  c = smoke_config(smoke_data, **{'model.arch': 'vgg_tiny'})
+  with pytest.raises(ValueError, match='another experiment'):
+    loop.train_stage(c, workdir, 'vanilla')
+
+
+def _train_cmd(data_root, workdir, steps):
+  return [sys.executable, os.path.join(ROOT, 'train.py'),
+          f'--config={os.path.join(ROOT, "configs", "synthetic.py")}:smoke',
+          f'--workdir={workdir}', '--skip_eval',
+          f'--config.input.data_root={data_root}',
+          f'--config.input.metadata_root={os.path.join(str(data_root), "metadata")}',
+          '--config.stages=("vanilla",)', f'--config.vanilla.max_steps={steps}',
+          '--config.checkpoint.every_steps=4', '--config.checkpoint.max_to_keep=2']
+
+
+def test_kill_and_resume_matches_uninterrupted_run(smoke_data, tmp_path):
+  steps = 24
+  env = dict(os.environ)
+  ref_dir, cut_dir = tmp_path / 'ref', tmp_path / 'cut'
+  subprocess.run(_train_cmd(smoke_data, ref_dir, steps), check=True, env=env, cwd=ROOT,
+                 capture_output=True)
+  proc = subprocess.Popen(_train_cmd(smoke_data, cut_dir, steps), env=env, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = cut_dir / 'vanilla' / 'checkpoints'
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    # Orbax writes into a temporary folder and renames it: a numeric folder is complete.
+    done = [int(p) for p in os.listdir(ckpt) if p.isdigit()] if ckpt.exists() else []
+    if done and max(done) >= 4:
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+  killed_at = max(int(p) for p in os.listdir(ckpt) if p.isdigit())
+  assert killed_at < steps
+  subprocess.run(_train_cmd(smoke_data, cut_dir, steps), check=True, env=env, cwd=ROOT,
+                 capture_output=True)
+  ref = loop.latest_variables(str(ref_dir), 'vanilla')
+  got = loop.latest_variables(str(cut_dir), 'vanilla')
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
