@@ -83,6 +83,7 @@ def main():
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--batches', type=int, default=40)
   parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--num_images', type=int, default=640)
   parser.add_argument('--image_size', type=int, default=400)
   parser.add_argument('--data_dir', default=os.path.join(tempfile.gettempdir(),
@@ -110,10 +111,17 @@ def main():
   print(f'setup: {args.num_images} JPEGs ~{args.image_size}px, resize 256 -> crop 224 -> '
         f'flip -> normalize, batch {args.batch_size}, {args.workers} workers, '
         f'{args.batches} timed batches after {args.warmup} warm-up')
-  ours = _grain_rate(args.data_dir, args)
-  ref = _torch_rate(args.data_dir, args)
-  print(f'grain (dualsig_jax.data): {ours:8.1f} images/s')
-  print(f'torch DataLoader (PIL):   {ref:8.1f} images/s')
+  # Alternate the two (A B B A ...) so load from other processes on a shared machine hits
+  # both alike; report medians.
+  ours, ref = [], []
+  for r in range(args.repeats):
+    for name in (('grain', 'torch') if r % 2 == 0 else ('torch', 'grain')):
+      rate = (_grain_rate if name == 'grain' else _torch_rate)(args.data_dir, args)
+      (ours if name == 'grain' else ref).append(rate)
+      print(f'  run {r}: {name:5s} {rate:8.1f} images/s', flush=True)
+  ours, ref = float(np.median(ours)), float(np.median(ref))
+  print(f'grain (dualsig_jax.data): {ours:8.1f} images/s (median of {args.repeats})')
+  print(f'torch DataLoader (PIL):   {ref:8.1f} images/s (median of {args.repeats})')
   print(f'ratio grain/torch:        {ours / ref:8.2f}')
 
 

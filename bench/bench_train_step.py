@@ -58,10 +58,10 @@ def main():
   y = rng.integers(0, args.num_classes, size=args.batch).astype(np.int32)
 
   # Same weights on both sides: build in torch, convert.
-  tmodel = torch_models.build(args.arch, args.num_classes)
+  tmodel = torch_models.randomize_(torch_models.build_torch_model(args.arch, args.num_classes))
   tmodel.eval()
   sd = {k: v.detach().clone() for k, v in tmodel.state_dict().items()}
-  variables = convert.torch_to_flax(sd, args.arch)
+  variables = convert.torch_to_flax(sd, args.arch, num_classes=args.num_classes)
   model = models.build_model(args.arch, args.num_classes, dual=True)
   o = ml_collections.ConfigDict(dict(lr=1e-3, lr_classifier_ratio=10.0, lr_decay_frequency=3,
                                      lr_decay_rate=0.1, momentum=0.9, nesterov=True,
@@ -91,7 +91,7 @@ def main():
 
   # The reference's step: model.eval() for BN, only fc2 in the optimizer, backbone frozen.
   for name, p in tmodel.named_parameters():
-    p.requires_grad = name.startswith(torch_models.SIGMOID_HEAD_PREFIX[args.arch])
+    p.requires_grad = name.startswith(('fc2.', 'SPG_A4_2.'))
   params = [p for p in tmodel.parameters() if p.requires_grad]
   topt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
   crit = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(args.num_classes - 1.0))
@@ -102,7 +102,7 @@ def main():
 
   def torch_step():
     out = tmodel(tx_img)
-    loss = crit(out['sigmoid_logits'], onehot) + ce(out['softmax_logits'], ty).detach()
+    loss = crit(out['logits2'], onehot) + ce(out['logits'], ty).detach()
     topt.zero_grad()
     loss.backward()
     topt.step()

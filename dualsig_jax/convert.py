@@ -36,8 +36,10 @@ import numpy as np
 
 from dualsig_jax.models import build_model, clone_head, family, init_key
 from dualsig_jax.models.layers import conv_kernel_init, head_kernel_init
-from dualsig_jax.models.naming import (from_torch_layout, to_torch_layout, torch_key,
-                                       torch_shape, check_arch)
+from dualsig_jax.models.naming import (check_arch, from_torch_layout, get_path as _get,
+                                       get_path_or_empty as _get_or_empty, iter_leaves as _iter_leaves,
+                                       module_order as _module_order, set_path as _set,
+                                       to_torch_layout, torch_key, torch_shape)
 
 SOURCES = ("auto", "reference", "torchvision")
 _TINY = ("vgg_tiny", "resnet_tiny")
@@ -68,7 +70,7 @@ def _to_numpy(value: Any, key: str) -> np.ndarray:
         t = value.detach().cpu()
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16
             t = t.float()
-        return t.numpy()
+        return t.numpy().copy()  # .numpy() shares memory with the tensor
     if isinstance(value, (np.ndarray, jax.Array, np.generic, int, float)):
         return np.asarray(value)
     raise ValueError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
@@ -132,27 +134,6 @@ def _normalise(state_dict: Mapping) -> tuple[dict[str, np.ndarray], dict[str, in
 
 
 # ----------------------------------------------------------------------------- tree helpers
-def _iter_leaves(tree: Mapping, prefix: tuple = ()):
-    """(path, leaf) in dict insertion order (jax's flatten would sort the keys)."""
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _iter_leaves(v, prefix + (str(k),))
-        else:
-            yield prefix + (str(k),), v
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
 def _expected(arch: str, model) -> dict[str, tuple[str, tuple, tuple]]:
     """torch key -> (collection, flax path, flax shape) for ``model``'s variables."""
     shapes = jax.eval_shape(
@@ -318,43 +299,6 @@ def torch_to_flax(state_dict: Mapping, arch: str, *, num_classes: int | None = N
 
 
 # ----------------------------------------------------------------------------- flax -> torch
-
-def _get_or_empty(tree: Mapping, path: tuple) -> Mapping:
-    try:
-        node = _get(tree, path)
-    except (KeyError, TypeError):
-        return {}
-    return node if isinstance(node, Mapping) else {}
-
-
-def _module_order(arch: str, params: Mapping) -> list[tuple]:
-    """Paths of the param-holding modules of ``params`` in the model's call order, which
-    is the torch definition order for these models (so exported keys come out in the
-    order ``torch_model.state_dict()`` uses)."""
-    import flax.linen as nn
-    owners = []
-    for path, _ in _iter_leaves(params):
-        if path[:-1] not in owners:
-            owners.append(path[:-1])
-    num_classes = int(np.shape(params["fc"]["bias"])[0])
-    order: list[tuple] = []
-    for lfm in (False, True):  # VGG's conv indices depend on large_feature_map
-        model = build_model(arch, num_classes, large_feature_map=lfm)
-        order = []
-
-        def record(next_fun, args, kwargs, context):
-            if context.method_name == "__call__":
-                p = tuple(context.module.scope.path)
-                if p not in order:
-                    order.append(p)
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(record):
-            jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-        if set(owners) <= set(order):
-            break
-    rank = {p: i for i, p in enumerate(order)}
-    return sorted(owners, key=lambda p: rank.get(p, len(rank)))
 
 def flax_to_torch(variables: Mapping, arch: str, *, head_names: str = "reference",
                   num_batches_tracked: int | Mapping[str, int] | None = 0,

@@ -461,3 +461,57 @@ def test_largest_contour_box_and_grid(tmp_path):
     assert os.path.getsize(path) > 1000
     ov = plots.overlay(imgs[0], m)
     assert ov.shape == (32, 32, 3) and ov.min() >= 0 and ov.max() <= 1
+
+
+# ----------------------------------------------------------------------------- package models
+
+def test_package_model_matches_torch_twin_sharded():
+    """models.cam_fns(vgg_tiny) on a batch sharded over the 8 fake devices vs the torch recipe."""
+    models = pytest.importorskip("dualsig_jax.models")
+    torch = pytest.importorskip("torch")
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_models
+
+    model = models.build_model("vgg_tiny", K)
+    v = models.init_variables(model, 0)
+    rng = np.random.default_rng(9)
+    v["params"]["fc2"] = dict(v["params"]["fc2"], kernel=v["params"]["fc"]["kernel"] + 0.05 *
+                              jnp.asarray(rng.standard_normal((128, K)), jnp.float32))
+    p = jax.tree_util.tree_map(np.asarray, v["params"])
+    sd = {f"features.{i}.{n}": (d["kernel"].transpose(3, 2, 0, 1) if n == "weight" else d["bias"])
+          for i, d in p["features"].items() for n in ("weight", "bias")}
+    sd.update({"conv6.weight": p["conv6"]["kernel"].transpose(3, 2, 0, 1),
+               "conv6.bias": p["conv6"]["bias"]})
+    for n in ("fc", "fc2"):
+        sd.update({f"{n}.weight": p[n]["kernel"].T, f"{n}.bias": p[n]["bias"]})
+    tm = torch_models.build_torch_model("vgg_tiny", K)
+    tm.load_state_dict({k: torch.from_numpy(np.array(a)) for k, a in sd.items()})
+
+    n = jax.device_count()
+    x = rng.standard_normal((n, 32, 32, 3)).astype(np.float32)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    xs = jax.device_put(jnp.asarray(x), jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("data")))
+    fns = models.cam_fns(model)
+    maps, targets = C.compute_cams_multi(fns["apply_fn"], v, xs, methods=C.METHODS,
+                                         head_fn=fns["head_fn"],
+                                         head_weights_fn=fns["head_weights_fn"])
+    r = tm(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    f = r["features"]
+    f.retain_grad()
+    t = r["logits"].argmax(1)
+    np.testing.assert_array_equal(np.asarray(targets), t.numpy())
+    a = f.detach().numpy()
+    for branch, key, fc in (("softmax", "logits", "fc"), ("sigmoid", "logits2", "fc2")):
+        f.grad = None
+        r[key].gather(1, t[:, None]).sum().backward(retain_graph=True)
+        g = f.grad.numpy()
+        trunc = branch == "sigmoid"
+        w = getattr(tm, fc).weight.detach().numpy()[t.numpy()]
+        raw_cam = ((np.maximum(w, 0) if trunc else w)[:, :, None, None] * a).mean(1)
+        for m in C.METHODS:
+            raw = raw_cam if m == "cam" else np_raw(m, a, g, trunc)
+            np.testing.assert_allclose(np.asarray(maps[(m, branch)]),
+                                       np_pipeline(m, raw, (32, 32)), atol=2e-4,
+                                       err_msg=f"{m} {branch}")

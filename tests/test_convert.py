@@ -13,7 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from dualsig_jax import convert  # noqa: E402
 from dualsig_jax.convert import flax_to_torch, load_state_dict, load_variables, torch_to_flax  # noqa: E402
-from dualsig_jax.models import build_model  # noqa: E402
+from dualsig_jax.models import build_model, head_weights  # noqa: E402
 from dualsig_jax.models.vgg import VGG16_CFG  # noqa: E402
 from torch_models import (TorchInceptionCam, TorchResNetCam, TorchVGGCam,  # noqa: E402
                           build_torch_model, randomize_)
@@ -133,6 +133,13 @@ def test_inception_heads_named_fc(inception_sd):
     assert info.head_names == "fc" and info.source == "reference" and info.num_classes == 5
     _same(flax_to_torch(variables, "inception_v3", head_names="fc"), renamed)
     _same(flax_to_torch(variables, "inception_v3"), inception_sd)
+    # The 1x1-conv head: head() == GAP(features) @ w + b (cheap, no backbone involved).
+    model = build_model("inception_v3", 5)
+    feats = jnp.asarray(np.random.RandomState(0).rand(2, 3, 3, 1024).astype(np.float32))
+    logits = model.apply(variables, feats, method="head")
+    w, b = head_weights(variables, "sigmoid")
+    np.testing.assert_allclose(logits["sigmoid_logits"], feats.mean(axis=(1, 2)) @ w + b,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_reference_checkpoint_forms_and_fc2_clone():

@@ -269,6 +269,17 @@ def test_eval_batches_padding_boxes_masks(data):
   assert set(np.unique(batches[0]['mask'])) == {0, 1, 255}
 
 
+def test_eval_worker_processes_same_batches(data):
+  ref = list(loaders.make_eval_loader(data, 'test', batch_size=24))
+  data.num_workers = 2
+  got = list(loaders.make_eval_loader(data, 'test', batch_size=24))
+  assert len(got) == len(ref) == 4
+  for x, y in zip(ref, got):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
 def test_eval_sharding_covers_all_once(data):
   seen = []
   lens = set()

@@ -7,6 +7,8 @@ which the reference calls ``SPG_A4``/``SPG_A4_2``.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 MODELS = ("vgg16", "resnet50", "inception_v3", "vgg_tiny", "resnet_tiny")
@@ -106,3 +108,67 @@ def lr_group(arch: str, path: tuple[str, ...]) -> str:
     matched = any(p in name for p in patterns)
     other = "classifier" if group_on_match == "feature" else "feature"
     return group_on_match if matched else other
+
+
+# Nested-dict helpers shared with dualsig_jax.convert (plain dicts, insertion order).
+def iter_leaves(tree: Mapping, prefix: tuple = ()):
+    """(path, leaf) in dict insertion order (jax's flatten would sort the keys)."""
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from iter_leaves(v, prefix + (str(k),))
+        else:
+            yield prefix + (str(k),), v
+
+
+def set_path(tree: dict, path: tuple, value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def get_path(tree: Mapping, path: tuple):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def get_path_or_empty(tree: Mapping, path: tuple) -> Mapping:
+    try:
+        node = get_path(tree, path)
+    except (KeyError, TypeError):
+        return {}
+    return node if isinstance(node, Mapping) else {}
+
+
+def module_order(arch: str, params: Mapping) -> list[tuple]:
+    """Paths of the param-holding modules of ``params`` in the model's call order, which
+    is the torch definition order for these models (so exported keys come out in the
+    order ``torch_model.state_dict()`` uses)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from dualsig_jax.models import build_model  # late: models/__init__ imports this module
+    owners = []
+    for path, _ in iter_leaves(params):
+        if path[:-1] not in owners:
+            owners.append(path[:-1])
+    num_classes = int(np.shape(params["fc"]["bias"])[0])
+    order: list[tuple] = []
+    for lfm in (False, True):  # VGG's conv indices depend on large_feature_map
+        model = build_model(arch, num_classes, large_feature_map=lfm)
+        order = []
+
+        def record(next_fun, args, kwargs, context):
+            if context.method_name == "__call__":
+                p = tuple(context.module.scope.path)
+                if p not in order:
+                    order.append(p)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+        if set(owners) <= set(order):
+            break
+    rank = {p: i for i, p in enumerate(order)}
+    return sorted(owners, key=lambda p: rank.get(p, len(rank)))

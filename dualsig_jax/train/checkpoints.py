@@ -54,17 +54,3 @@ def restore(mgr: ocp.CheckpointManager, step: int, target_state, data_iter=None)
     raise ValueError(f'cannot restore step {step} from {mgr.directory}: the checkpoint does not '
                      f'match this experiment\'s model ({e})') from e
   return out['state'], out['meta']
-
-
-def save_variables(directory: str, variables: dict) -> None:
-  """Writes {'params', 'batch_stats'} as a standalone Orbax checkpoint (no step folders)."""
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(directory), variables, force=True)
-  ckptr.wait_until_finished()
-
-
-def load_variables(directory: str) -> dict:
-  """Reads a checkpoint written by `save_variables` (or the converter) as numpy arrays."""
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'no checkpoint at {directory}')
-  return ocp.StandardCheckpointer().restore(os.path.abspath(directory))

@@ -80,8 +80,9 @@ def latest_variables(workdir_or_ckpt: str, stage: str | None = None) -> dict:
   mgr = checkpoints.manager(path, max_to_keep=10)
   step = mgr.latest_step()
   if step is None:
-    # A standalone variables checkpoint (python -m dualsig_jax.convert, save_variables).
-    return checkpoints.load_variables(path)
+    # Weights converted from PyTorch (python -m dualsig_jax.convert): DIR/variables.
+    from dualsig_jax import convert
+    return convert.load_variables(path)
   restored = mgr.restore(step, args=checkpoints.ocp.args.Composite(
       state=checkpoints.ocp.args.StandardRestore()))['state']
   return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
