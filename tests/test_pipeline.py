@@ -193,3 +193,20 @@ def test_kill_and_resume_matches_uninterrupted_run(smoke_data, tmp_path):
   got = loop.latest_variables(str(cut_dir), 'vanilla')
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(smoke_data, tmp_path):
+  good = smoke_config(smoke_data, **{'vanilla.max_steps': 4, 'checkpoint.every_steps': 4})
+  good.stages = ('vanilla',)
+  loop.train_stage(good, str(tmp_path), 'vanilla')
+  # Resume the same run with an absurd learning rate: the weights overflow within a few steps.
+  bad = smoke_config(smoke_data, **{'vanilla.max_steps': 12, 'vanilla.lr': 1e30,
+                                    'checkpoint.every_steps': 4})
+  bad.stages = ('vanilla',)
+  with pytest.raises(FloatingPointError, match='last good checkpoint'):
+    loop.train_stage(bad, str(tmp_path), 'vanilla')
+  ckpts = sorted(int(p) for p in os.listdir(loop.checkpoint_dir(str(tmp_path), 'vanilla'))
+                 if p.isdigit())
+  assert ckpts == [4]
+  kept = loop.latest_variables(str(tmp_path), 'vanilla')
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(kept))

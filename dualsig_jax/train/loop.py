@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import time
 
@@ -158,7 +157,9 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, stage: str) -> 
   state = create_state(variables, tx, config.seed)
 
   loader = data.make_train_loader(config.input, seed=config.seed + (stage == 'dual'),
-                                  num_epochs=math.ceil(total / spe) + 1,
+                                  # Endless sampler (the loop counts steps): its repr, which grain
+                                  # checks on restore, must not depend on max_steps / num_epochs.
+                                  num_epochs=None,
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count(), batch_size=local_batch)
   data_iter = iter(loader)
