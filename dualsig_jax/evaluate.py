@@ -150,7 +150,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, variables: dict
         for i, m in zip(np.flatnonzero(valid), maps_k):
           path = os.path.join(d, meta.image_ids[int(batch['index'][i])])
           os.makedirs(os.path.dirname(path), exist_ok=True)
-          np.save(os.path.splitext(path)[0] + '.npy', m)
+          np.save(path + '.npy', m)  # <image_id>.npy, the layout evaluate_wsol reads
     need = e.num_plot_images - len(plot_store['image'])
     if need > 0:
       idx = np.flatnonzero(valid)[:need]

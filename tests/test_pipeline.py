@@ -210,3 +210,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(smoke_data, tmp_path):
   assert ckpts == [4]
   kept = loop.latest_variables(str(tmp_path), 'vanilla')
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(kept))
+
+
+def test_saved_scoremaps_reproduce_results_through_the_cli(smoke_run, smoke_data, tmp_path):
+  """eval.py's score maps, read back by the evaluate_wsol drop-in, give the same metrics."""
+  from dualsig_jax import evaluate, wsol
+  config, workdir, _ = smoke_run
+  c = smoke_config(smoke_data, **{'eval.save_scoremaps': True})
+  c.eval.methods = ('cam',)
+  variables = loop.latest_variables(workdir, 'dual')
+  res = evaluate.evaluate(c, str(tmp_path), variables=variables)
+  cli = wsol.evaluate_wsol(str(tmp_path / 'scoremaps' / 'cam_sigmoid'), c.input.metadata_root,
+                           'SYNTH', 'test', mask_root=str(smoke_data),
+                           cam_curve_interval=c.eval.cam_curve_interval, progress=False)
+  ours = res['methods']['cam']['sigmoid']
+  assert cli['maxboxacc_v2'] == pytest.approx(ours['maxboxacc_v2'], abs=1e-9)
+  assert cli['gt_known_loc']['50'] == pytest.approx(ours['gt_known_loc'], abs=1e-9)
+  assert cli['pxap'] == pytest.approx(ours['pxap'], abs=1e-9)
+  assert cli['num_images'] == res['num_images']
