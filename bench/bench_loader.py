@@ -83,7 +83,7 @@ def main():
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--batches', type=int, default=40)
   parser.add_argument('--warmup', type=int, default=3)
-  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--num_images', type=int, default=640)
   parser.add_argument('--image_size', type=int, default=400)
   parser.add_argument('--data_dir', default=os.path.join(tempfile.gettempdir(),
@@ -119,10 +119,15 @@ def main():
       rate = (_grain_rate if name == 'grain' else _torch_rate)(args.data_dir, args)
       (ours if name == 'grain' else ref).append(rate)
       print(f'  run {r}: {name:5s} {rate:8.1f} images/s', flush=True)
-  ours, ref = float(np.median(ours)), float(np.median(ref))
-  print(f'grain (dualsig_jax.data): {ours:8.1f} images/s (median of {args.repeats})')
-  print(f'torch DataLoader (PIL):   {ref:8.1f} images/s (median of {args.repeats})')
-  print(f'ratio grain/torch:        {ours / ref:8.2f}')
+  # Spread: other jobs share the cores, so show the range, and the per-pair ratios (each
+  # grain run against the torch run next to it in time).
+  pairs = [o / r for o, r in zip(ours, ref)]
+  print(f'grain (dualsig_jax.data): {np.median(ours):8.1f} images/s (median of {len(ours)}, '
+        f'range {min(ours):.1f}-{max(ours):.1f})')
+  print(f'torch DataLoader (PIL):   {np.median(ref):8.1f} images/s (median of {len(ref)}, '
+        f'range {min(ref):.1f}-{max(ref):.1f})')
+  print(f'ratio grain/torch:        {np.median(ours) / np.median(ref):8.2f} '
+        f'(per-repeat ratios {min(pairs):.2f}-{max(pairs):.2f})')
 
 
 if __name__ == '__main__':

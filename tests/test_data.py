@@ -314,6 +314,34 @@ def test_train_batches_and_determinism(data):
   assert loaders.steps_per_epoch(data, 16) == 12
 
 
+def test_train_batch_normalization_matches_per_image_transform(data):
+  # The loader crops uint8 per image and normalizes once per batch (less copying); the
+  # values must be exactly those of the per-image float transform on the same records/rngs.
+  import grain.python as grain
+  from dualsig_jax.data import transforms
+
+  class PerImage(grain.RandomMapTransform):
+    def random_map(self, element, rng):
+      return {'image': transforms.train_transform(element['image'], rng, 72, 64),
+              'label': np.int32(element['label'])}
+
+  source, _ = loaders._build_source(data, 'train')
+  shard = grain.ShardOptions(shard_index=0, shard_count=1, drop_remainder=True)
+  sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
+                               num_epochs=1, seed=5)
+  ref = grain.DataLoader(data_source=source, sampler=sampler, shard_options=shard,
+                         operations=[PerImage(), grain.Batch(16, drop_remainder=True)])
+  got = list(_train(data, seed=5))
+  assert len(got) == 200 // 16
+  for x, y in zip(got, ref):
+    assert x['image'].dtype == y['image'].dtype == np.float32
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+  crops = [np.random.default_rng(i).integers(0, 256, (5, 7, 3), dtype=np.uint8) for i in range(3)]
+  np.testing.assert_array_equal(transforms.normalize_batch(crops),
+                                np.stack([transforms.normalize(c) for c in crops]))
+
+
 def test_train_worker_processes_match_in_process(data):
   ref = list(_train(data, seed=1, batch_size=20))
   data.num_workers = 2
