@@ -4,7 +4,10 @@ Same realistic 224x224 maps (bicubic-upsampled low-res noise, blobs, rings, line
 peaked, speckle; see tests/test_wsol.py), same GT boxes, interval 0.001, multi-contour, in one run.
 Checks that both give identical metrics, then prints maps/s and the ratio.
 
-  .venv/bin/python bench/bench_wsol.py [--num_maps 48] [--workers 2]
+  .venv/bin/python bench/bench_wsol.py [--num_maps 48] [--workers 2] [--repeat 3]
+
+The fast runs are repeated and the best time is kept (the 2 cores are shared: other jobs only
+ever slow a run down); the reference runs once (~10 s).
 """
 import argparse
 import os
@@ -30,6 +33,7 @@ def main():
   p.add_argument('--interval', type=float, default=0.001)
   p.add_argument('--workers', type=int, default=os.cpu_count())
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--repeat', type=int, default=3, help='fast runs: best of this many')
   p.add_argument('--kinds', default='lowres_noise,blobs,rings,lines,sparse,peaked',
                  help=f'comma list of {MAP_KINDS} (speckle: high-frequency stress maps)')
   args = p.parse_args()
@@ -44,7 +48,8 @@ def main():
   print(f'versions: python {platform.python_version()}, numpy {np.__version__}, '
         f'opencv {cv2.__version__}')
   print(f'kinds: {args.kinds}')
-  print(f'{args.num_maps} maps 224x224, interval {args.interval}, IoU 30/50/70, multi-contour')
+  print(f'{args.num_maps} maps 224x224, interval {args.interval}, IoU 30/50/70, multi-contour, '
+        f'fast runs: best of {args.repeat}')
 
   # Reference: wsolevaluation's per-threshold loop (contours once per threshold; multi and
   # largest boxes from the same contours), one core.
@@ -59,11 +64,14 @@ def main():
     ev = BoxEvaluator((30, 50, 70), args.interval, True, 0.2, num_workers=workers)
     if workers > 1:  # warm the process pool outside the timing
       ev.accumulate(batch[:2 * workers], gts[:2 * workers])
+    best, r = float('inf'), None
+    for _ in range(max(1, args.repeat)):
       ev = BoxEvaluator((30, 50, 70), args.interval, True, 0.2, num_workers=workers)
-    t = time.perf_counter()
-    ev.accumulate(batch, gts, correct)
-    r = ev.compute()
-    return time.perf_counter() - t, r
+      t = time.perf_counter()
+      ev.accumulate(batch, gts, correct)
+      r = ev.compute()
+      best = min(best, time.perf_counter() - t)
+    return best, r
 
   t_one, got1 = run(0)
   t_par, got = run(args.workers)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from dualsig_jax.wsol import BoxEvaluator, MaskEvaluator, image_box_ious
+from dualsig_jax.wsol import levels as levels_mod
+from dualsig_jax.wsol.levels import _SPECKLE_AREA, despeckle, quantize
 from dualsig_jax.wsol.cli import main as cli_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,6 +258,91 @@ def test_hand_made_boxes_are_what_we_expect():
   m[10:, 20:] = 1.0
   r = image_box_ious(m, np.array([[20, 10, 29, 19]]), np.array([0.5]))
   assert r['largest'][0] == 1.0
+
+
+def _contour_multiset(binary):
+  """{(reference box, cv2.contourArea): count} of a binary image's RETR_TREE contours."""
+  height, width = binary.shape
+  out = {}
+  for c in cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]:
+    x, y, w, h = cv2.boundingRect(c)
+    key = ((x, y, min(x + w, width - 1), min(y + h, height - 1)), cv2.contourArea(c))
+    out[key] = out.get(key, 0) + 1
+  return out
+
+
+def test_despeckle_removes_exactly_the_small_contours():
+  """At every cutoff, contours(q) = contours(despeckled) + the reported speckles (small areas)."""
+  rng = np.random.default_rng(21)
+  qs = [rng.integers(0, rng.integers(2, 256), (rng.integers(3, 24), rng.integers(3, 24)))
+        .astype(np.uint8) for _ in range(12)]
+  qs += [quantize(realistic_map(rng, size=48, kind=k)) for k in (3, 6, 6, 0)]
+  removed_any = 0
+  for q, noisy in [(q, n) for q in qs for n in (0, 10 ** 9)]:  # with / without 3-pixel sets
+    qc, lo, hi, boxes = despeckle(q, noisy=noisy)
+    for c in range(int(q.max())):
+      full = _contour_multiset((q > c).view(np.uint8))
+      kept = _contour_multiset((qc > c).view(np.uint8))
+      rest = dict(full)
+      for k, n in kept.items():
+        assert rest.get(k, 0) >= n, (c, k)  # nothing new appears
+        rest[k] -= n
+      gone = sorted(k for k, n in rest.items() for _ in range(n))
+      assert all(area <= _SPECKLE_AREA for _, area in gone)
+      active = (lo <= c) & (c < hi)
+      assert sorted(box for box, _ in gone) == sorted(map(tuple, boxes[active].tolist())), c
+      removed_any += len(gone)
+  assert removed_any > 100
+
+
+def test_speckle_shortcut_edge_cases():
+  """Best box from a removed speckle, hole speckles, levels of speckles only, area ties."""
+  thr = np.arange(0, 1, 0.001)
+  m = np.zeros((40, 50), np.float32)
+  m[20:35, 20:45] = 0.6
+  m[5, 5] = 1.0  # isolated pixel
+  m[5, 9:11] = 0.9  # isolated horizontal pair
+  m[12, 12], m[13, 13] = 0.8, 0.8  # isolated diagonal pair
+  m[27, 30] = 0.0  # one-pixel hole
+  m[25, 36:38] = 0.1  # two-pixel hole
+  gts = [[[5, 5, 6, 6]], [[9, 5, 11, 6]], [[12, 12, 14, 14]], [[29, 26, 32, 29]],
+         [[35, 24, 39, 27]], [[20, 20, 45, 35], [5, 5, 6, 6]]]
+  for gt in gts:
+    gt = np.array(gt)
+    got, want = image_box_ious(m, gt, thr), ref_image_ious(m, gt, thr)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f'{gt.tolist()} {k}')
+    assert want['multi'].max() == 1.0  # the speckle's own box is found
+  # Only speckles (every level redone from the original map), and equal-area twins (ties).
+  rng = np.random.default_rng(3)
+  sp = np.zeros((30, 30), np.float32)
+  sp[rng.integers(0, 30, 40), rng.integers(0, 30, 40)] = rng.random(40).astype(np.float32)
+  tw = np.zeros((30, 30), np.float32)
+  tw[3:8, 3:8] = 0.5
+  tw[15:20, 20:25] = 0.5
+  tw[25, 2] = 1.0
+  for mm in (sp, tw):
+    gt = np.array([[2, 2, 9, 9], [20, 15, 26, 21]])
+    got, want = image_box_ious(mm, gt, thr), ref_image_ious(mm, gt, thr)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize('noisy', [0, 10 ** 9])
+def test_box_parity_speckle_maps_tiny_gt(noisy, monkeypatch):
+  """Noisy maps (most contours removed as speckle), GT boxes small enough for speckles to win;
+  with and without the 3-pixel speckle sets."""
+  monkeypatch.setattr(levels_mod, '_NOISY', noisy)
+  rng = np.random.default_rng(99)
+  thr = np.arange(0, 1, 0.001)
+  for i in range(8):
+    m = realistic_map(rng, size=96, kind=(3, 6)[i % 2])
+    gt = gt_boxes_near(rng, m)
+    y, x = rng.integers(1, 90, 2)
+    gt = np.concatenate([gt, [[x, y, x + rng.integers(0, 3), y + rng.integers(0, 3)]]])
+    got, want = image_box_ious(m, gt, thr), ref_image_ious(m, gt, thr)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f'{i} {k}')
 
 
 # --------------------------------------------------------------------------------------------

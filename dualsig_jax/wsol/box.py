@@ -155,7 +155,9 @@ class BoxEvaluator:
       self.counts += _count_chunk(maps, boxes, correct, *args)
     else:
       pool = _pool(self.num_workers)
-      bounds = np.linspace(0, len(maps), workers + 1).astype(int)
+      # A few chunks per worker: per-map cost varies ~10x (noisy maps), so this balances load.
+      chunks = min(len(maps) // 2, 4 * workers)
+      bounds = np.linspace(0, len(maps), chunks + 1).astype(int)
       futures = [pool.submit(_count_chunk, maps[a:b], boxes[a:b], correct[a:b], *args)
                  for a, b in zip(bounds[:-1], bounds[1:])]
       for f in futures:

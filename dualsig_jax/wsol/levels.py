@@ -8,18 +8,19 @@ uint8, and for every CAM threshold t (1000 of them at interval 0.001) binarizes 
 
 Why this is much faster and still exact:
 - ``int(t * qmax)`` takes at most 256 distinct values, so contours are traced once per distinct
-  integer cutoff and mapped back to the thresholds.
+  integer cutoff (once per distinct level set: values absent from the map give repeated sets)
+  and mapped back to the thresholds.
 - Each level set is cropped to its own foreground bounding box before tracing (OpenCV pads the
   image with zeros, so the traced contours, their order and their hierarchy are unchanged; the
   ``offset`` argument restores the coordinates).
 - ``CHAIN_APPROX_SIMPLE`` as the reference: in this OpenCV build it costs the same as ``NONE``
   and yields ~3x fewer points to reduce (boxes and shoelace areas are those of the reference).
-- Single-pixel speckle is removed from every level at once (:func:`despeckle`, one clamp per
-  map): noisy maps have tens of thousands of one-pixel components and one-pixel holes, whose
+- Speckle is removed from every level at once (:func:`despeckle`, one clamp per map): noisy
+  maps have tens of thousands of components and holes of 1-3 pixels, whose
   contours cost most of the tracing time but whose boxes are tiny. Their contribution is
   restored exactly: their boxes' IoUs are computed per pixel and merged into the levels where
   they could change the best IoU, and levels where they could matter for the largest contour
-  (largest area <= 4, or a tie for the largest, or nothing left) are traced again from the
+  (largest area <= 6, or a tie for the largest, or nothing left) are traced again from the
   original map.
 - Bounding boxes and areas of all contours of all levels are computed in a few vectorized numpy
   reductions instead of ~1000 Python-level ``boundingRect``/``contourArea`` calls per level.
@@ -60,41 +61,134 @@ def threshold_cutoffs(qmax: int, thresholds: np.ndarray) -> np.ndarray:
   return (np.asarray(thresholds, dtype=np.float64) * np.float64(qmax)).astype(np.int64)
 
 
-_RING8 = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], np.uint8)
-_CROSS4 = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.uint8)
+def _window(offsets):
+  """(kernel, anchor) for cv2 morphology over ``q[y + dy, x + dx]`` for ``(dy, dx)`` in offsets."""
+  dys, dxs = [o[0] for o in offsets], [o[1] for o in offsets]
+  kernel = np.zeros((max(dys) - min(dys) + 1, max(dxs) - min(dxs) + 1), np.uint8)
+  for dy, dx in offsets:
+    kernel[dy - min(dys), dx - min(dxs)] = 1
+  return kernel, (-min(dxs), -min(dys))
 
 
-def despeckle(q: np.ndarray):
-  """Removes one-pixel components and fills one-pixel holes of every level set at once.
+def _ring(pixels, conn):
+  """Offsets of the ``conn``-neighbours of a set of pixel offsets, the set itself excluded."""
+  steps = ([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)] if conn == 8
+           else [(-1, 0), (1, 0), (0, -1), (0, 1)])
+  return sorted({(y + a, x + b) for y, x in pixels for a, b in steps} - set(pixels))
 
-  At cutoff c a pixel is a one-pixel component iff ``max8 <= c < q`` (``max8``: the maximum of
-  its 8 neighbours, 0 outside the image) and a one-pixel hole iff ``q <= c < min4`` (``min4``:
-  the minimum of its 4 neighbours, 0 on the image border, where background is never a hole).
-  Both cases are exclusive (``min4 <= max8``) and cannot touch each other within a level, so
-  ``clip(q, min4, max8)`` has, at every cutoff, exactly the level set of ``q`` without them;
-  every other contour is traced identically (neither kind is 4-adjacent to another border).
+
+def _small_sets(size, conn):
+  """All ``conn``-connected pixel sets of 1..size pixels, as offsets from their raster-first pixel."""
+  steps = ([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)] if conn == 8
+           else [(-1, 0), (1, 0), (0, -1), (0, 1)])
+  found, frontier = set(), {((0, 0),)}
+  for _ in range(size):
+    found |= frontier
+    grown = set()
+    for cells in frontier:
+      for y, x in cells:
+        for a, b in steps:
+          new = set(cells) | {(y + a, x + b)}
+          if len(new) > len(cells):
+            oy, ox = min(new)
+            grown.add(tuple(sorted((cy - oy, cx - ox) for cy, cx in new)))
+    frontier = grown
+  return sorted(found, key=lambda c: (len(c), c))
+
+
+# Components (8-connected) and holes (4-connected) of at most _SPECKLE pixels, with the window of
+# their surrounding ring. _SPECKLE_AREA bounds their contours' cv2.contourArea.
+_SPECKLE, _SPECKLE_AREA = 3, 6.0
+_SETS = sorted([(True, px, _window(_ring(px, 8))) for px in _small_sets(_SPECKLE, 8)]
+               + [(False, px, _window(_ring(px, 4))) for px in _small_sets(_SPECKLE, 4)],
+               key=lambda s: len(s[1]))
+_NOISY = 2000  # see despeckle: how many small speckles make larger ones worth removing
+
+
+def despeckle(q: np.ndarray, noisy: int = _NOISY):
+  """Removes components and holes of up to 3 pixels from every level set at once.
+
+  A pixel set S (8-connected) is a whole 8-connected component of ``q > c`` iff
+  ``ring_max(S) <= c < min(q[S])`` (``ring_max``: the maximum over its 8-neighbours, 0 outside
+  the image). Since components shrink as c grows, the levels where a pixel's component has at
+  most k pixels form one interval ``[c0, q)``, so ``q' = min(q, c0)`` removes exactly those
+  components at every level. Likewise holes (4-connected background components, never touching
+  the image border) of pixel set S exist exactly on ``[max(q[S]), ring_min(S))``
+  (``ring_min``: minimum over its 4-neighbours, 0 off the image) and ``q' = max(q, c1)`` fills
+  them. A pixel is never in both cases, a removed component and a filled hole never touch, and
+  no other contour passes through them (neither is 4-adjacent to another component's
+  background), so every other contour is traced identically (checked by brute force in
+  tests/test_wsol.py). Single pixels are always removed, sets of 2 only when at least
+  ``noisy // 10`` single ones were found, sets of 3 only when at least ``noisy`` smaller ones
+  were (exact either way; the extra morphology passes only pay off on noisy maps).
 
   Args:
     q: uint8 ``[H, W]``.
+    noisy: see above (0: always remove all sets up to 3 pixels).
   Returns:
-    ``(qc, max8, min4)``, uint8 ``[H, W]`` each.
+    ``(qc, lo, hi, boxes)``: uint8 ``[H, W]`` cleaned map; int64 ``[N]``, ``[N]``, ``[N, 4]``
+    for every removed contour: it exists for cutoffs ``lo <= c < hi``; its reference box
+    ``(x, y, min(x + w, W - 1), min(y + h, H - 1))`` of its ``boundingRect``. Each has
+    ``cv2.contourArea <= _SPECKLE_AREA``.
   """
-  max8 = cv2.dilate(q, _RING8, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-  min4 = cv2.erode(q, _CROSS4, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-  return np.minimum(np.maximum(q, min4), max8), max8, min4
+  height, width = q.shape
+  c0 = np.full(q.shape, 256, np.int16)  # 256: never removed
+  c1 = np.zeros(q.shape, np.int16)  # 0: never filled
+  los, his, boxes = [], [], []
+  for fg, pixels, (kernel, anchor) in _SETS:
+    if len(pixels) > 1 and sum(map(len, los)) < (noisy if len(pixels) > 2 else noisy // 10):
+      break  # larger sets only pay off on noisy maps (any size limit is exact)
+    op = cv2.dilate if fg else cv2.erode
+    ring = op(q, kernel, anchor=anchor, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    dys, dxs = [o[0] for o in pixels], [o[1] for o in pixels]
+    # Anchors whose whole set lies inside the image (sets reaching outside cannot exist).
+    ys = slice(max(0, -min(dys)), height - max(0, max(dys)))
+    xs = slice(max(0, -min(dxs)), width - max(0, max(dxs)))
+    at = [(slice(ys.start + dy, ys.stop + dy), slice(xs.start + dx, xs.stop + dx))
+          for dy, dx in pixels]
+    ring = ring[ys, xs]
+    if fg:
+      lo, hi = ring, np.minimum.reduce([q[a] for a in at])
+    else:
+      lo, hi = np.maximum.reduce([q[a] for a in at]), ring
+    mask = lo < hi
+    if not mask.any():  # cheap test first: smooth maps have few speckles
+      continue
+    py, px = np.divmod(np.flatnonzero(mask), mask.shape[1])
+    hit = (py, px)
+    lo, hi = lo[mask].astype(np.int64), hi[mask].astype(np.int64)
+    for a in at:  # views: updated in place
+      if fg:
+        c0[a][hit] = np.minimum(c0[a][hit], lo)
+      else:
+        c1[a][hit] = np.maximum(c1[a][hit], hi)
+    py, px = py + ys.start, px + xs.start
+    g = 0 if fg else 1  # a hole's contour runs through its 4-neighbours
+    x0, x1 = px + min(dxs) - g, px + max(dxs) + g
+    y0, y1 = py + min(dys) - g, py + max(dys) + g
+    los.append(lo)
+    his.append(hi)
+    boxes.append(np.stack([x0, y0, np.minimum(x1 + 1, width - 1),
+                           np.minimum(y1 + 1, height - 1)], axis=1).astype(np.int64))
+  qc = np.minimum(np.maximum(q, c1), c0).astype(np.uint8)
+  if not los:
+    return qc, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64)
+  return qc, np.concatenate(los), np.concatenate(his), np.concatenate(boxes)
 
 
-def level_contours(q: np.ndarray, levels: np.ndarray):
+def level_contours(q: np.ndarray, levels: np.ndarray, mode: int = cv2.RETR_TREE):
   """Boxes and areas of all contours of ``q > c`` for every cutoff ``c`` in ``levels``.
 
   Args:
     q: uint8 ``[H, W]`` quantized map.
     levels: int64 ``[L]`` cutoffs.
+    mode: ``cv2.RETR_TREE`` (the reference's order) or ``cv2.RETR_LIST`` (same contours, other
+      order, a little cheaper; only for callers that do not depend on the order).
   Returns:
     ``(boxes, areas, counts)``: int64 ``[K, 4]`` reference boxes ``(x, y, min(x+w, W-1),
     min(y+h, H-1))`` from ``boundingRect``; float64 ``[K]`` ``cv2.contourArea`` values; int64
     ``[L]`` number of contours per level. Contours of one level are contiguous and in
-    ``cv2.findContours(RETR_TREE)`` order; levels in the order given.
+    ``cv2.findContours(mode)`` order; levels in the order given.
   """
   height, width = q.shape
   levels = np.asarray(levels, dtype=np.int64)
@@ -109,31 +203,35 @@ def level_contours(q: np.ndarray, levels: np.ndarray):
 
   contours, counts = [], np.zeros(len(levels), dtype=np.int64)
   find = cv2.findContours
-  mode, method = cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE
+  method = cv2.CHAIN_APPROX_SIMPLE
   for i in np.flatnonzero(has).tolist():
     ya, yb, xa, xb = int(y0[i]), int(y1[i]), int(x0[i]), int(x1[i])
-    binary = np.greater(q[ya:yb, xa:xb], levels[i]).view(np.uint8)
+    # A uint8 scalar keeps the comparison in uint8 (an int64 one upcasts: 5x slower).
+    binary = np.greater(q[ya:yb, xa:xb], np.uint8(levels[i])).view(np.uint8)
     found = find(binary, mode, method, offset=(xa, ya))[0]
     counts[i] = len(found)
     contours.extend(found)
 
   if not contours:
     return np.zeros((0, 4), np.int64), np.zeros(0, np.float64), counts
-  lengths = np.fromiter((len(c) for c in contours), dtype=np.int64, count=len(contours))
-  pts = np.concatenate(contours).reshape(-1, 2).astype(np.int64)
+  lengths = np.fromiter(map(len, contours), dtype=np.int64, count=len(contours))
+  pts = np.concatenate(contours).reshape(-1, 2)  # int32
   starts = np.zeros(len(lengths), dtype=np.int64)
   np.cumsum(lengths[:-1], out=starts[1:])
-  xs, ys = pts[:, 0], pts[:, 1]
+  xs, ys = pts[:, 0].astype(np.int64), pts[:, 1].astype(np.int64)
   bx0 = np.minimum.reduceat(xs, starts)
   by0 = np.minimum.reduceat(ys, starts)
   bx1 = np.minimum(np.maximum.reduceat(xs, starts) + 1, width - 1)
   by1 = np.minimum(np.maximum.reduceat(ys, starts) + 1, height - 1)
   boxes = np.stack([bx0, by0, bx1, by1], axis=1)
   # Shoelace exactly as cv2.contourArea: sum over i of prev.x * p.y - prev.y * p.x, where prev
-  # of a contour's first point is its last point; integers, so int64 is exact.
-  prev = np.arange(len(pts)) - 1
-  prev[starts] = starts + lengths - 1
-  cross = xs[prev] * ys - ys[prev] * xs
+  # of a contour's first point is its last point; integers, so int64 is exact. Shifted copies
+  # instead of a gather.
+  ends = starts + lengths - 1
+  xp, yp = np.empty_like(xs), np.empty_like(ys)
+  xp[1:], yp[1:] = xs[:-1], ys[:-1]
+  xp[starts], yp[starts] = xs[ends], ys[ends]
+  cross = xp * ys - yp * xs
   areas = np.abs(np.add.reduceat(cross, starts)).astype(np.float64) * 0.5
   return boxes, areas, counts
 
@@ -178,38 +276,31 @@ def image_box_ious(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.nd
   q = quantize(scoremap)
   cut = threshold_cutoffs(int(q.max()), thresholds)
   levels, inverse = np.unique(cut, return_inverse=True)
+  # Level sets are nested, so two cutoffs give the same set iff as many pixels pass both: keep
+  # one cutoff per distinct set (coarsely quantized maps have far fewer sets than cutoffs).
+  above = q.size - np.cumsum(np.bincount(q.ravel(), minlength=256))  # [256]: #(q > c)
+  _, rep, same = np.unique(above[levels], return_index=True, return_inverse=True)
+  levels, inverse = levels[rep], same.reshape(-1)[inverse]
   gt_boxes = np.asarray(gt_boxes, dtype=np.int64)
-  qc, max8, min4 = despeckle(q)
+  qc, spk_lo, spk_hi, spk_boxes = despeckle(q, _NOISY)
+  # RETR_LIST: the order only matters for ties of the largest area, and those levels are
+  # traced again below in the reference's RETR_TREE order.
   multi, largest, largest_first, seg_max, ties, counts = _level_ious(
-      *level_contours(qc, levels), gt_boxes)
-  height, width = q.shape
-  # Levels whose largest contour might be a removed speckle (all of those have area 0 or 2) or
+      *level_contours(qc, levels, cv2.RETR_LIST), gt_boxes)
+  # Levels whose largest contour might be a removed speckle (area <= _SPECKLE_AREA) or
   # whose tie-break might depend on them: trace the original level set.
   has_fg = int(q.max()) > levels
-  redo = has_fg & ((seg_max <= 4) | (ties > 1) | (counts == 0))
-  changed = np.flatnonzero(qc.ravel() != q.ravel())
-  if len(changed):
-    ys, xs = np.divmod(changed, width)
-    qv = q.ravel()[changed].astype(np.int64)
-    lo_iso, lo_hole = max8.ravel()[changed].astype(np.int64), qv
-    hi_iso, hi_hole = qv, min4.ravel()[changed].astype(np.int64)
-    is_hole = hi_hole > lo_hole  # else a one-pixel component over [max8, q)
-    lo = np.where(is_hole, lo_hole, lo_iso)
-    hi = np.where(is_hole, hi_hole, hi_iso)
-    # Reference boxes of their contours: a point (boundingRect 1x1), or the hole's 4-neighbour
-    # diamond (3x3); both then clipped as the reference clips.
-    d = is_hole.astype(np.int64)
-    spk = np.stack([xs - d, ys - d, np.minimum(xs + 1 + d, width - 1),
-                    np.minimum(ys + 1 + d, height - 1)], axis=1)
-    spk_iou = box_iou(spk, gt_boxes).max(axis=1)
+  redo = has_fg & ((seg_max <= _SPECKLE_AREA) | (ties > 1) | (counts == 0))
+  if len(spk_lo):
+    spk_iou = box_iou(spk_boxes, gt_boxes).max(axis=1)
     # Only levels where some speckle could beat the best IoU of the traced contours.
     fix = np.flatnonzero(~redo & (multi < spk_iou.max()))
-    if len(fix):
-      keep = spk_iou > multi[fix].min()
-      lv = levels[fix][:, None]
-      active = (lv >= lo[keep][None]) & (lv < hi[keep][None])  # [F, P]
-      best = np.where(active, spk_iou[keep][None], -1.0).max(axis=1, initial=-1.0)
-      multi[fix] = np.maximum(multi[fix], best)
+    for f in np.array_split(fix, -(-len(fix) // 32)) if len(fix) else []:  # bounded memory
+      keep = spk_iou > multi[f].min()
+      lo, hi, val = spk_lo[keep][None], spk_hi[keep][None], spk_iou[keep][None]
+      lv = levels[f][:, None]
+      best = np.where((lv >= lo) & (lv < hi), val, -1.0).max(axis=1, initial=-1.0)  # [F, P]
+      multi[f] = np.maximum(multi[f], best)
   redo = np.flatnonzero(redo)
   if len(redo):
     r = _level_ious(*level_contours(q, levels[redo]), gt_boxes)
