@@ -4,7 +4,7 @@
         --config.input.data_root=/data/ILSVRC --config.optim.init_checkpoint=runs/in_r50_vanilla/...
 
 Runs the paper's `dual` stage from a vanilla checkpoint (a wsolevaluation-trained classifier
-converted with `python -m dualsig_jax.convert`). Hyper-parameters: ../PAPER.md "Training settings";
+converted with `python -m dualsig_jax.convert`). Hyper-parameters: the reference scripts (paper, training settings):
 the reference README's 3 epochs, decay every 3. The reference groups parameters by name, so the
 sigmoid head trains at lr x 10 for VGG16/InceptionV3 and at lr x 1 for ResNet50 (reproduced).
 ILSVRC train metadata is not shipped: make it with

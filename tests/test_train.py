@@ -73,7 +73,7 @@ def test_step_decay_schedule():
 @pytest.mark.parametrize('arch,fc2_group', [('resnet50', 'feature'), ('vgg16', 'classifier'),
                                             ('inception_v3', 'classifier')])
 def test_reference_grouping_of_the_sigmoid_head(arch, fc2_group):
-  """PAPER.md: fc2 trains at lr x 1 for ResNet50 but at lr x 10 for VGG16 / InceptionV3."""
+  """The reference groups by name: fc2 trains at lr x 1 for ResNet50 but at lr x 10 for VGG16 / InceptionV3."""
   assert models.lr_group(arch, ('fc2', 'kernel')) == fc2_group
 
 
