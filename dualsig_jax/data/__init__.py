@@ -1,0 +1,27 @@
+"""Data: wsolevaluation metadata, grain loaders (folder or TFDS), and the SYNTH benchmark.
+
+Public API (see docs/design.md, "Data"):
+  load_metadata, Metadata, MetadataError         (metadata.py)
+  make_train_loader, make_eval_loader, steps_per_epoch, EvalLoader   (loaders.py)
+  ensure_synthetic, generate                     (synthetic.py)
+  BadImageError                                  (transforms.py)
+
+Exports resolve lazily so that ``python -m dualsig_jax.data.synthetic`` worker processes do
+not import grain/JAX.
+"""
+import importlib
+
+_EXPORTS = {
+    'load_metadata': 'metadata', 'Metadata': 'metadata', 'MetadataError': 'metadata',
+    'make_train_loader': 'loaders', 'make_eval_loader': 'loaders',
+    'steps_per_epoch': 'loaders', 'EvalLoader': 'loaders',
+    'ensure_synthetic': 'synthetic', 'generate': 'synthetic',
+    'BadImageError': 'transforms',
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
