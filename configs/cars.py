@@ -8,20 +8,9 @@ Dual stage, reference settings: 10 epochs (decay every 3, lr 1e-4 here). The fid
 """
 from dualsig_jax import defaults
 
-_ARCHS = ('vgg16', 'resnet50', 'inception_v3')
-
 
 def get_config(arg=None):
-  arch = arg or 'resnet50'
-  if arch not in _ARCHS:
-    raise ValueError(f'configs/cars.py: unknown backbone {arch!r}; valid: {list(_ARCHS)}')
-  c = defaults.base_config()
-  c.experiment = f'cars_{arch}'
-  c.stages = ('dual',)
-  c.model.arch = arch
-  c.model.num_classes = 196
-  c.input.dataset_name = 'CARS'
-  c.input.metadata_root = 'metadata'
+  c = defaults.dataset_config('configs/cars.py', arg, dataset_name='CARS', num_classes=196)
   c.vanilla.update(dict(num_epochs=50, lr=1e-3, lr_decay_frequency=15))
   c.optim.update(dict(num_epochs=10, lr=1e-4, lr_decay_frequency=3))
   c.eval.methods = ('cam', 'gradcam', 'gradcam++', 'xgradcam', 'layercam')

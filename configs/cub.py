@@ -7,20 +7,9 @@ Dual stage, reference settings: 50 epochs, decay every 15, lr 5e-5 .. 1e-4 (1e-4
 """
 from dualsig_jax import defaults
 
-_ARCHS = ('vgg16', 'resnet50', 'inception_v3')
-
 
 def get_config(arg=None):
-  arch = arg or 'resnet50'
-  if arch not in _ARCHS:
-    raise ValueError(f'configs/cub.py: unknown backbone {arch!r}; valid: {list(_ARCHS)}')
-  c = defaults.base_config()
-  c.experiment = f'cub_{arch}'
-  c.stages = ('dual',)
-  c.model.arch = arch
-  c.model.num_classes = 200
-  c.input.dataset_name = 'CUB'
-  c.input.metadata_root = 'metadata'
+  c = defaults.dataset_config('configs/cub.py', arg, dataset_name='CUB', num_classes=200)
   c.input.tfds.name = 'caltech_birds2011'
   c.vanilla.update(dict(num_epochs=50, lr=1e-3, lr_decay_frequency=15))
   c.optim.update(dict(num_epochs=50, lr=1e-4, lr_decay_frequency=15))

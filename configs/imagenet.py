@@ -18,22 +18,14 @@ _LR = {'vgg16': 3e-3, 'resnet50': 1e-4, 'inception_v3': 5e-4}
 
 
 def get_config(arg=None):
-  arch = arg or 'resnet50'
-  if arch not in _LR:
-    raise ValueError(f'configs/imagenet.py: unknown backbone {arch!r}; valid: {sorted(_LR)}')
-  c = defaults.base_config()
-  c.experiment = f'imagenet_{arch}'
-  c.stages = ('dual',)
-  c.model.arch = arch
-  c.model.num_classes = 1000
-  c.input.dataset_name = 'ILSVRC'
-  c.input.metadata_root = 'metadata'
-  c.input.batch_size = 32
+  c = defaults.dataset_config('configs/imagenet.py', arg, dataset_name='ILSVRC',
+                              num_classes=1000)
   c.input.num_workers = 8
   c.input.tfds.name = 'imagenet2012'
   c.input.tfds.eval_split = 'validation'
   c.vanilla.update(dict(num_epochs=10, lr=1e-3, lr_decay_frequency=3, weight_decay=1e-4))
-  c.optim.update(dict(num_epochs=3, lr=_LR[arch], lr_decay_frequency=3, weight_decay=1e-4))
+  c.optim.update(dict(num_epochs=3, lr=_LR[c.model.arch], lr_decay_frequency=3,
+                      weight_decay=1e-4))
   c.checkpoint.every_steps = 2000
   c.lock()
   return c

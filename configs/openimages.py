@@ -8,20 +8,10 @@ Localization is scored with PxAP on the instance/ignore masks. Dual stage, refer
 """
 from dualsig_jax import defaults
 
-_ARCHS = ('vgg16', 'resnet50', 'inception_v3')
-
 
 def get_config(arg=None):
-  arch = arg or 'resnet50'
-  if arch not in _ARCHS:
-    raise ValueError(f'configs/openimages.py: unknown backbone {arch!r}; valid: {list(_ARCHS)}')
-  c = defaults.base_config()
-  c.experiment = f'openimages_{arch}'
-  c.stages = ('dual',)
-  c.model.arch = arch
-  c.model.num_classes = 100
-  c.input.dataset_name = 'OpenImages'
-  c.input.metadata_root = 'metadata'
+  c = defaults.dataset_config('configs/openimages.py', arg, dataset_name='OpenImages',
+                              num_classes=100)
   c.vanilla.update(dict(num_epochs=10, lr=1e-3, lr_decay_frequency=3))
   c.optim.update(dict(num_epochs=10, lr=3e-4, lr_decay_frequency=3))
   c.checkpoint.every_steps = 1000

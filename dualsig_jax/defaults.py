@@ -98,6 +98,26 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+PAPER_BACKBONES = ('vgg16', 'resnet50', 'inception_v3')
+
+
+def dataset_config(config_file: str, arch: str | None, *, dataset_name: str, num_classes: int,
+                   default_arch: str = 'resnet50') -> ml_collections.ConfigDict:
+  """The common part of a real-dataset config: the paper's `dual` stage on one backbone with the
+  shipped wsolevaluation metadata (unlocked; the config file sets its schedule and locks)."""
+  arch = arch or default_arch
+  if arch not in PAPER_BACKBONES:
+    raise ValueError(f'{config_file}: unknown backbone {arch!r}; valid: {list(PAPER_BACKBONES)}')
+  c = base_config()
+  c.experiment = f'{dataset_name.lower()}_{arch}'
+  c.stages = ('dual',)
+  c.model.arch = arch
+  c.model.num_classes = num_classes
+  c.input.dataset_name = dataset_name
+  c.input.metadata_root = 'metadata'
+  return c
+
+
 def _check(value, allowed, name):
   if value not in allowed:
     raise ValueError(f'config.{name}={value!r} is not one of {list(allowed)}')
