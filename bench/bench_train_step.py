@@ -70,8 +70,7 @@ def main():
                                   optim_cfg=o, steps_per_epoch=100)
   state = create_state(jax.tree.map(jnp.asarray, variables), tx, 0)
   step = jax.jit(functools.partial(train_step, model=model, tx=tx, stage='dual',
-                                   train_mode=False, num_classes=args.num_classes,
-                                   pos_weight=args.num_classes - 1.0, gamma=1.0, temp=1.0),
+                                   train_mode=False, pos_weight=args.num_classes - 1.0, gamma=1.0, temp=1.0),
                  donate_argnums=(0,))
   fwd = jax.jit(lambda v, im: model.apply(v, im, train=False)['softmax_logits'])
   batch = {'image': jnp.asarray(x), 'label': jnp.asarray(y)}

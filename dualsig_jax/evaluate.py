@@ -26,7 +26,7 @@ BRANCHES = ('softmax', 'sigmoid')
 
 
 def _vanilla_variables(config, workdir):
-  src = config.optim.init_checkpoint or loop.checkpoint_dir(workdir, 'vanilla')
+  src = loop.vanilla_source(config, workdir)
   if not os.path.isdir(src):
     return None
   return loop.latest_variables(src)

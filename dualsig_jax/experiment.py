@@ -4,13 +4,20 @@ from __future__ import annotations
 import logging
 import os
 
-import jax
 import ml_collections
 
 from dualsig_jax import data, defaults
 from dualsig_jax.train import loop, sharding
 
 log = logging.getLogger('dualsig_jax')
+
+
+def setup_logging() -> None:
+  """Console logging of the entry points: our INFO lines and progress bars, not Orbax's and
+  grain's per-checkpoint INFO chatter."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  log.setLevel(logging.INFO)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = True) -> dict:

@@ -105,7 +105,7 @@ def _run_steps(mesh, model, variables, tx, batches, *, stage='dual'):
   # Copy: donation would otherwise delete the caller's arrays, which the next run reuses.
   state = jax.device_put(create_state(jax.tree.map(jnp.array, variables), tx, 0), repl)
   fn = jax.jit(functools.partial(train_step, model=model, tx=tx, stage=stage,
-                                 train_mode=(stage != 'dual'), num_classes=4, pos_weight=3.0,
+                                 train_mode=(stage != 'dual'), pos_weight=3.0,
                                  gamma=1.0, temp=1.0),
                in_shardings=(repl, sharding.data_sharded(mesh)), out_shardings=(repl, repl),
                donate_argnums=(0,))

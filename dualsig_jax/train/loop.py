@@ -15,15 +15,11 @@ from tqdm.auto import tqdm
 
 from dualsig_jax import data, defaults, models
 from dualsig_jax.train import checkpoints, optim, sharding
-from dualsig_jax.train.state import TrainState, create_state, predict_step, train_step
+from dualsig_jax.train.state import create_state, predict_step, train_step
 
 log = logging.getLogger('dualsig_jax')
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-def stage_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage)
 
 
 def checkpoint_dir(workdir: str, stage: str) -> str:
@@ -87,17 +83,26 @@ def latest_variables(workdir_or_ckpt: str, stage: str | None = None) -> dict:
   return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
 
 
+def vanilla_source(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the dual stage (and eval's vanilla accuracy) reads the vanilla classifier."""
+  return config.optim.init_checkpoint or checkpoint_dir(workdir, 'vanilla')
+
+
+def fresh_variables(config: ml_collections.ConfigDict, model) -> dict:
+  """Randomly initialised variables of the stage's model (also the restore target's shape)."""
+  return models.init_variables(model, jax.random.PRNGKey(config.seed), config.input.crop_size)
+
+
 def initial_variables(config: ml_collections.ConfigDict, workdir: str, stage: str, model):
   """Starting weights of a stage, and a note on where they came from."""
-  rng = jax.random.PRNGKey(config.seed)
-  fresh = models.init_variables(model, rng, config.input.crop_size)
+  fresh = fresh_variables(config, model)
   if stage == 'vanilla':
     if not config.model.init_checkpoint:
       return fresh, 'random initialisation'
     loaded = latest_variables(config.model.init_checkpoint)
     merged, left = overlay_variables(fresh, loaded, where=config.model.init_checkpoint)
     return merged, f'{config.model.init_checkpoint} (initialised here: {left})'
-  src = config.optim.init_checkpoint or checkpoint_dir(workdir, 'vanilla')
+  src = vanilla_source(config, workdir)
   if not os.path.isdir(src):
     raise FileNotFoundError(
         f'stage "dual" starts from a vanilla checkpoint, but {src} does not exist; set '
@@ -147,7 +152,18 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, stage: str) -> 
   model = build_stage_model(config, stage)
   spe = data.steps_per_epoch(config.input, config.input.batch_size)
   total = o.max_steps if o.max_steps > 0 else o.num_epochs * spe
-  variables, origin = initial_variables(config, workdir, stage, model)
+  mgr = checkpoints.manager(checkpoint_dir(workdir, stage),
+                            max_to_keep=config.checkpoint.max_to_keep)
+  meta = dict(stage=stage, arch=config.model.arch, num_classes=config.model.num_classes,
+              experiment=config.experiment)
+  start = mgr.latest_step()
+  if start is not None:
+    checkpoints.check_compatible(checkpoints.read_meta(mgr, start), meta,
+                                 checkpoint_dir(workdir, stage))
+    # Resuming: the checkpoint overwrites every leaf, so only the structure is needed here.
+    variables, origin = fresh_variables(config, model), f'resumed from step {start}'
+  else:
+    variables, origin = initial_variables(config, workdir, stage, model)
 
   unfreeze = config.optim.unfreeze if stage == 'dual' else 'all'
   tx, labels, schedules = optim.make_optimizer(variables['params'], arch=config.model.arch,
@@ -163,20 +179,12 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, stage: str) -> 
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count(), batch_size=local_batch)
   data_iter = iter(loader)
-  mgr = checkpoints.manager(checkpoint_dir(workdir, stage),
-                            max_to_keep=config.checkpoint.max_to_keep)
-  meta = dict(stage=stage, arch=config.model.arch, num_classes=config.model.num_classes,
-              experiment=config.experiment)
-  start = mgr.latest_step()
   if start is not None:
-    checkpoints.check_compatible(checkpoints.read_meta(mgr, start), meta,
-                                 checkpoint_dir(workdir, stage))
     state, _ = checkpoints.restore(mgr, start, state, data_iter)
-    origin = f'resumed from step {start}'
 
   repl = sharding.replicated(mesh)
   state = jax.device_put(state, repl)
-  loss_kwargs = dict(stage=stage, train_mode=not frozen, num_classes=config.model.num_classes,
+  loss_kwargs = dict(stage=stage, train_mode=not frozen,
                      pos_weight=(config.model.num_classes - 1.0 if config.optim.pos_weight < 0
                                  else float(config.optim.pos_weight)),
                      gamma=config.optim.gamma, temp=config.optim.temp)
@@ -212,10 +220,7 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, stage: str) -> 
 
   metrics = None
   while step < total:
-    try:
-      batch = next(data_iter)
-    except StopIteration:
-      raise RuntimeError(f'stage {stage}: the data ran out at step {step} of {total}')
+    batch = next(data_iter)  # endless sampler, see make_train_loader above
     gbatch = sharding.to_global({'image': batch['image'], 'label': batch['label']}, mesh)
     state, metrics = step_fn(state, gbatch)
     step += 1

@@ -32,7 +32,7 @@ def create_state(variables: dict, tx: optax.GradientTransformation, seed: int) -
 
 
 def loss_fn(params, state: TrainState, batch, *, model, stage: str, train_mode: bool,
-            num_classes: int, pos_weight: float, gamma: float, temp: float):
+            pos_weight: float, gamma: float, temp: float):
   """Loss of one batch. vanilla: CE on the softmax head. dual: class-balanced BCE on the
   sigmoid head plus the softmax CE, which the reference logs too (it has no gradient when the
   backbone and fc are stop-gradient'ed)."""

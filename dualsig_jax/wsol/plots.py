@@ -42,11 +42,7 @@ def plot_box_curves(results: dict, path: str, *, curve: str = 'box_acc', title: 
     ax.legend(fontsize=8)
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def plot_pr_curves(results: dict, path: str, *, title: str = '') -> str:
@@ -71,6 +67,11 @@ def plot_pr_curves(results: dict, path: str, *, title: str = '') -> str:
   ax.legend(fontsize=8)
   if title:
     ax.set_title(title)
+  return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+  """Lays out, writes (creating folders) and closes a figure; returns path."""
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)
