@@ -1,13 +1,15 @@
 """Re-evaluates a trained workdir: python eval.py --config configs/synthetic.py --workdir
 runs/synthetic. Logic lives in dualsig_jax.evaluate."""
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from dualsig_jax import evaluate, experiment
 from dualsig_jax.train import sharding
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Config file (configs/*.py[:arg]).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished train.py run.')
 _SPLIT = flags.DEFINE_string('split', None, 'Split to evaluate (default: config.input.eval_split).')
 flags.mark_flags_as_required(['config', 'workdir'])

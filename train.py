@@ -1,12 +1,14 @@
 """Trains the configured stages and evaluates: python train.py --config configs/synthetic.py
 --workdir runs/synthetic (see README). Logic lives in dualsig_jax.experiment."""
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from dualsig_jax import experiment
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Config file (configs/*.py[:arg]).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (checkpoints, logs, results).')
 _NO_EVAL = flags.DEFINE_bool('skip_eval', False, 'Train only; run eval.py later.')
 flags.mark_flags_as_required(['config', 'workdir'])

@@ -10,6 +10,7 @@
 
 Usage: python bench/bench_cam.py [--arch vgg_tiny] [--batch 32] [--size 224] [--classes 200]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,209 +25,243 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
+import torch_models  # noqa: E402  (tests/torch_models.py: torch twins of our models)
+
 from dualsig_jax import cam as C  # noqa: E402
 from dualsig_jax import models  # noqa: E402
-import torch_models  # noqa: E402  (tests/torch_models.py: torch twins of our models)
 
 
 def _once(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
 
 
 def paired(fn_a, fn_b, reps):
-    """Interleave a and b (the CPU is shared, so load drifts); returns (min a, min b,
-    median of the per-pair ratios b / a)."""
-    for f in (fn_a, fn_b, fn_a, fn_b):  # compile / warm up
-        f()
-    ta, tb = [], []
-    for _ in range(reps):
-        ta.append(_once(fn_a))
-        tb.append(_once(fn_b))
-    return min(ta), min(tb), float(np.median(np.asarray(tb) / np.asarray(ta)))
+  """Interleave a and b (the CPU is shared, so load drifts); returns (min a, min b,
+  median of the per-pair ratios b / a)."""
+  for f in (fn_a, fn_b, fn_a, fn_b):  # compile / warm up
+    f()
+  ta, tb = [], []
+  for _ in range(reps):
+    ta.append(_once(fn_a))
+    tb.append(_once(fn_b))
+  return min(ta), min(tb), float(np.median(np.asarray(tb) / np.asarray(ta)))
 
 
 def copy_vgg_weights(variables, tmodel):
-    """Flax vgg_* params -> the torch twin (conv HWIO -> OIHW, Dense [C,K] -> Linear [K,C])."""
-    p = jax.tree_util.tree_map(np.asarray, variables["params"])
-    sd = {}
-    for i, d in p["features"].items():
-        sd[f"features.{i}.weight"] = d["kernel"].transpose(3, 2, 0, 1)
-        sd[f"features.{i}.bias"] = d["bias"]
-    sd["conv6.weight"] = p["conv6"]["kernel"].transpose(3, 2, 0, 1)
-    sd["conv6.bias"] = p["conv6"]["bias"]
-    for n in ("fc", "fc2"):
-        sd[f"{n}.weight"] = p[n]["kernel"].T
-        sd[f"{n}.bias"] = p[n]["bias"]
-    tmodel.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()})
+  """Flax vgg_* params -> the torch twin (conv HWIO -> OIHW, Dense [C,K] -> Linear [K,C])."""
+  p = jax.tree_util.tree_map(np.asarray, variables['params'])
+  sd = {}
+  for i, d in p['features'].items():
+    sd[f'features.{i}.weight'] = d['kernel'].transpose(3, 2, 0, 1)
+    sd[f'features.{i}.bias'] = d['bias']
+  sd['conv6.weight'] = p['conv6']['kernel'].transpose(3, 2, 0, 1)
+  sd['conv6.bias'] = p['conv6']['bias']
+  for n in ('fc', 'fc2'):
+    sd[f'{n}.weight'] = p[n]['kernel'].T
+    sd[f'{n}.bias'] = p[n]['bias']
+  tmodel.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()})
 
 
 # ----------------------------------------------------------------------------- torch reference
 
+
 def _np_weights(method, a, g):
-    if method == "gradcam":
-        return g.mean(axis=(2, 3))
-    if method == "gradcam++":
-        g2, g3 = g ** 2, g ** 3
-        s = a.sum(axis=(2, 3))
-        aij = np.where(g != 0, g2 / (2 * g2 + s[:, :, None, None] * g3 + 1e-6), 0)
-        return (np.maximum(g, 0) * aij).sum(axis=(2, 3))
-    s = a.sum(axis=(2, 3))  # xgradcam
-    return (g * a / (s[:, :, None, None] + 1e-7)).sum(axis=(2, 3))
+  if method == 'gradcam':
+    return g.mean(axis=(2, 3))
+  if method == 'gradcam++':
+    g2, g3 = g**2, g**3
+    s = a.sum(axis=(2, 3))
+    aij = np.where(g != 0, g2 / (2 * g2 + s[:, :, None, None] * g3 + 1e-6), 0)
+    return (np.maximum(g, 0) * aij).sum(axis=(2, 3))
+  s = a.sum(axis=(2, 3))  # xgradcam
+  return (g * a / (s[:, :, None, None] + 1e-7)).sum(axis=(2, 3))
 
 
 def _scale(cam, size=None):
-    out = []
-    for img in cam:
-        img = img - img.min()
-        img = img / (1e-7 + img.max())
-        if size is not None:
-            img = cv2.resize(img, size)
-        out.append(img)
-    return np.float32(out)
+  out = []
+  for img in cam:
+    img = img - img.min()
+    img = img / (1e-7 + img.max())
+    if size is not None:
+      img = cv2.resize(img, size)
+    out.append(img)
+  return np.float32(out)
 
 
 def _normalize(m):
-    if np.isnan(m).any() or m.min() == m.max():
-        return np.zeros_like(m)
-    m = m - m.min()
-    return m / m.max()
+  if np.isnan(m).any() or m.min() == m.max():
+    return np.zeros_like(m)
+  m = m - m.min()
+  return m / m.max()
 
 
 def torch_maps(tmodel, x, method, size):
-    """pytorch-grad-cam + wsolevaluation style maps for both heads; returns {branch: [B,H,W]}."""
-    h, w = size
-    out = {}
-    if method == "cam":
-        with torch.no_grad():
-            r = tmodel(x)
-            t = r["logits"].argmax(1)
-            for b, name in (("softmax", "fc"), ("sigmoid", "fc2")):
-                wt = getattr(tmodel, name).weight[t]
-                if b == "sigmoid":
-                    wt = wt.clamp(min=0)
-                cams = (wt[:, :, None, None] * r["features"]).mean(1).numpy()
-                out[b] = np.stack([_normalize(cv2.resize(c, (w, h), interpolation=cv2.INTER_CUBIC))
-                                   for c in cams])
-        return out
-    r = tmodel(x)
-    f = r["features"]
-    f.retain_grad()
-    t = r["logits"].argmax(1)
-    a = f.detach().numpy()
-    for b, key in (("softmax", "logits"), ("sigmoid", "logits2")):
-        tmodel.zero_grad()
-        f.grad = None
-        r[key].gather(1, t[:, None]).sum().backward(retain_graph=True)
-        g = f.grad.numpy()
-        if method == "layercam":
-            cam = (np.maximum(g, 0) * a).sum(1)
-        else:
-            wts = _np_weights(method, a, g)
-            if b == "sigmoid":
-                wts = np.maximum(wts, 0)
-            cam = (wts[:, :, None, None] * a).sum(1)
-        cam = _scale(np.maximum(cam, 0), (w, h))
-        cam = _scale(np.maximum(cam, 0))
-        out[b] = np.stack([_normalize(cv2.resize(c, (w, h), interpolation=cv2.INTER_CUBIC))
-                           for c in cam])
+  """pytorch-grad-cam + wsolevaluation style maps for both heads; returns {branch: [B,H,W]}."""
+  h, w = size
+  out = {}
+  if method == 'cam':
+    with torch.no_grad():
+      r = tmodel(x)
+      t = r['logits'].argmax(1)
+      for b, name in (('softmax', 'fc'), ('sigmoid', 'fc2')):
+        wt = getattr(tmodel, name).weight[t]
+        if b == 'sigmoid':
+          wt = wt.clamp(min=0)
+        cams = (wt[:, :, None, None] * r['features']).mean(1).numpy()
+        out[b] = np.stack(
+          [_normalize(cv2.resize(c, (w, h), interpolation=cv2.INTER_CUBIC)) for c in cams]
+        )
     return out
+  r = tmodel(x)
+  f = r['features']
+  f.retain_grad()
+  t = r['logits'].argmax(1)
+  a = f.detach().numpy()
+  for b, key in (('softmax', 'logits'), ('sigmoid', 'logits2')):
+    tmodel.zero_grad()
+    f.grad = None
+    r[key].gather(1, t[:, None]).sum().backward(retain_graph=True)
+    g = f.grad.numpy()
+    if method == 'layercam':
+      cam = (np.maximum(g, 0) * a).sum(1)
+    else:
+      wts = _np_weights(method, a, g)
+      if b == 'sigmoid':
+        wts = np.maximum(wts, 0)
+      cam = (wts[:, :, None, None] * a).sum(1)
+    cam = _scale(np.maximum(cam, 0), (w, h))
+    cam = _scale(np.maximum(cam, 0))
+    out[b] = np.stack(
+      [_normalize(cv2.resize(c, (w, h), interpolation=cv2.INTER_CUBIC)) for c in cam]
+    )
+  return out
 
 
 # ----------------------------------------------------------------------------- main
 
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="vgg_tiny", choices=["vgg_tiny", "vgg16"])
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--classes", type=int, default=200)
-    ap.add_argument("--reps", type=int, default=5)
-    args = ap.parse_args()
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--arch', default='vgg_tiny', choices=['vgg_tiny', 'vgg16'])
+  ap.add_argument('--batch', type=int, default=32)
+  ap.add_argument('--size', type=int, default=224)
+  ap.add_argument('--classes', type=int, default=200)
+  ap.add_argument('--reps', type=int, default=5)
+  args = ap.parse_args()
 
-    print(f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | "
-          f"cpu_count={os.cpu_count()} | jax devices={jax.devices()}")
-    print(f"versions: python {platform.python_version()}, jax {jax.__version__}, "
-          f"torch {torch.__version__} (threads={torch.get_num_threads()}), cv2 {cv2.__version__}, "
-          f"numpy {np.__version__}")
-    print(f"model: {args.arch}, {args.classes} classes, batch {args.batch} x {args.size}^2, "
-          f"median of {args.reps}")
+  print(
+    f'machine: {platform.platform()} | {platform.processor() or platform.machine()} | '
+    f'cpu_count={os.cpu_count()} | jax devices={jax.devices()}'
+  )
+  print(
+    f'versions: python {platform.python_version()}, jax {jax.__version__}, '
+    f'torch {torch.__version__} (threads={torch.get_num_threads()}), cv2 {cv2.__version__}, '
+    f'numpy {np.__version__}'
+  )
+  print(
+    f'model: {args.arch}, {args.classes} classes, batch {args.batch} x {args.size}^2, '
+    f'median of {args.reps}'
+  )
 
-    model = models.build_model(args.arch, args.classes)
-    v = models.init_variables(model, 0)
-    rng = np.random.default_rng(0)
-    # Make the sigmoid head differ from the softmax head (as after dual training).
-    v["params"]["fc2"] = dict(v["params"]["fc2"], kernel=v["params"]["fc"]["kernel"] + 0.01 *
-                              jnp.asarray(rng.standard_normal(v["params"]["fc"]["kernel"].shape),
-                                          jnp.float32))
-    fns = models.cam_fns(model)
-    images_np = rng.standard_normal((args.batch, args.size, args.size, 3)).astype(np.float32)
-    images = jnp.asarray(images_np)
-    x_t = torch.from_numpy(images_np.transpose(0, 3, 1, 2).copy())
-    tmodel = torch_models.build_torch_model(args.arch, args.classes)
-    copy_vgg_weights(v, tmodel)
+  model = models.build_model(args.arch, args.classes)
+  v = models.init_variables(model, 0)
+  rng = np.random.default_rng(0)
+  # Make the sigmoid head differ from the softmax head (as after dual training).
+  v['params']['fc2'] = dict(
+    v['params']['fc2'],
+    kernel=v['params']['fc']['kernel']
+    + 0.01 * jnp.asarray(rng.standard_normal(v['params']['fc']['kernel'].shape), jnp.float32),
+  )
+  fns = models.cam_fns(model)
+  images_np = rng.standard_normal((args.batch, args.size, args.size, 3)).astype(np.float32)
+  images = jnp.asarray(images_np)
+  x_t = torch.from_numpy(images_np.transpose(0, 3, 1, 2).copy())
+  tmodel = torch_models.build_torch_model(args.arch, args.classes)
+  copy_vgg_weights(v, tmodel)
 
-    fwd = jax.jit(fns["apply_fn"])
+  fwd = jax.jit(fns['apply_fn'])
 
-    def jax_fwd():
-        jax.block_until_ready(fwd(v, images))
+  def jax_fwd():
+    jax.block_until_ready(fwd(v, images))
 
-    def torch_fwd():
-        with torch.no_grad():
-            tmodel(x_t)
+  def torch_fwd():
+    with torch.no_grad():
+      tmodel(x_t)
 
-    t_fwd, t_tfwd, _ = paired(jax_fwd, torch_fwd, args.reps)
-    print(f"\nplain forward (min): jax {t_fwd * 1e3:.1f} ms, torch {t_tfwd * 1e3:.1f} ms")
+  t_fwd, t_tfwd, _ = paired(jax_fwd, torch_fwd, args.reps)
+  print(f'\nplain forward (min): jax {t_fwd * 1e3:.1f} ms, torch {t_tfwd * 1e3:.1f} ms')
 
-    def jax_maps(methods):
-        return C.compute_cams_multi(fns["apply_fn"], v, images, methods=methods,
-                                    branches=C.BRANCHES, head_fn=fns["head_fn"],
-                                    head_weights_fn=fns["head_weights_fn"])
+  def jax_maps(methods):
+    return C.compute_cams_multi(
+      fns['apply_fn'],
+      v,
+      images,
+      methods=methods,
+      branches=C.BRANCHES,
+      head_fn=fns['head_fn'],
+      head_weights_fn=fns['head_weights_fn'],
+    )
 
-    # The added work alone (head + gradients + maps + resize + normalization, no backbone):
-    # feed precomputed features as the "images" of an apply_fn that only runs the head. Small
-    # and steady, so a less noise-prone estimate of the overhead than the paired ratio.
-    feats = jax.block_until_ready(fwd(v, images)["features"])
+  # The added work alone (head + gradients + maps + resize + normalization, no backbone):
+  # feed precomputed features as the "images" of an apply_fn that only runs the head. Small
+  # and steady, so a less noise-prone estimate of the overhead than the paired ratio.
+  feats = jax.block_until_ready(fwd(v, images)['features'])
 
-    def head_only_apply(vv, f):
-        return {"features": f, **fns["head_fn"](vv, f)}
+  def head_only_apply(vv, f):
+    return {'features': f, **fns['head_fn'](vv, f)}
 
-    def added_only(methods):
-        return C.compute_cams_multi(head_only_apply, v, feats, methods=methods,
-                                    branches=C.BRANCHES, output_size=(args.size, args.size),
-                                    head_fn=fns["head_fn"], head_weights_fn=fns["head_weights_fn"])
+  def added_only(methods):
+    return C.compute_cams_multi(
+      head_only_apply,
+      v,
+      feats,
+      methods=methods,
+      branches=C.BRANCHES,
+      output_size=(args.size, args.size),
+      head_fn=fns['head_fn'],
+      head_weights_fn=fns['head_weights_fn'],
+    )
 
-    print("\n(a) maps for both heads / plain forward (jax)   (b) images/s jax vs torch-style")
-    print(f"{'method':10s} {'jax ms':>8s} {'ratio':>6s} {'goal':>5s} | {'torch ms':>9s} "
-          f"{'jax img/s':>9s} {'torch img/s':>11s} {'speedup':>7s} | max|diff| | added ms "
-          f"(1 + added/fwd)")
-    for m in C.METHODS:
-        _, t_j, ratio = paired(jax_fwd, lambda: jax.block_until_ready(jax_maps((m,))), args.reps)
-        t_j2, t_t, _ = paired(lambda: jax.block_until_ready(jax_maps((m,))),
-                              lambda: torch_maps(tmodel, x_t, m, (args.size, args.size)),
-                              args.reps)
-        t_j = min(t_j, t_j2)
-        jm, _ = jax_maps((m,))
-        tm = torch_maps(tmodel, x_t, m, (args.size, args.size))
-        diff = max(float(np.max(np.abs(np.asarray(jm[(m, b)]) - tm[b]))) for b in C.BRANCHES)
-        goal = 1.05 if m == "cam" else 1.3
-        t_add, _, _ = paired(lambda: jax.block_until_ready(added_only((m,))), lambda: None,
-                             args.reps)
-        print(f"{m:10s} {t_j * 1e3:8.1f} {ratio:6.2f} {goal:5.2f} | {t_t * 1e3:9.1f} "
-              f"{args.batch / t_j:9.1f} {args.batch / t_t:11.1f} {t_t / t_j:7.2f} | {diff:.1e}"
-              f"   | {t_add * 1e3:7.1f} ({1 + t_add / t_fwd:.3f})")
-    _, t_all, ratio = paired(jax_fwd, lambda: jax.block_until_ready(jax_maps(C.METHODS)),
-                             args.reps)
-    print(f"{'all 5':10s} {t_all * 1e3:8.1f} {ratio:6.2f}   (all methods x both heads in one "
-          f"call: {args.batch * 10 / t_all:.0f} maps/s)")
-    t_add, _, _ = paired(lambda: jax.block_until_ready(added_only(C.METHODS)), lambda: None,
-                         args.reps)
-    print(f"{'':10s} added work alone: {t_add * 1e3:.1f} ms (1 + added/fwd = "
-          f"{1 + t_add / t_fwd:.3f})")
-    print("\nTimes are minima over reps; ratios are medians of interleaved (forward, maps) pairs.")
+  print('\n(a) maps for both heads / plain forward (jax)   (b) images/s jax vs torch-style')
+  print(
+    f'{"method":10s} {"jax ms":>8s} {"ratio":>6s} {"goal":>5s} | {"torch ms":>9s} '
+    f'{"jax img/s":>9s} {"torch img/s":>11s} {"speedup":>7s} | max|diff| | added ms '
+    f'(1 + added/fwd)'
+  )
+  for m in C.METHODS:
+    _, t_j, ratio = paired(jax_fwd, lambda: jax.block_until_ready(jax_maps((m,))), args.reps)
+    t_j2, t_t, _ = paired(
+      lambda: jax.block_until_ready(jax_maps((m,))),
+      lambda: torch_maps(tmodel, x_t, m, (args.size, args.size)),
+      args.reps,
+    )
+    t_j = min(t_j, t_j2)
+    jm, _ = jax_maps((m,))
+    tm = torch_maps(tmodel, x_t, m, (args.size, args.size))
+    diff = max(float(np.max(np.abs(np.asarray(jm[(m, b)]) - tm[b]))) for b in C.BRANCHES)
+    goal = 1.05 if m == 'cam' else 1.3
+    t_add, _, _ = paired(lambda: jax.block_until_ready(added_only((m,))), lambda: None, args.reps)
+    print(
+      f'{m:10s} {t_j * 1e3:8.1f} {ratio:6.2f} {goal:5.2f} | {t_t * 1e3:9.1f} '
+      f'{args.batch / t_j:9.1f} {args.batch / t_t:11.1f} {t_t / t_j:7.2f} | {diff:.1e}'
+      f'   | {t_add * 1e3:7.1f} ({1 + t_add / t_fwd:.3f})'
+    )
+  _, t_all, ratio = paired(jax_fwd, lambda: jax.block_until_ready(jax_maps(C.METHODS)), args.reps)
+  print(
+    f'{"all 5":10s} {t_all * 1e3:8.1f} {ratio:6.2f}   (all methods x both heads in one '
+    f'call: {args.batch * 10 / t_all:.0f} maps/s)'
+  )
+  t_add, _, _ = paired(
+    lambda: jax.block_until_ready(added_only(C.METHODS)), lambda: None, args.reps
+  )
+  print(
+    f'{"":10s} added work alone: {t_add * 1e3:.1f} ms (1 + added/fwd = {1 + t_add / t_fwd:.3f})'
+  )
+  print('\nTimes are minima over reps; ratios are medians of interleaved (forward, maps) pairs.')
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == '__main__':
+  main()

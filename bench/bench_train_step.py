@@ -7,6 +7,7 @@ and batch.
 Prints machine, versions, both timings and the ratios. Goals: dual step / forward <= 1.15;
 JAX images/s / torch images/s >= 1.0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,6 +51,7 @@ def main():
   args = ap.parse_args()
 
   import torch
+
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
   import torch_models  # the tests' PyTorch twins of our models
 
@@ -63,15 +65,34 @@ def main():
   sd = {k: v.detach().clone() for k, v in tmodel.state_dict().items()}
   variables = convert.torch_to_flax(sd, args.arch, num_classes=args.num_classes)
   model = models.build_model(args.arch, args.num_classes, dual=True)
-  o = ml_collections.ConfigDict(dict(lr=1e-3, lr_classifier_ratio=10.0, lr_decay_frequency=3,
-                                     lr_decay_rate=0.1, momentum=0.9, nesterov=True,
-                                     weight_decay=1e-4))
-  tx, _, _ = optim.make_optimizer(variables['params'], arch=args.arch, stage='dual',
-                                  optim_cfg=o, steps_per_epoch=100)
+  o = ml_collections.ConfigDict(
+    dict(
+      lr=1e-3,
+      lr_classifier_ratio=10.0,
+      lr_decay_frequency=3,
+      lr_decay_rate=0.1,
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=1e-4,
+    )
+  )
+  tx, _, _ = optim.make_optimizer(
+    variables['params'], arch=args.arch, stage='dual', optim_cfg=o, steps_per_epoch=100
+  )
   state = create_state(jax.tree.map(jnp.asarray, variables), tx, 0)
-  step = jax.jit(functools.partial(train_step, model=model, tx=tx, stage='dual',
-                                   train_mode=False, pos_weight=args.num_classes - 1.0, gamma=1.0, temp=1.0),
-                 donate_argnums=(0,))
+  step = jax.jit(
+    functools.partial(
+      train_step,
+      model=model,
+      tx=tx,
+      stage='dual',
+      train_mode=False,
+      pos_weight=args.num_classes - 1.0,
+      gamma=1.0,
+      temp=1.0,
+    ),
+    donate_argnums=(0,),
+  )
   fwd = jax.jit(lambda v, im: model.apply(v, im, train=False)['softmax_logits'])
   batch = {'image': jnp.asarray(x), 'label': jnp.asarray(y)}
   holder = {'s': state}
@@ -83,8 +104,10 @@ def main():
   def jax_fwd():
     jax.block_until_ready(fwd(state_vars, batch['image']))
 
-  state_vars = {'params': jax.tree.map(jnp.array, variables['params']),
-                'batch_stats': jax.tree.map(jnp.array, variables['batch_stats'])}
+  state_vars = {
+    'params': jax.tree.map(jnp.array, variables['params']),
+    'batch_stats': jax.tree.map(jnp.array, variables['batch_stats']),
+  }
   t_fwd = _time(jax_fwd, args.iters)
   t_step = _time(jax_step, args.iters)
 
@@ -108,15 +131,19 @@ def main():
 
   t_torch = _time(torch_step, args.iters)
 
-  print(f'machine: {platform.platform()}, {platform.processor() or platform.machine()}, '
-        f'{os.cpu_count()} cpus; jax {jax.__version__} ({jax.devices()[0].platform}), '
-        f'torch {torch.__version__} ({torch.get_num_threads()} threads)')
-  print(f'model {args.arch}, batch {args.batch} x {args.size}x{args.size}, '
-        f'median of {args.iters}')
+  print(
+    f'machine: {platform.platform()}, {platform.processor() or platform.machine()}, '
+    f'{os.cpu_count()} cpus; jax {jax.__version__} ({jax.devices()[0].platform}), '
+    f'torch {torch.__version__} ({torch.get_num_threads()} threads)'
+  )
+  print(f'model {args.arch}, batch {args.batch} x {args.size}x{args.size}, median of {args.iters}')
   print('| measurement | seconds/batch | images/s |')
   print('|---|---|---|')
-  for name, t in [('JAX forward (eval)', t_fwd), ('JAX dual train step', t_step),
-                  ('torch dual train step (reference)', t_torch)]:
+  for name, t in [
+    ('JAX forward (eval)', t_fwd),
+    ('JAX dual train step', t_step),
+    ('torch dual train step (reference)', t_torch),
+  ]:
     print(f'| {name} | {t:.4f} | {args.batch / t:.1f} |')
   print(f'ratio dual step / forward (goal <= 1.15): {t_step / t_fwd:.3f}')
   print(f'ratio JAX / torch images/s (goal >= 1.0): {t_torch / t_step:.2f}')

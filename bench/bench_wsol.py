@@ -9,6 +9,7 @@ Checks that both give identical metrics, then prints maps/s and the ratio.
 The fast runs are repeated and the best time is kept (the 2 cores are shared: other jobs only
 ever slow a run down); the reference runs once (~10 s).
 """
+
 import argparse
 import os
 import platform
@@ -19,8 +20,9 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'tests'))
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
+)
 
 from test_wsol import MAP_KINDS, RefBoxEvaluator, gt_boxes_near, realistic_map, ref_image_ious  # noqa: E402
 
@@ -34,8 +36,11 @@ def main():
   p.add_argument('--workers', type=int, default=os.cpu_count())
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--repeat', type=int, default=3, help='fast runs: best of this many')
-  p.add_argument('--kinds', default='lowres_noise,blobs,rings,lines,sparse,peaked',
-                 help=f'comma list of {MAP_KINDS} (speckle: high-frequency stress maps)')
+  p.add_argument(
+    '--kinds',
+    default='lowres_noise,blobs,rings,lines,sparse,peaked',
+    help=f'comma list of {MAP_KINDS} (speckle: high-frequency stress maps)',
+  )
   args = p.parse_args()
   rng = np.random.default_rng(args.seed)
   kinds = [MAP_KINDS.index(k) for k in args.kinds.split(',')]
@@ -43,13 +48,19 @@ def main():
   gts = [gt_boxes_near(rng, m) for m in maps]
   correct = rng.random(len(maps)) < 0.7
   batch = np.stack(maps)
-  print(f'machine: {platform.platform()} | {platform.processor() or platform.machine()} | '
-        f'cpu_count={os.cpu_count()} | load={os.getloadavg()}')
-  print(f'versions: python {platform.python_version()}, numpy {np.__version__}, '
-        f'opencv {cv2.__version__}')
+  print(
+    f'machine: {platform.platform()} | {platform.processor() or platform.machine()} | '
+    f'cpu_count={os.cpu_count()} | load={os.getloadavg()}'
+  )
+  print(
+    f'versions: python {platform.python_version()}, numpy {np.__version__}, '
+    f'opencv {cv2.__version__}'
+  )
   print(f'kinds: {args.kinds}')
-  print(f'{args.num_maps} maps 224x224, interval {args.interval}, IoU 30/50/70, multi-contour, '
-        f'fast runs: best of {args.repeat}')
+  print(
+    f'{args.num_maps} maps 224x224, interval {args.interval}, IoU 30/50/70, multi-contour, '
+    f'fast runs: best of {args.repeat}'
+  )
 
   # Reference: wsolevaluation's per-threshold loop (contours once per threshold; multi and
   # largest boxes from the same contours), one core.
@@ -63,7 +74,7 @@ def main():
   def run(workers):
     ev = BoxEvaluator((30, 50, 70), args.interval, True, 0.2, num_workers=workers)
     if workers > 1:  # warm the process pool outside the timing
-      ev.accumulate(batch[:2 * workers], gts[:2 * workers])
+      ev.accumulate(batch[: 2 * workers], gts[: 2 * workers])
     best, r = float('inf'), None
     for _ in range(max(1, args.repeat)):
       ev = BoxEvaluator((30, 50, 70), args.interval, True, 0.2, num_workers=workers)
@@ -78,14 +89,19 @@ def main():
   for r in (got1, got):
     for k in ('maxboxacc', 'maxboxacc_v2', 'maxboxacc_v1', 'gt_known_loc', 'top1_loc'):
       a, b = r[k], want[k]
-      same = (all(abs(a[i] - b[i]) <= 1e-9 for i in b) if isinstance(b, dict)
-              else abs(a - b) <= 1e-9)
+      same = all(abs(a[i] - b[i]) <= 1e-9 for i in b) if isinstance(b, dict) else abs(a - b) <= 1e-9
       assert same, (k, a, b)
   n = args.num_maps
-  print(f'reference per-threshold OpenCV loop : {n / t_ref:8.2f} maps/s ({t_ref / n * 1e3:.1f} ms/map)')
-  print(f'fast, 1 process                     : {n / t_one:8.2f} maps/s  ratio {t_ref / t_one:.1f}x')
-  print(f'fast, {args.workers} processes                   : {n / t_par:8.2f} maps/s  '
-        f'ratio {t_ref / t_par:.1f}x')
+  print(
+    f'reference per-threshold OpenCV loop : {n / t_ref:8.2f} maps/s ({t_ref / n * 1e3:.1f} ms/map)'
+  )
+  print(
+    f'fast, 1 process                     : {n / t_one:8.2f} maps/s  ratio {t_ref / t_one:.1f}x'
+  )
+  print(
+    f'fast, {args.workers} processes                   : {n / t_par:8.2f} maps/s  '
+    f'ratio {t_ref / t_par:.1f}x'
+  )
   print('metrics identical (|diff| <= 1e-9): yes')
 
 

@@ -6,6 +6,7 @@
 Dual stage, reference settings: 10 epochs (decay every 3, lr 1e-4 here). The fidelity metrics
 (Average Drop, Increase in Confidence) of the paper's Table 1 come from this dataset and CUB.
 """
+
 from dualsig_jax import defaults
 
 

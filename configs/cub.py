@@ -5,6 +5,7 @@
 
 Dual stage, reference settings: 50 epochs, decay every 15, lr 5e-5 .. 1e-4 (1e-4 here).
 """
+
 from dualsig_jax import defaults
 
 

@@ -11,6 +11,7 @@ ILSVRC train metadata is not shipped: make it with
 `python -m dualsig_jax.data.make_metadata --image_folder /data/ILSVRC/train --out metadata
  --dataset_name ILSVRC --split train`.
 """
+
 from dualsig_jax import defaults
 
 # Sigmoid-branch lr per backbone (CAM runs of the reference scripts).
@@ -18,14 +19,12 @@ _LR = {'vgg16': 3e-3, 'resnet50': 1e-4, 'inception_v3': 5e-4}
 
 
 def get_config(arg=None):
-  c = defaults.dataset_config('configs/imagenet.py', arg, dataset_name='ILSVRC',
-                              num_classes=1000)
+  c = defaults.dataset_config('configs/imagenet.py', arg, dataset_name='ILSVRC', num_classes=1000)
   c.input.num_workers = 8
   c.input.tfds.name = 'imagenet2012'
   c.input.tfds.eval_split = 'validation'
   c.vanilla.update(dict(num_epochs=10, lr=1e-3, lr_decay_frequency=3, weight_decay=1e-4))
-  c.optim.update(dict(num_epochs=3, lr=_LR[c.model.arch], lr_decay_frequency=3,
-                      weight_decay=1e-4))
+  c.optim.update(dict(num_epochs=3, lr=_LR[c.model.arch], lr_decay_frequency=3, weight_decay=1e-4))
   c.checkpoint.every_steps = 2000
   c.lock()
   return c

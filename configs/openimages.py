@@ -6,12 +6,14 @@
 Localization is scored with PxAP on the instance/ignore masks. Dual stage, reference settings:
 10 epochs, lr 3e-4 .. 5e-4 (3e-4 here), decay every 3.
 """
+
 from dualsig_jax import defaults
 
 
 def get_config(arg=None):
-  c = defaults.dataset_config('configs/openimages.py', arg, dataset_name='OpenImages',
-                              num_classes=100)
+  c = defaults.dataset_config(
+    'configs/openimages.py', arg, dataset_name='OpenImages', num_classes=100
+  )
   c.vanilla.update(dict(num_epochs=10, lr=1e-3, lr_decay_frequency=3))
   c.optim.update(dict(num_epochs=10, lr=3e-4, lr_decay_frequency=3))
   c.checkpoint.every_steps = 1000

@@ -5,6 +5,7 @@
 
 The dataset is generated into `input.data_root` on first use (python -m dualsig_jax.data.synthetic).
 """
+
 from dualsig_jax import defaults
 
 
@@ -31,8 +32,9 @@ def get_config(arg=None):
   c.input.synthetic.generate = True
 
   # Vanilla stage from scratch: a small CNN learns the 10 shapes in a few epochs.
-  c.vanilla.update(dict(num_epochs=8, lr=0.05, lr_classifier_ratio=1.0,
-                        lr_decay_frequency=6, weight_decay=1e-4))
+  c.vanilla.update(
+    dict(num_epochs=8, lr=0.05, lr_classifier_ratio=1.0, lr_decay_frequency=6, weight_decay=1e-4)
+  )
   # Dual stage: fc2 only, as the paper. ResNet grouping puts fc2 in the feature group (lr x 1).
   c.optim.update(dict(num_epochs=3, lr=0.01, lr_decay_frequency=3, weight_decay=1e-4))
   c.checkpoint.every_steps = 100

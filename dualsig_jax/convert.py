@@ -19,6 +19,7 @@ CLI: ``python -m dualsig_jax.convert --arch resnet50 --torch_checkpoint FILE --n
 --output DIR`` writes ``DIR/variables`` (Orbax) and ``DIR/conversion.json``; read it back
 with :func:`load_variables`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,372 +37,450 @@ import numpy as np
 
 from dualsig_jax.models import build_model, clone_head, family, init_key
 from dualsig_jax.models.layers import conv_kernel_init, head_kernel_init
-from dualsig_jax.models.naming import (check_arch, from_torch_layout, get_path as _get,
-                                       get_path_or_empty as _get_or_empty, iter_leaves as _iter_leaves,
-                                       module_order as _module_order, set_path as _set,
-                                       to_torch_layout, torch_key, torch_shape)
+from dualsig_jax.models.naming import (
+  check_arch,
+  from_torch_layout,
+  to_torch_layout,
+  torch_key,
+  torch_shape,
+)
+from dualsig_jax.models.naming import (
+  get_path as _get,
+)
+from dualsig_jax.models.naming import (
+  get_path_or_empty as _get_or_empty,
+)
+from dualsig_jax.models.naming import (
+  iter_leaves as _iter_leaves,
+)
+from dualsig_jax.models.naming import (
+  module_order as _module_order,
+)
+from dualsig_jax.models.naming import (
+  set_path as _set,
+)
 
-SOURCES = ("auto", "reference", "torchvision")
-_TINY = ("vgg_tiny", "resnet_tiny")
-_BN_COUNTER = ".num_batches_tracked"
+SOURCES = ('auto', 'reference', 'torchvision')
+_TINY = ('vgg_tiny', 'resnet_tiny')
+_BN_COUNTER = '.num_batches_tracked'
 
 
 @dataclasses.dataclass
 class ConversionInfo:
-    """What ``torch_to_flax`` did besides a one-to-one copy."""
-    arch: str
-    source: str                      # 'reference' | 'torchvision'
-    num_classes: int
-    large_feature_map: bool
-    dropped: list[str] = dataclasses.field(default_factory=list)      # ignored input keys
-    initialised: list[str] = dataclasses.field(default_factory=list)  # torch keys set by init
-    fc2: str = "loaded"              # 'loaded' | 'clone' | 'init'
-    head_names: str = "reference"    # Inception input used 'SPG_A4' ('reference') or 'fc'
-    num_batches_tracked: dict[str, int] = dataclasses.field(default_factory=dict)
+  """What ``torch_to_flax`` did besides a one-to-one copy."""
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+  arch: str
+  source: str  # 'reference' | 'torchvision'
+  num_classes: int
+  large_feature_map: bool
+  dropped: list[str] = dataclasses.field(default_factory=list)  # ignored input keys
+  initialised: list[str] = dataclasses.field(default_factory=list)  # torch keys set by init
+  fc2: str = 'loaded'  # 'loaded' | 'clone' | 'init'
+  head_names: str = 'reference'  # Inception input used 'SPG_A4' ('reference') or 'fc'
+  num_batches_tracked: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------- reading files
 def _to_numpy(value: Any, key: str) -> np.ndarray:
-    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
-        import torch
-        t = value.detach().cpu()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-            t = t.float()
-        return t.numpy().copy()  # .numpy() shares memory with the tensor
-    if isinstance(value, (np.ndarray, jax.Array, np.generic, int, float)):
-        return np.asarray(value)
-    raise ValueError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+  if hasattr(value, 'detach'):  # torch.Tensor, without importing torch
+    import torch
+
+    t = value.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+      t = t.float()
+    return t.numpy().copy()  # .numpy() shares memory with the tensor
+  if isinstance(value, (np.ndarray, jax.Array, np.generic, int, float)):
+    return np.asarray(value)
+  raise ValueError(f'state dict entry {key!r} is a {type(value).__name__}, not a tensor')
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Read ``.pth/.pt/.tar`` (``torch.load(weights_only=True)``), ``.safetensors`` or ``.npz``.
+  """Read ``.pth/.pt/.tar`` (``torch.load(weights_only=True)``), ``.safetensors`` or ``.npz``.
 
-    Returns a flat ``{key: np.ndarray}`` (``'state_dict'`` wrapper and ``module.`` prefixes
-    still present; :func:`torch_to_flax` removes them). Raises ``ValueError`` for a pickle
-    that needs arbitrary code to load, ``ImportError`` for a missing optional reader.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    lower = path.lower()
-    if lower.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    if lower.endswith(".safetensors"):
-        try:
-            from safetensors.numpy import load_file
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs the 'safetensors' package "
-                              "(pip install safetensors), or convert it to .npz") from e
-        return dict(load_file(path))
+  Returns a flat ``{key: np.ndarray}`` (``'state_dict'`` wrapper and ``module.`` prefixes
+  still present; :func:`torch_to_flax` removes them). Raises ``ValueError`` for a pickle
+  that needs arbitrary code to load, ``ImportError`` for a missing optional reader.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'checkpoint not found: {path}')
+  lower = path.lower()
+  if lower.endswith('.npz'):
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  if lower.endswith('.safetensors'):
     try:
-        import torch
+      from safetensors.numpy import load_file
     except ImportError as e:
-        raise ImportError(f"reading {path} needs torch (pip install 'dualsig-jax[torch]'); "
-                          "or pass a .npz / .safetensors file") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"refusing to load {path}: it is a pickle that needs arbitrary code to load "
-            f"(torch.load(weights_only=True) rejected it: {str(e).splitlines()[0]}). "
-            "Re-save only tensors, e.g. torch.save({'state_dict': model.state_dict()}, f), "
-            "or export to .safetensors/.npz.") from None
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return dict(obj)
+      raise ImportError(
+        f"reading {path} needs the 'safetensors' package "
+        '(pip install safetensors), or convert it to .npz'
+      ) from e
+    return dict(load_file(path))
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+      f"reading {path} needs torch (pip install 'dualsig-jax[torch]'); "
+      'or pass a .npz / .safetensors file'
+    ) from e
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ValueError(
+      f'refusing to load {path}: it is a pickle that needs arbitrary code to load '
+      f'(torch.load(weights_only=True) rejected it: {str(e).splitlines()[0]}). '
+      "Re-save only tensors, e.g. torch.save({'state_dict': model.state_dict()}, f), "
+      'or export to .safetensors/.npz.'
+    ) from None
+  if not isinstance(obj, Mapping):
+    raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict')
+  return dict(obj)
 
 
 def _normalise(state_dict: Mapping) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Unwrap ``{'state_dict': ...}``, strip ``module.``, split off BN counters."""
-    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
-        state_dict = state_dict["state_dict"]
-    out, counters = {}, {}
-    for key, value in state_dict.items():
-        key = str(key)
-        while key.startswith("module."):
-            key = key[len("module."):]
-        arr = _to_numpy(value, key)
-        if key.endswith(_BN_COUNTER):
-            counters[key] = int(arr)
-            continue
-        if key in out:
-            raise ValueError(f"duplicate key {key!r} after stripping 'module.' prefixes")
-        out[key] = arr
-    return out, counters
+  """Unwrap ``{'state_dict': ...}``, strip ``module.``, split off BN counters."""
+  if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], Mapping):
+    state_dict = state_dict['state_dict']
+  out, counters = {}, {}
+  for key, value in state_dict.items():
+    key = str(key)
+    while key.startswith('module.'):
+      key = key[len('module.') :]
+    arr = _to_numpy(value, key)
+    if key.endswith(_BN_COUNTER):
+      counters[key] = int(arr)
+      continue
+    if key in out:
+      raise ValueError(f"duplicate key {key!r} after stripping 'module.' prefixes")
+    out[key] = arr
+  return out, counters
 
 
 # ----------------------------------------------------------------------------- tree helpers
 def _expected(arch: str, model) -> dict[str, tuple[str, tuple, tuple]]:
-    """torch key -> (collection, flax path, flax shape) for ``model``'s variables."""
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
-    out = {}
-    for coll in ("params", "batch_stats"):
-        for path, leaf in _iter_leaves(shapes.get(coll, {})):
-            out[torch_key(arch, coll, path)] = (coll, path, tuple(leaf.shape))
-    return out
+  """torch key -> (collection, flax path, flax shape) for ``model``'s variables."""
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  )
+  out = {}
+  for coll in ('params', 'batch_stats'):
+    for path, leaf in _iter_leaves(shapes.get(coll, {})):
+      out[torch_key(arch, coll, path)] = (coll, path, tuple(leaf.shape))
+  return out
 
 
 def _listing(keys, limit: int = 12) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+  keys = sorted(keys)
+  more = f' ... (+{len(keys) - limit} more)' if len(keys) > limit else ''
+  return ', '.join(keys[:limit]) + more
 
 
 # ----------------------------------------------------------------------------- torch -> flax
 def _detect_source(arch: str, sd: dict, num_classes: int | None) -> str:
-    fam = family(arch)
-    if arch in _TINY:
-        return "reference"
-    if fam == "vgg":
-        tv = any(k.startswith("classifier.") for k in sd) or "conv6.weight" not in sd
-    elif fam == "inception":
-        tv = any(k.startswith(("Mixed_7", "AuxLogits.")) for k in sd) or (
-            "fc.weight" in sd and sd["fc.weight"].ndim == 2)
-    else:  # resnet: same layout; only an ImageNet head that does not fit tells them apart
-        w = sd.get("fc.weight")
-        tv = ("fc2.weight" not in sd and w is not None and w.shape[0] == 1000
-              and num_classes not in (None, 1000))
-    return "torchvision" if tv else "reference"
+  fam = family(arch)
+  if arch in _TINY:
+    return 'reference'
+  if fam == 'vgg':
+    tv = any(k.startswith('classifier.') for k in sd) or 'conv6.weight' not in sd
+  elif fam == 'inception':
+    tv = any(k.startswith(('Mixed_7', 'AuxLogits.')) for k in sd) or (
+      'fc.weight' in sd and sd['fc.weight'].ndim == 2
+    )
+  else:  # resnet: same layout; only an ImageNet head that does not fit tells them apart
+    w = sd.get('fc.weight')
+    tv = (
+      'fc2.weight' not in sd
+      and w is not None
+      and w.shape[0] == 1000
+      and num_classes not in (None, 1000)
+    )
+  return 'torchvision' if tv else 'reference'
 
 
 def _init_leaf(coll: str, path: tuple, shape: tuple, key) -> np.ndarray:
-    """Initialise one missing leaf with the initialiser its module uses (see
-    ``models.layers``), without compiling the whole model's init."""
-    name = path[-1]
-    if coll == "batch_stats":
-        return np.zeros(shape, np.float32) if name == "mean" else np.ones(shape, np.float32)
-    if name == "scale":
-        return np.ones(shape, np.float32)
-    if name == "bias":
-        return np.zeros(shape, np.float32)
-    init = head_kernel_init if path[0] in ("fc", "fc2") else conv_kernel_init
-    return np.asarray(init(key, shape, jnp.float32))
+  """Initialise one missing leaf with the initialiser its module uses (see
+  ``models.layers``), without compiling the whole model's init."""
+  name = path[-1]
+  if coll == 'batch_stats':
+    return np.zeros(shape, np.float32) if name == 'mean' else np.ones(shape, np.float32)
+  if name == 'scale':
+    return np.ones(shape, np.float32)
+  if name == 'bias':
+    return np.zeros(shape, np.float32)
+  init = head_kernel_init if path[0] in ('fc', 'fc2') else conv_kernel_init
+  return np.asarray(init(key, shape, jnp.float32))
 
 
 def _head_key(arch: str) -> str:
-    return "SPG_A4.weight" if family(arch) == "inception" else "fc.weight"
+  return 'SPG_A4.weight' if family(arch) == 'inception' else 'fc.weight'
 
 
 def _torchvision_prepare(arch, sd, expected, num_classes, info):
-    """Drop what the CAM model lacks, renumber VGG convs; return keys allowed to be missing."""
-    fam = family(arch)
-    drop = {"vgg": ("classifier.",), "inception": ("Mixed_7", "AuxLogits.", "fc.", "fc2."),
-            "resnet": ()}[fam]
-    if fam == "resnet" and "fc.weight" in sd and sd["fc.weight"].shape[0] != num_classes:
-        drop = ("fc.",)
-    for k in [k for k in sd if k.startswith(drop)]:
-        info.dropped.append(k)
-        del sd[k]
-    if fam == "vgg":
-        # wsolevaluation's adjust_pretrained_model: the CAM model has fewer pools, so conv
-        # indices shift; match the file's convs to the model's by order.
-        idx = lambda keys: sorted({int(k.split(".")[1]) for k in keys
-                                   if re.match(r"features\.\d+\.", k)})
-        src, dst = idx(sd), idx(expected)
-        if len(src) != len(dst):
-            raise ValueError(f"{arch}: torchvision file has {len(src)} feature convs, "
-                             f"the model has {len(dst)}")
-        sd_new = {k: v for k, v in sd.items() if not k.startswith("features.")}
-        for s, d in zip(src, dst):
-            for leaf in ("weight", "bias"):
-                if f"features.{s}.{leaf}" in sd:
-                    sd_new[f"features.{d}.{leaf}"] = sd[f"features.{s}.{leaf}"]
-        sd.clear()
-        sd.update(sd_new)
-    new = {"vgg": ("conv6.", "fc.", "fc2."), "resnet": ("fc.", "fc2."),
-           "inception": ("SPG_A3_1b.", "SPG_A3_2b.", "SPG_A4.", "SPG_A4_2.")}[fam]
-    return {k for k in expected if k.startswith(new)}
+  """Drop what the CAM model lacks, renumber VGG convs; return keys allowed to be missing."""
+  fam = family(arch)
+  drop = {
+    'vgg': ('classifier.',),
+    'inception': ('Mixed_7', 'AuxLogits.', 'fc.', 'fc2.'),
+    'resnet': (),
+  }[fam]
+  if fam == 'resnet' and 'fc.weight' in sd and sd['fc.weight'].shape[0] != num_classes:
+    drop = ('fc.',)
+  for k in [k for k in sd if k.startswith(drop)]:
+    info.dropped.append(k)
+    del sd[k]
+  if fam == 'vgg':
+    # wsolevaluation's adjust_pretrained_model: the CAM model has fewer pools, so conv
+    # indices shift; match the file's convs to the model's by order.
+    idx = lambda keys: sorted(
+      {int(k.split('.')[1]) for k in keys if re.match(r'features\.\d+\.', k)}
+    )
+    src, dst = idx(sd), idx(expected)
+    if len(src) != len(dst):
+      raise ValueError(
+        f'{arch}: torchvision file has {len(src)} feature convs, the model has {len(dst)}'
+      )
+    sd_new = {k: v for k, v in sd.items() if not k.startswith('features.')}
+    for s, d in zip(src, dst):
+      for leaf in ('weight', 'bias'):
+        if f'features.{s}.{leaf}' in sd:
+          sd_new[f'features.{d}.{leaf}'] = sd[f'features.{s}.{leaf}']
+    sd.clear()
+    sd.update(sd_new)
+  new = {
+    'vgg': ('conv6.', 'fc.', 'fc2.'),
+    'resnet': ('fc.', 'fc2.'),
+    'inception': ('SPG_A3_1b.', 'SPG_A3_2b.', 'SPG_A4.', 'SPG_A4_2.'),
+  }[fam]
+  return {k for k in expected if k.startswith(new)}
 
 
-def torch_to_flax(state_dict: Mapping, arch: str, *, num_classes: int | None = None,
-                  large_feature_map: bool = False, source: str = "auto",
-                  fc2_init: str = "clone", rng: int | jax.Array = 0,
-                  return_info: bool = False):
-    """Convert a torch state dict to ``{'params': ..., 'batch_stats': ...}`` (numpy float32).
+def torch_to_flax(
+  state_dict: Mapping,
+  arch: str,
+  *,
+  num_classes: int | None = None,
+  large_feature_map: bool = False,
+  source: str = 'auto',
+  fc2_init: str = 'clone',
+  rng: int | jax.Array = 0,
+  return_info: bool = False,
+):
+  """Convert a torch state dict to ``{'params': ..., 'batch_stats': ...}`` (numpy float32).
 
-    ``num_classes`` defaults to the checkpoint head's size (required for torchvision files).
-    ``source``: 'auto' | 'reference' | 'torchvision' (see module doc). ``fc2_init``: how a
-    missing ``fc2`` is made, 'clone' (copy of ``fc``) or 'init' (fresh, from ``rng``).
-    Returns ``variables`` or ``(variables, ConversionInfo)`` with ``return_info=True``.
-    """
-    check_arch(arch)
-    if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
-    if fc2_init not in ("clone", "init"):
-        raise ValueError(f"unknown fc2_init {fc2_init!r}; valid: clone, init")
-    if source == "torchvision" and arch in _TINY:
-        raise ValueError(f"there is no torchvision file for {arch}")
-    sd, counters = _normalise(state_dict)
-    fam = family(arch)
-    head_names = "reference"
-    if fam == "inception" and any(k.startswith(("fc.", "fc2.")) for k in sd) and (
-            sd.get("fc.weight", np.zeros((1, 1, 1, 1))).ndim == 4):
-        head_names = "fc"  # our own naming of the 1x1 conv heads
-        sd = {re.sub(r"^fc(2?)\.", lambda m: f"SPG_A4{'_2' if m.group(1) else ''}.", k): v
-              for k, v in sd.items()}
-    if source == "auto":
-        source = _detect_source(arch, sd, num_classes)
-    if num_classes is None:
-        if source == "torchvision":
-            raise ValueError("num_classes is required when converting a torchvision file")
-        if _head_key(arch) not in sd:
-            raise ValueError(f"cannot infer num_classes: missing key {_head_key(arch)!r}")
-        num_classes = int(sd[_head_key(arch)].shape[0])
-    model = build_model(arch, num_classes, large_feature_map=large_feature_map)
-    expected = _expected(arch, model)
-    info = ConversionInfo(arch, source, int(num_classes), bool(large_feature_map),
-                          head_names=head_names, num_batches_tracked=counters)
-    may_init = set()
-    if source == "torchvision":
-        may_init = _torchvision_prepare(arch, sd, expected, num_classes, info)
-    fc2_prefix = "SPG_A4_2." if fam == "inception" else "fc2."
-    fc2_missing = not any(k.startswith(fc2_prefix) for k in sd)
-    if fc2_missing:
-        may_init |= {k for k in expected if k.startswith(fc2_prefix)}
-        info.fc2 = fc2_init
+  ``num_classes`` defaults to the checkpoint head's size (required for torchvision files).
+  ``source``: 'auto' | 'reference' | 'torchvision' (see module doc). ``fc2_init``: how a
+  missing ``fc2`` is made, 'clone' (copy of ``fc``) or 'init' (fresh, from ``rng``).
+  Returns ``variables`` or ``(variables, ConversionInfo)`` with ``return_info=True``.
+  """
+  check_arch(arch)
+  if source not in SOURCES:
+    raise ValueError(f'unknown source {source!r}; valid: {", ".join(SOURCES)}')
+  if fc2_init not in ('clone', 'init'):
+    raise ValueError(f'unknown fc2_init {fc2_init!r}; valid: clone, init')
+  if source == 'torchvision' and arch in _TINY:
+    raise ValueError(f'there is no torchvision file for {arch}')
+  sd, counters = _normalise(state_dict)
+  fam = family(arch)
+  head_names = 'reference'
+  if (
+    fam == 'inception'
+    and any(k.startswith(('fc.', 'fc2.')) for k in sd)
+    and (sd.get('fc.weight', np.zeros((1, 1, 1, 1))).ndim == 4)
+  ):
+    head_names = 'fc'  # our own naming of the 1x1 conv heads
+    sd = {
+      re.sub(r'^fc(2?)\.', lambda m: f'SPG_A4{"_2" if m.group(1) else ""}.', k): v
+      for k, v in sd.items()
+    }
+  if source == 'auto':
+    source = _detect_source(arch, sd, num_classes)
+  if num_classes is None:
+    if source == 'torchvision':
+      raise ValueError('num_classes is required when converting a torchvision file')
+    if _head_key(arch) not in sd:
+      raise ValueError(f'cannot infer num_classes: missing key {_head_key(arch)!r}')
+    num_classes = int(sd[_head_key(arch)].shape[0])
+  model = build_model(arch, num_classes, large_feature_map=large_feature_map)
+  expected = _expected(arch, model)
+  info = ConversionInfo(
+    arch,
+    source,
+    int(num_classes),
+    bool(large_feature_map),
+    head_names=head_names,
+    num_batches_tracked=counters,
+  )
+  may_init = set()
+  if source == 'torchvision':
+    may_init = _torchvision_prepare(arch, sd, expected, num_classes, info)
+  fc2_prefix = 'SPG_A4_2.' if fam == 'inception' else 'fc2.'
+  fc2_missing = not any(k.startswith(fc2_prefix) for k in sd)
+  if fc2_missing:
+    may_init |= {k for k in expected if k.startswith(fc2_prefix)}
+    info.fc2 = fc2_init
 
-    unexpected = set(sd) - set(expected)
-    if unexpected:
-        raise ValueError(f"{arch}: unexpected keys in checkpoint: {_listing(unexpected)}")
-    missing = set(expected) - set(sd)
-    if missing - may_init:
-        raise ValueError(f"{arch}: missing keys in checkpoint: {_listing(missing - may_init)}")
-    for key, arr in sd.items():
-        coll, path, shape = expected[key]
-        want = torch_shape(shape, coll, path)
-        if tuple(arr.shape) != want:
-            raise ValueError(f"{arch}: shape mismatch for {key!r}: checkpoint {tuple(arr.shape)}, "
-                             f"model expects {want} (num_classes={num_classes}, "
-                             f"large_feature_map={large_feature_map})")
+  unexpected = set(sd) - set(expected)
+  if unexpected:
+    raise ValueError(f'{arch}: unexpected keys in checkpoint: {_listing(unexpected)}')
+  missing = set(expected) - set(sd)
+  if missing - may_init:
+    raise ValueError(f'{arch}: missing keys in checkpoint: {_listing(missing - may_init)}')
+  for key, arr in sd.items():
+    coll, path, shape = expected[key]
+    want = torch_shape(shape, coll, path)
+    if tuple(arr.shape) != want:
+      raise ValueError(
+        f'{arch}: shape mismatch for {key!r}: checkpoint {tuple(arr.shape)}, '
+        f'model expects {want} (num_classes={num_classes}, '
+        f'large_feature_map={large_feature_map})'
+      )
 
-    init_rng, fc2_rng = jax.random.split(init_key(rng))
-    variables: dict = {"params": {}, "batch_stats": {}}
-    for key, (coll, path, shape) in expected.items():
-        if key in sd:
-            value = from_torch_layout(np.asarray(sd[key], np.float32), coll, path)
-        elif key.startswith(fc2_prefix):
-            value = np.zeros(shape, np.float32)  # placeholder, replaced by clone_head below
-        else:
-            init_rng, sub = jax.random.split(init_rng)
-            value = _init_leaf(coll, path, shape, sub)
-            info.initialised.append(key)
-        _set(variables[coll], path, value)
-    if fc2_missing:
-        variables = clone_head(variables, mode=fc2_init, rng=fc2_rng)
-        variables["params"]["fc2"] = jax.tree_util.tree_map(np.asarray, variables["params"]["fc2"])
-        if fc2_init == "init" or source == "torchvision":
-            info.initialised += [k for k in expected if k.startswith(fc2_prefix)]
-    return (variables, info) if return_info else variables
+  init_rng, fc2_rng = jax.random.split(init_key(rng))
+  variables: dict = {'params': {}, 'batch_stats': {}}
+  for key, (coll, path, shape) in expected.items():
+    if key in sd:
+      value = from_torch_layout(np.asarray(sd[key], np.float32), coll, path)
+    elif key.startswith(fc2_prefix):
+      value = np.zeros(shape, np.float32)  # placeholder, replaced by clone_head below
+    else:
+      init_rng, sub = jax.random.split(init_rng)
+      value = _init_leaf(coll, path, shape, sub)
+      info.initialised.append(key)
+    _set(variables[coll], path, value)
+  if fc2_missing:
+    variables = clone_head(variables, mode=fc2_init, rng=fc2_rng)
+    variables['params']['fc2'] = jax.tree_util.tree_map(np.asarray, variables['params']['fc2'])
+    if fc2_init == 'init' or source == 'torchvision':
+      info.initialised += [k for k in expected if k.startswith(fc2_prefix)]
+  return (variables, info) if return_info else variables
 
 
 # ----------------------------------------------------------------------------- flax -> torch
 
-def flax_to_torch(variables: Mapping, arch: str, *, head_names: str = "reference",
-                  num_batches_tracked: int | Mapping[str, int] | None = 0,
-                  as_numpy: bool = False) -> dict:
-    """Variables -> torch state dict (reference key names and shapes, float32).
 
-    ``head_names``: Inception heads as 'reference' (``SPG_A4``/``SPG_A4_2``) or 'fc'.
-    ``num_batches_tracked``: value for every BatchNorm's counter (int), per-key values (e.g.
-    ``ConversionInfo.num_batches_tracked``; absent keys get 0), or None to omit them.
-    Returns torch tensors (needs torch) or numpy arrays with ``as_numpy=True``.
-    """
-    check_arch(arch)
-    if head_names not in ("reference", "fc"):
-        raise ValueError(f"unknown head_names {head_names!r}; valid: reference, fc")
-    params, stats = variables["params"], variables.get("batch_stats", {}) or {}
-    out: dict[str, np.ndarray] = {}
-    for module in _module_order(arch, params):
-        leaves = _get(params, module)
-        mstats = _get_or_empty(stats, module)
-        # torch order inside a module: weight, bias, running stats, counter.
-        for name in ("kernel", "scale", "bias"):
-            if name not in leaves:
-                continue
-            path = module + (name,)
-            key = torch_key(arch, "params", path)
-            if head_names == "fc" and family(arch) == "inception" and module[0] in ("fc", "fc2"):
-                key = module[0] + "." + key.rsplit(".", 1)[1]
-            out[key] = to_torch_layout(np.asarray(leaves[name]), "params", path)
-        if "mean" in mstats:
-            prefix = torch_key(arch, "batch_stats", module + ("mean",))[: -len(".running_mean")]
-            out[prefix + ".running_mean"] = np.asarray(mstats["mean"])
-            out[prefix + ".running_var"] = np.asarray(mstats["var"])
-            if num_batches_tracked is not None:
-                n = (num_batches_tracked.get(prefix + _BN_COUNTER, 0)
-                     if isinstance(num_batches_tracked, Mapping) else num_batches_tracked)
-                out[prefix + _BN_COUNTER] = np.array(n, dtype=np.int64)
-    if as_numpy:
-        return out
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError("flax_to_torch(as_numpy=False) needs torch; pass as_numpy=True") from e
-    return {k: torch.from_numpy(np.array(v)) for k, v in out.items()}  # keeps 0-d shape
+def flax_to_torch(
+  variables: Mapping,
+  arch: str,
+  *,
+  head_names: str = 'reference',
+  num_batches_tracked: int | Mapping[str, int] | None = 0,
+  as_numpy: bool = False,
+) -> dict:
+  """Variables -> torch state dict (reference key names and shapes, float32).
+
+  ``head_names``: Inception heads as 'reference' (``SPG_A4``/``SPG_A4_2``) or 'fc'.
+  ``num_batches_tracked``: value for every BatchNorm's counter (int), per-key values (e.g.
+  ``ConversionInfo.num_batches_tracked``; absent keys get 0), or None to omit them.
+  Returns torch tensors (needs torch) or numpy arrays with ``as_numpy=True``.
+  """
+  check_arch(arch)
+  if head_names not in ('reference', 'fc'):
+    raise ValueError(f'unknown head_names {head_names!r}; valid: reference, fc')
+  params, stats = variables['params'], variables.get('batch_stats', {}) or {}
+  out: dict[str, np.ndarray] = {}
+  for module in _module_order(arch, params):
+    leaves = _get(params, module)
+    mstats = _get_or_empty(stats, module)
+    # torch order inside a module: weight, bias, running stats, counter.
+    for name in ('kernel', 'scale', 'bias'):
+      if name not in leaves:
+        continue
+      path = module + (name,)
+      key = torch_key(arch, 'params', path)
+      if head_names == 'fc' and family(arch) == 'inception' and module[0] in ('fc', 'fc2'):
+        key = module[0] + '.' + key.rsplit('.', 1)[1]
+      out[key] = to_torch_layout(np.asarray(leaves[name]), 'params', path)
+    if 'mean' in mstats:
+      prefix = torch_key(arch, 'batch_stats', module + ('mean',))[: -len('.running_mean')]
+      out[prefix + '.running_mean'] = np.asarray(mstats['mean'])
+      out[prefix + '.running_var'] = np.asarray(mstats['var'])
+      if num_batches_tracked is not None:
+        n = (
+          num_batches_tracked.get(prefix + _BN_COUNTER, 0)
+          if isinstance(num_batches_tracked, Mapping)
+          else num_batches_tracked
+        )
+        out[prefix + _BN_COUNTER] = np.array(n, dtype=np.int64)
+  if as_numpy:
+    return out
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError('flax_to_torch(as_numpy=False) needs torch; pass as_numpy=True') from e
+  return {k: torch.from_numpy(np.array(v)) for k, v in out.items()}  # keeps 0-d shape
 
 
 # ----------------------------------------------------------------------------- Orbax I/O
-def save_variables(variables: Mapping, directory: str, *, meta: Mapping | None = None,
-                   overwrite: bool = False) -> str:
-    """Write ``DIR/variables`` (Orbax StandardCheckpointer) and ``DIR/conversion.json``."""
-    import orbax.checkpoint as ocp
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}) or {}}
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(directory, "variables"), tree, force=overwrite)
-    ckptr.wait_until_finished()
-    with open(os.path.join(directory, "conversion.json"), "w") as f:
-        json.dump(dict(meta or {}), f, indent=2)
-    return directory
+def save_variables(
+  variables: Mapping, directory: str, *, meta: Mapping | None = None, overwrite: bool = False
+) -> str:
+  """Write ``DIR/variables`` (Orbax StandardCheckpointer) and ``DIR/conversion.json``."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  tree = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {}) or {}}
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(directory, 'variables'), tree, force=overwrite)
+  ckptr.wait_until_finished()
+  with open(os.path.join(directory, 'conversion.json'), 'w') as f:
+    json.dump(dict(meta or {}), f, indent=2)
+  return directory
 
 
 def load_variables(directory: str) -> dict:
-    """Read what :func:`save_variables` (or the CLI) wrote -> ``{'params', 'batch_stats'}``."""
-    import orbax.checkpoint as ocp
-    path = os.path.join(os.path.abspath(directory), "variables")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no converted checkpoint at {path}")
-    tree = ocp.StandardCheckpointer().restore(path)
-    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
+  """Read what :func:`save_variables` (or the CLI) wrote -> ``{'params', 'batch_stats'}``."""
+  import orbax.checkpoint as ocp
+
+  path = os.path.join(os.path.abspath(directory), 'variables')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'no converted checkpoint at {path}')
+  tree = ocp.StandardCheckpointer().restore(path)
+  return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {}) or {}}
 
 
 def load_meta(directory: str) -> dict:
-    """The ``conversion.json`` next to a converted checkpoint (arch, num_classes, ...)."""
-    with open(os.path.join(directory, "conversion.json")) as f:
-        return json.load(f)
+  """The ``conversion.json`` next to a converted checkpoint (arch, num_classes, ...)."""
+  with open(os.path.join(directory, 'conversion.json')) as f:
+    return json.load(f)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", required=True)
-    p.add_argument("--torch_checkpoint", required=True)
-    p.add_argument("--num_classes", type=int, default=None)
-    p.add_argument("--output", required=True)
-    p.add_argument("--large_feature_map", action="store_true")
-    p.add_argument("--source", default="auto", choices=SOURCES)
-    p.add_argument("--fc2_init", default="clone", choices=("clone", "init"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
-    sd = load_state_dict(a.torch_checkpoint)
-    variables, info = torch_to_flax(sd, a.arch, num_classes=a.num_classes,
-                                    large_feature_map=a.large_feature_map, source=a.source,
-                                    fc2_init=a.fc2_init, rng=a.seed, return_info=True)
-    meta = info.to_json() | {"torch_checkpoint": os.path.abspath(a.torch_checkpoint)}
-    save_variables(variables, a.output, meta=meta, overwrite=a.overwrite)
-    print(f"{a.arch} ({info.source} layout, {info.num_classes} classes) -> {a.output}")
-    if info.dropped:
-        print(f"dropped {len(info.dropped)} keys: {_listing(info.dropped)}")
-    if info.initialised:
-        print(f"initialised {len(info.initialised)} keys: {_listing(info.initialised)}")
-    print(f"fc2: {info.fc2}")
-    return 0
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--arch', required=True)
+  p.add_argument('--torch_checkpoint', required=True)
+  p.add_argument('--num_classes', type=int, default=None)
+  p.add_argument('--output', required=True)
+  p.add_argument('--large_feature_map', action='store_true')
+  p.add_argument('--source', default='auto', choices=SOURCES)
+  p.add_argument('--fc2_init', default='clone', choices=('clone', 'init'))
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--overwrite', action='store_true')
+  a = p.parse_args(argv)
+  sd = load_state_dict(a.torch_checkpoint)
+  variables, info = torch_to_flax(
+    sd,
+    a.arch,
+    num_classes=a.num_classes,
+    large_feature_map=a.large_feature_map,
+    source=a.source,
+    fc2_init=a.fc2_init,
+    rng=a.seed,
+    return_info=True,
+  )
+  meta = info.to_json() | {'torch_checkpoint': os.path.abspath(a.torch_checkpoint)}
+  save_variables(variables, a.output, meta=meta, overwrite=a.overwrite)
+  print(f'{a.arch} ({info.source} layout, {info.num_classes} classes) -> {a.output}')
+  if info.dropped:
+    print(f'dropped {len(info.dropped)} keys: {_listing(info.dropped)}')
+  if info.initialised:
+    print(f'initialised {len(info.initialised)} keys: {_listing(info.initialised)}')
+  print(f'fc2: {info.fc2}')
+  return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == '__main__':
+  raise SystemExit(main())

@@ -2,34 +2,77 @@
 
 Config files in `configs/` start from `base_config()`, override what their dataset needs and
 return the config locked, so a typo in a file or on the command line
-(`--config.optim.lr=...`) is an error naming the field. `validate()` checks the values that
-have a fixed vocabulary; library code reads configs and never mutates them.
+(`--config.dual.lr=...`) is an error naming the field. `validate()` checks vocabularies and
+numeric ranges; library code reads configs and never mutates them.
+
+Sections: `model`, `input`, one per stage (`vanilla`, `dual`, each with its own
+`init_checkpoint`), `checkpoint`, `eval`. Where a default comes from is said next to it:
+[ref] the reference code (finallyupper/beyond-softmax), [sheet] wsolevaluation's settings sheet,
+[paper] the paper's text, [here] a choice made in this project. README "Differences" lists
+every point where the three disagree.
 """
+
 from __future__ import annotations
+
+import difflib
 
 import ml_collections
 
-STAGES = ('vanilla', 'dual')
-SOURCES = ('folder', 'tfds')
-DTYPES = ('float32', 'bfloat16')
-CAM_METHODS = ('cam', 'gradcam', 'gradcam++', 'xgradcam', 'layercam')
+from dualsig_jax import vocab
+
+# Vocabularies of config values (the names themselves are declared once in vocab.py).
+STAGES = vocab.STAGES
+SOURCES = vocab.SOURCES
+DTYPES = vocab.DTYPES
+CAM_METHODS = vocab.CAM_METHODS
+FAMILIES = vocab.FAMILIES
+PAPER_BACKBONES = vocab.PAPER_ARCHS
 UNFREEZE = ('fc2', 'all')
-FC2_INIT = ('clone', 'init')
+# The sigmoid head's start: 'init' = the reference's fresh init (normal(0, 0.01) Linears,
+# xavier_uniform for Inception's 1x1 conv head) [ref]; 'clone' = a copy of fc [paper].
+HEAD_INIT = ('init', 'clone')
+# The frozen backbone during the dual stage: 'train' = BatchNorm on batch statistics (running
+# statistics never updated), dropout on [ref]; 'inference' = running statistics, no dropout [paper].
+BACKBONE_MODES = ('train', 'inference')
+# lr decay: 'reference' = x rate at the start of 1-based epoch e when e % frequency == 0 [ref];
+# 'steplr' = torch StepLR stepped per epoch, x rate after every `frequency` epochs.
+LR_SCHEDULES = ('reference', 'steplr')
 FIDELITY_TARGETS = ('pred', 'label')
 
+# Fields that may differ between a run and its resume (the rest must match config.json).
+RESUME_SAFE_FIELDS = (
+  'log_every_steps',
+  'input.num_workers',
+  'input.data_root',
+  'input.mask_root',
+  'input.metadata_root',
+  'input.skip_bad_images',
+  'checkpoint.every_steps',
+  'checkpoint.max_to_keep',
+  'eval',
+  'vanilla.num_epochs',
+  'vanilla.max_steps',
+  'dual.num_epochs',
+  'dual.max_steps',
+)
 
-def _optim_section(**overrides) -> ml_collections.ConfigDict:
-  sec = ml_collections.ConfigDict(dict(
+
+def _stage_section(**overrides) -> ml_collections.ConfigDict:
+  sec = ml_collections.ConfigDict(
+    dict(
+      init_checkpoint='',  # starting weights (see each stage below)
       num_epochs=10,
       lr=1e-3,
-      lr_classifier_ratio=10.0,   # classifier group at lr x ratio (wsolevaluation)
-      lr_decay_frequency=3,       # epochs between x lr_decay_rate steps
+      lr_classifier_ratio=10.0,  # classifier group at lr x ratio [ref], [sheet]
+      lr_decay_frequency=3,  # epochs between decays [ref]
       lr_decay_rate=0.1,
-      momentum=0.9,
+      lr_schedule='reference',  # see LR_SCHEDULES
+      momentum=0.9,  # SGD Nesterov [ref]
       nesterov=True,
-      weight_decay=1e-4,
-      max_steps=0,                # > 0: stop after this many steps (smoke runs, benchmarks)
-  ))
+      weight_decay=1e-4,  # argparse default of the reference [ref]
+      max_steps=0,  # > 0: stop after this many steps (smoke runs, benchmarks) [here]
+    )
+  )
   sec.update(overrides)
   return sec
 
@@ -42,79 +85,108 @@ def base_config() -> ml_collections.ConfigDict:
   c.stages = ('dual',)
   c.log_every_steps = 20
 
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(
+    dict(
       arch='resnet50',
+      # 'cam': wsol_cam/ models (plain CAM); 'standard': wsol/ models, which the reference
+      # uses for every gradient method (VGG16 with torchvision's MLP classifier) [ref].
+      family='cam',
       num_classes=1000,
       large_feature_map=False,
       dtype='float32',
-      init_checkpoint='',   # vanilla stage: converted weights (python -m dualsig_jax.convert)
-      fc2_init='clone',     # dual stage: 'clone' fc into fc2 (the paper) or fresh 'init'
-  ))
+      dropout_rate=0.5,  # the backbones' dropout (Inception, standard VGG16's MLP) [ref]
+    )
+  )
 
-  c.input = ml_collections.ConfigDict(dict(
+  c.input = ml_collections.ConfigDict(
+    dict(
       source='folder',
       dataset_name='ILSVRC',
       data_root='',
-      metadata_root='metadata',
+      mask_root='',  # OpenImages masks; '' = data_root
+      metadata_root='metadata',  # 'metadata' = the wsolevaluation metadata shipped in the package
       train_split='train',
       eval_split='test',
-      resize_size=256,
+      resize_size=256,  # train: resize 256, random crop 224, flip [sheet]
       crop_size=224,
-      eval_size=224,
-      batch_size=32,        # global, split over all devices of all hosts
+      eval_size=224,  # eval: resize 224 [sheet]
+      batch_size=32,  # global, split over all devices of all hosts [ref]
+      # False: the training split in metadata order without random crop/flip (centre crop),
+      # for parity checks and debugging [here].
+      augment=True,
       num_workers=2,
       skip_bad_images=False,
-  ))
-  c.input.synthetic = ml_collections.ConfigDict(dict(
-      generate=False, num_classes=10, image_size=112,
-      num_train=3000, num_val=300, num_test=600, seed=0))
-  c.input.tfds = ml_collections.ConfigDict(dict(
-      name='', data_dir='', train_split='train', eval_split='test'))
+    )
+  )
+  c.input.synthetic = ml_collections.ConfigDict(dict(generate=False, **vocab.SYNTHETIC))
+  c.input.tfds = ml_collections.ConfigDict(
+    dict(name='', data_dir='', train_split='train', eval_split='test')
+  )
 
-  c.vanilla = _optim_section()
-  # The paper's stage: train the sigmoid head fc2 only.
-  c.optim = _optim_section(
-      unfreeze='fc2',
-      pos_weight=-1.0,      # -1: C - 1 (class-balanced BCE), as the reference
-      gamma=1.0,            # reference option: >= 1 plain BCE, < 1 scaled log-probs
-      temp=1.0,             # logits / temp before the loss
-      init_checkpoint='',   # vanilla checkpoint dir; '' = this workdir's vanilla stage
+  # Vanilla stage: a softmax classifier. init_checkpoint: converted weights
+  # (python -m dualsig_jax.convert) or '' for a random start.
+  c.vanilla = _stage_section()
+  # Dual stage (the paper's method): train the sigmoid head fc2 only. init_checkpoint: the
+  # vanilla classifier (a converted file or a vanilla stage's checkpoint folder);
+  # '' = this workdir's vanilla stage.
+  c.dual = _stage_section(
+    unfreeze='fc2',
+    head_init='init',  # see HEAD_INIT
+    backbone_mode='train',  # see BACKBONE_MODES
+    pos_weight=-1.0,  # -1: C - 1 (class-balanced BCE) [ref]
+    gamma=1.0,  # reference option: >= 1 plain BCE, < 1 scaled log-probs [ref]
+    temp=1.0,  # logits / temp before the loss [ref]
   )
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=2))
 
-  c.eval = ml_collections.ConfigDict(dict(
+  c.eval = ml_collections.ConfigDict(
+    dict(
       methods=('cam', 'gradcam'),
       batch_size=64,
-      cam_curve_interval=0.001,
-      iou_threshold_list=(30, 50, 70),
-      multi_contour_eval=True,
-      loc_threshold=0.2,
+      cam_curve_interval=0.001,  # [sheet]
+      iou_threshold_list=(30, 50, 70),  # [sheet]
+      multi_contour_eval=True,  # [sheet]
+      loc_threshold=0.2,  # Top-1 / GT-known Loc threshold [ref]
       fidelity_target='pred',
       num_plot_images=8,
       save_scoremaps=False,
-      max_batches=0,        # > 0: evaluate only this many batches (quick checks)
-  ))
+      max_batches=0,  # > 0: evaluate only this many batches (quick checks)
+    )
+  )
   return c
 
 
-PAPER_BACKBONES = ('vgg16', 'resnet50', 'inception_v3')
-
-
-def dataset_config(config_file: str, arch: str | None, *, dataset_name: str, num_classes: int,
-                   default_arch: str = 'resnet50') -> ml_collections.ConfigDict:
+def dataset_config(
+  config_file: str,
+  arch: str | None,
+  *,
+  dataset_name: str,
+  num_classes: int,
+  default_arch: str = 'resnet50',
+) -> ml_collections.ConfigDict:
   """The common part of a real-dataset config: the paper's `dual` stage on one backbone with the
-  shipped wsolevaluation metadata (unlocked; the config file sets its schedule and locks)."""
-  arch = arch or default_arch
+  shipped wsolevaluation metadata (unlocked; the config file sets its schedule and locks).
+
+  `arch` is the config argument: 'vgg16', 'resnet50', 'inception_v3', optionally with
+  ',standard' for the reference's gradient-method models (e.g. `configs/cub.py:vgg16,standard`).
+  """
+  arch, _, family = (arch or default_arch).partition(',')
+  family = family or 'cam'
   if arch not in PAPER_BACKBONES:
     raise ValueError(f'{config_file}: unknown backbone {arch!r}; valid: {list(PAPER_BACKBONES)}')
+  if family not in FAMILIES:
+    raise ValueError(f'{config_file}: unknown model family {family!r}; valid: {list(FAMILIES)}')
   c = base_config()
-  c.experiment = f'{dataset_name.lower()}_{arch}'
+  c.experiment = f'{dataset_name.lower()}_{arch}' + ('' if family == 'cam' else f'_{family}')
   c.stages = ('dual',)
   c.model.arch = arch
+  c.model.family = family
   c.model.num_classes = num_classes
   c.input.dataset_name = dataset_name
   c.input.metadata_root = 'metadata'
+  # The reference's model per method: plain CAM on wsol_cam/, gradient methods on wsol/.
+  c.eval.methods = ('cam',) if family == 'cam' else ('gradcam',)
   return c
 
 
@@ -123,25 +195,87 @@ def _check(value, allowed, name):
     raise ValueError(f'config.{name}={value!r} is not one of {list(allowed)}')
 
 
+def _check_range(config, name, *, low=None, high=None, low_open=False, integer=False):
+  value = config
+  for part in name.split('.'):
+    value = value[part]
+  if integer and (isinstance(value, bool) or int(value) != value):
+    raise ValueError(f'config.{name}={value!r} must be an integer')
+  bad = (low is not None and (value <= low if low_open else value < low)) or (
+    high is not None and value > high
+  )
+  if bad:
+    lo = '' if low is None else ('> ' if low_open else '>= ') + f'{low}'
+    hi = '' if high is None else f'<= {high}'
+    raise ValueError(f'config.{name}={value!r} is out of range (must be {" and ".join(filter(None, (lo, hi)))})')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first field whose value is outside its vocabulary."""
-  from dualsig_jax import models  # late import: configs stay importable without jax
-  for s in config.stages:
-    _check(s, STAGES, 'stages')
+  """Raises ValueError naming the first field whose value is outside its vocabulary or range."""
   if not config.stages:
     raise ValueError('config.stages is empty')
-  _check(config.model.arch, tuple(models.MODELS), 'model.arch')
+  for s in config.stages:
+    _check(s, STAGES, 'stages')
+  _check(config.model.arch, vocab.ARCHS, 'model.arch')
+  _check(config.model.family, FAMILIES, 'model.family')
   _check(config.model.dtype, DTYPES, 'model.dtype')
-  _check(config.model.fc2_init, FC2_INIT, 'model.fc2_init')
   _check(config.input.source, SOURCES, 'input.source')
-  _check(config.optim.unfreeze, UNFREEZE, 'optim.unfreeze')
+  _check(config.dual.unfreeze, UNFREEZE, 'dual.unfreeze')
+  _check(config.dual.head_init, HEAD_INIT, 'dual.head_init')
+  _check(config.dual.backbone_mode, BACKBONE_MODES, 'dual.backbone_mode')
   _check(config.eval.fidelity_target, FIDELITY_TARGETS, 'eval.fidelity_target')
   for m in config.eval.methods:
     _check(m, CAM_METHODS, 'eval.methods')
-  if config.model.num_classes < 2:
-    raise ValueError(f'config.model.num_classes={config.model.num_classes} must be >= 2')
-  for name in ('batch_size',):
-    if config.input[name] <= 0:
-      raise ValueError(f'config.input.{name} must be positive')
+  _check_range(config, 'model.num_classes', low=2, integer=True)
+  _check_range(config, 'model.dropout_rate', low=0.0, high=0.99)
+  for stage in STAGES:
+    _check(config[stage].lr_schedule, LR_SCHEDULES, f'{stage}.lr_schedule')
+    _check_range(config, f'{stage}.lr', low=0.0, low_open=True, high=10.0)
+    _check_range(config, f'{stage}.lr_classifier_ratio', low=0.0, low_open=True)
+    _check_range(config, f'{stage}.weight_decay', low=0.0, high=1.0)
+    _check_range(config, f'{stage}.momentum', low=0.0, high=0.999)
+    _check_range(config, f'{stage}.num_epochs', low=1, integer=True)
+    _check_range(config, f'{stage}.max_steps', low=0, integer=True)
+    _check_range(config, f'{stage}.lr_decay_frequency', low=1, integer=True)
+    _check_range(config, f'{stage}.lr_decay_rate', low=0.0, low_open=True, high=1.0)
+  _check_range(config, 'input.batch_size', low=1, integer=True)
+  _check_range(config, 'input.num_workers', low=0, integer=True)
+  _check_range(config, 'eval.batch_size', low=1, integer=True)
+  _check_range(config, 'eval.cam_curve_interval', low=0.0, low_open=True, high=0.5)
+  _check_range(config, 'eval.loc_threshold', low=0.0, high=1.0)
+  _check_range(config, 'checkpoint.every_steps', low=1, integer=True)
+  _check_range(config, 'checkpoint.max_to_keep', low=1, integer=True)
+  _check_range(config, 'log_every_steps', low=1, integer=True)
   if config.input.crop_size > config.input.resize_size:
     raise ValueError('config.input.crop_size must be <= config.input.resize_size')
+  if 'cam' in config.eval.methods and config.model.family == 'standard' and (
+    config.model.arch.startswith('vgg')
+  ):
+    raise ValueError(
+      f'config.eval.methods has "cam", but the sigmoid head of {config.model.arch} (standard) is '
+      f'an MLP (classifier_2); plain CAM needs a linear head: use model.family="cam" for CAM, '
+      f'or one of {list(vocab.GRADIENT_METHODS)}'
+    )
+
+
+def field_names(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  """Every leaf field of `config` as a dotted name (`dual.lr`, `input.tfds.name`, ...)."""
+  out = []
+  for k, v in config.items():
+    name = f'{prefix}{k}'
+    if isinstance(v, ml_collections.ConfigDict):
+      out += field_names(v, name + '.')
+    else:
+      out.append(name)
+  return out
+
+
+def closest_fields(name: str, config: ml_collections.ConfigDict | None = None) -> list[str]:
+  """Up to three valid dotted field names closest to `name` (for 'did you mean' messages)."""
+  names = field_names(config if config is not None else base_config())
+  close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+  if not close:
+    # Same last part in another section (e.g. `optim.lr` -> `dual.lr`, `vanilla.lr`).
+    last = name.rsplit('.', 1)[-1]
+    close = [n for n in names if n.rsplit('.', 1)[-1] == last][:3]
+  return close

@@ -5,6 +5,7 @@ maps of the ground-truth class feed the box / mask evaluators (as the reference:
 needs a correct softmax prediction), maps of the predicted class k* feed Average Drop and
 Increase in Confidence. Writes results.json, results.md and plots into the workdir.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,16 +55,25 @@ def _loc_summary(box: dict | None, mask: dict | None) -> dict:
   out = {}
   if box is not None:
     # Table 2 of the paper: Top-1 / GT-known Loc at IoU 50 and the loc threshold.
-    out.update(top1_loc=box['top1_loc']['50'], gt_known_loc=box['gt_known_loc']['50'],
-               maxboxacc_v2=box['maxboxacc_v2'], maxboxacc=box['maxboxacc'],
-               maxboxacc_v1=box['maxboxacc_v1'])
+    out.update(
+      top1_loc=box['top1_loc']['50'],
+      gt_known_loc=box['gt_known_loc']['50'],
+      maxboxacc_v2=box['maxboxacc_v2'],
+      maxboxacc=box['maxboxacc'],
+      maxboxacc_v1=box['maxboxacc_v1'],
+    )
   if mask is not None:
     out['pxap'] = mask['pxap']
   return out
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, *, variables: dict | None = None,
-             split: str | None = None) -> dict:
+def evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  variables: dict | None = None,
+  split: str | None = None,
+) -> dict:
   """Evaluates the newest `dual` checkpoint of `workdir` (or `variables`) on `split`.
 
   Returns:
@@ -74,8 +84,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, variables: dict
   mesh = sharding.make_mesh()
   ndev = mesh.devices.size
   if config.eval.batch_size % ndev:
-    raise ValueError(f'eval.batch_size={config.eval.batch_size} is not divisible by the {ndev} '
-                     f'devices')
+    raise ValueError(
+      f'eval.batch_size={config.eval.batch_size} is not divisible by the {ndev} devices'
+    )
   model = loop.build_stage_model(config, 'dual')
   if variables is None:
     variables = loop.latest_variables(workdir, 'dual')
@@ -88,12 +99,24 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, variables: dict
   e = config.eval
   methods = tuple(e.methods)
   keys = [(m, b) for m in methods for b in BRANCHES]
-  box_ev = {k: wsol.BoxEvaluator(iou_threshold_list=tuple(e.iou_threshold_list),
-                                 cam_curve_interval=e.cam_curve_interval,
-                                 multi_contour_eval=e.multi_contour_eval,
-                                 loc_threshold=e.loc_threshold) for k in keys} if has_boxes else {}
-  mask_ev = {k: wsol.MaskEvaluator(cam_curve_interval=e.cam_curve_interval)
-             for k in keys} if has_masks else {}
+  box_ev = (
+    {
+      k: wsol.BoxEvaluator(
+        iou_threshold_list=tuple(e.iou_threshold_list),
+        cam_curve_interval=e.cam_curve_interval,
+        multi_contour_eval=e.multi_contour_eval,
+        loc_threshold=e.loc_threshold,
+      )
+      for k in keys
+    }
+    if has_boxes
+    else {}
+  )
+  mask_ev = (
+    {k: wsol.MaskEvaluator(cam_curve_interval=e.cam_curve_interval) for k in keys}
+    if has_masks
+    else {}
+  )
   fid = {k: _Fidelity() for k in keys}
   correct = {'softmax': 0, 'sigmoid': 0}
   n_images = 0
@@ -122,9 +145,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, variables: dict
 
     # Localization: maps of the ground-truth class (the reference protocol).
     gt_maps, _ = cam.compute_cams_multi(
-        fns['apply_fn'], variables, images, methods=methods, branches=BRANCHES,
-        targets=jnp.asarray(labels, jnp.int32), output_size=size, head_fn=fns['head_fn'],
-        head_weights_fn=fns['head_weights_fn'])
+      fns['apply_fn'],
+      variables,
+      images,
+      methods=methods,
+      branches=BRANCHES,
+      targets=jnp.asarray(labels, jnp.int32),
+      output_size=size,
+      head_fn=fns['head_fn'],
+      head_weights_fn=fns['head_weights_fn'],
+    )
     # Fidelity: maps of k* (softmax prediction) by default, as the paper's Table 1.
     if e.fidelity_target == 'label':
       fid_maps = gt_maps
@@ -132,18 +162,26 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, variables: dict
     else:
       fid_targets = preds['softmax']
       fid_maps, _ = cam.compute_cams_multi(
-          fns['apply_fn'], variables, images, methods=methods, branches=BRANCHES,
-          targets=jnp.asarray(fid_targets, jnp.int32), output_size=size,
-          head_fn=fns['head_fn'], head_weights_fn=fns['head_weights_fn'])
-    boxes = [np.asarray(batch['boxes'][i, :batch['num_boxes'][i]]) for i in np.flatnonzero(valid)]
+        fns['apply_fn'],
+        variables,
+        images,
+        methods=methods,
+        branches=BRANCHES,
+        targets=jnp.asarray(fid_targets, jnp.int32),
+        output_size=size,
+        head_fn=fns['head_fn'],
+        head_weights_fn=fns['head_weights_fn'],
+      )
+    boxes = [np.asarray(batch['boxes'][i, : batch['num_boxes'][i]]) for i in np.flatnonzero(valid)]
     for k in keys:
       maps_k = np.asarray(gt_maps[k])[valid]
       if has_boxes:
         box_ev[k].accumulate(maps_k, boxes, pred_correct)
       if has_masks:
         mask_ev[k].accumulate(maps_k, np.asarray(batch['mask'])[valid])
-      change = cam.confidence_change(fns['apply_fn'], variables, images, fid_maps[k],
-                                     jnp.asarray(fid_targets, jnp.int32))
+      change = cam.confidence_change(
+        fns['apply_fn'], variables, images, fid_maps[k], jnp.asarray(fid_targets, jnp.int32)
+      )
       fid[k].accumulate(change, valid)
       if e.save_scoremaps:
         d = os.path.join(score_dir, f'{k[0]}_{k[1]}')
@@ -155,20 +193,29 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, variables: dict
     if need > 0:
       idx = np.flatnonzero(valid)[:need]
       plot_store['image'].extend(np.asarray(batch['image'])[idx])
-      plot_store['boxes'].extend(np.asarray(batch['boxes'][i, :batch['num_boxes'][i]]) for i in idx)
+      plot_store['boxes'].extend(
+        np.asarray(batch['boxes'][i, : batch['num_boxes'][i]]) for i in idx
+      )
       plot_store['title'].extend(f'class {labels[i]} / pred {preds["softmax"][i]}' for i in idx)
       for k in keys:
         plot_store['maps'][k].extend(np.asarray(gt_maps[k])[idx])
     bar.update(1)
   bar.close()
 
-  results: dict = {'classification': {'softmax_top1': 100.0 * correct['softmax'] / n_images,
-                                      'sigmoid_top1': 100.0 * correct['sigmoid'] / n_images},
-                   'num_images': n_images, 'split': split, 'methods': {}}
+  results: dict = {
+    'classification': {
+      'softmax_top1': 100.0 * correct['softmax'] / n_images,
+      'sigmoid_top1': 100.0 * correct['sigmoid'] / n_images,
+    },
+    'num_images': n_images,
+    'split': split,
+    'methods': {},
+  }
   vanilla = _vanilla_variables(config, workdir)
   if vanilla is not None:
-    acc = loop.evaluate_accuracy(config, vanilla, split=split, model=model,
-                                 max_batches=e.max_batches)
+    acc = loop.evaluate_accuracy(
+      config, vanilla, split=split, model=model, max_batches=e.max_batches
+    )
     results['classification']['vanilla_softmax_top1'] = acc['softmax_top1']
   curves = {}
   for m in methods:
@@ -192,25 +239,44 @@ def _fmt(v):
 def results_table(results: dict) -> str:
   """Markdown table laid out like the paper's Table 2 (plus fidelity), with a delta row."""
   cls = results['classification']
-  cols = [('Top-1 Loc', 'top1_loc'), ('GT-known Loc', 'gt_known_loc'),
-          ('MaxBoxAccV2', 'maxboxacc_v2'), ('PxAP', 'pxap'), ('Avg Drop ↓', 'avg_drop'),
-          ('Inc Conf ↑', 'inc_conf')]
-  lines = ['| Method | Head | Top-1 Cls | ' + ' | '.join(c for c, _ in cols) + ' |',
-           '|---|---|---|' + '---|' * len(cols)]
+  cols = [
+    ('Top-1 Loc', 'top1_loc'),
+    ('GT-known Loc', 'gt_known_loc'),
+    ('MaxBoxAccV2', 'maxboxacc_v2'),
+    ('PxAP', 'pxap'),
+    ('Avg Drop ↓', 'avg_drop'),
+    ('Inc Conf ↑', 'inc_conf'),
+  ]
+  lines = [
+    '| Method | Head | Top-1 Cls | ' + ' | '.join(c for c, _ in cols) + ' |',
+    '|---|---|---|' + '---|' * len(cols),
+  ]
   for m, heads in results['methods'].items():
     base, ours = heads['softmax'], heads['sigmoid']
-    lines.append(f'| {m} | softmax (baseline) | {_fmt(cls["softmax_top1"])} | ' +
-                 ' | '.join(_fmt(base.get(k)) for _, k in cols) + ' |')
-    lines.append(f'| {m} | sigmoid (ours) | – | ' +
-                 ' | '.join(_fmt(ours.get(k)) for _, k in cols) + ' |')
+    lines.append(
+      f'| {m} | softmax (baseline) | {_fmt(cls["softmax_top1"])} | '
+      + ' | '.join(_fmt(base.get(k)) for _, k in cols)
+      + ' |'
+    )
+    lines.append(
+      f'| {m} | sigmoid (ours) | – | ' + ' | '.join(_fmt(ours.get(k)) for _, k in cols) + ' |'
+    )
     delta = [None if base.get(k) is None else ours[k] - base[k] for _, k in cols]
-    lines.append(f'| {m} | Δ (ours − baseline) | | ' +
-                 ' | '.join('–' if d is None else f'{d:+.2f}' for d in delta) + ' |')
-  note = (f'\nTop-1 Cls of the softmax head: dual model {cls["softmax_top1"]:.2f}'
-          + (f', vanilla checkpoint {cls["vanilla_softmax_top1"]:.2f}'
-             if 'vanilla_softmax_top1' in cls else '')
-          + f'; sigmoid head (for information) {cls["sigmoid_top1"]:.2f}. '
-          f'{results["num_images"]} images of split "{results["split"]}".\n')
+    lines.append(
+      f'| {m} | Δ (ours − baseline) | | '
+      + ' | '.join('–' if d is None else f'{d:+.2f}' for d in delta)
+      + ' |'
+    )
+  note = (
+    f'\nTop-1 Cls of the softmax head: dual model {cls["softmax_top1"]:.2f}'
+    + (
+      f', vanilla checkpoint {cls["vanilla_softmax_top1"]:.2f}'
+      if 'vanilla_softmax_top1' in cls
+      else ''
+    )
+    + f'; sigmoid head (for information) {cls["sigmoid_top1"]:.2f}. '
+    f'{results["num_images"]} images of split "{results["split"]}".\n'
+  )
   return '\n'.join(lines) + '\n' + note
 
 
@@ -228,14 +294,22 @@ def _write_outputs(config, workdir, results, curves, plot_store) -> None:
     boxes = {b: curves[(m, b)][0] for b in BRANCHES if curves[(m, b)][0] is not None}
     masks = {b: curves[(m, b)][1] for b in BRANCHES if curves[(m, b)][1] is not None}
     if boxes:
-      wsol_plots.plot_box_curves(boxes, os.path.join(plot_dir, f'boxacc_{m}.png'),
-                                    title=f'{m}: box accuracy vs CAM threshold')
+      wsol_plots.plot_box_curves(
+        boxes,
+        os.path.join(plot_dir, f'boxacc_{m}.png'),
+        title=f'{m}: box accuracy vs CAM threshold',
+      )
     if masks:
-      wsol_plots.plot_pr_curves(masks, os.path.join(plot_dir, f'pxap_pr_{m}.png'),
-                          title=f'{m}: pixel precision-recall')
+      wsol_plots.plot_pr_curves(
+        masks, os.path.join(plot_dir, f'pxap_pr_{m}.png'), title=f'{m}: pixel precision-recall'
+      )
     if plot_store['image']:
-      cam.save_cam_grid(os.path.join(plot_dir, f'cams_{m}.png'), np.stack(plot_store['image']),
-                        np.stack(plot_store['maps'][(m, 'softmax')]),
-                        np.stack(plot_store['maps'][(m, 'sigmoid')]),
-                        gt_boxes=plot_store['boxes'], threshold=config.eval.loc_threshold,
-                        titles=plot_store['title'])
+      cam.save_cam_grid(
+        os.path.join(plot_dir, f'cams_{m}.png'),
+        np.stack(plot_store['image']),
+        np.stack(plot_store['maps'][(m, 'softmax')]),
+        np.stack(plot_store['maps'][(m, 'sigmoid')]),
+        gt_boxes=plot_store['boxes'],
+        threshold=config.eval.loc_threshold,
+        titles=plot_store['title'],
+      )

@@ -1,4 +1,5 @@
 """The whole experiment behind `train.py`: data, every configured stage, then evaluation."""
+
 from __future__ import annotations
 
 import logging
@@ -16,6 +17,7 @@ def setup_logging() -> None:
   """Console logging of the entry points: our INFO lines and progress bars, not Orbax's and
   grain's per-checkpoint INFO chatter."""
   from absl import logging as absl_logging
+
   absl_logging.set_verbosity(absl_logging.WARNING)
   log.setLevel(logging.INFO)
 
@@ -38,5 +40,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = Tru
   results = None
   if evaluate and 'dual' in config.stages:
     from dualsig_jax import evaluate as evaluate_lib  # needs the CAM and WSOL libraries
+
     results = evaluate_lib.evaluate(config, workdir)
   return {'stages': summaries, 'results': results}

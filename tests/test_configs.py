@@ -1,4 +1,5 @@
 """Every shipped config loads, validates and rejects unknown backbones and fields."""
+
 import importlib
 import os
 import sys
@@ -32,7 +33,10 @@ def test_unknown_backbone_is_named(name):
 def test_imagenet_learning_rates_follow_the_reference():
   imagenet = importlib.import_module('configs.imagenet')
   assert {a: imagenet.get_config(a).optim.lr for a in defaults.PAPER_BACKBONES} == {
-      'vgg16': 3e-3, 'resnet50': 1e-4, 'inception_v3': 5e-4}
+    'vgg16': 3e-3,
+    'resnet50': 1e-4,
+    'inception_v3': 5e-4,
+  }
 
 
 @pytest.mark.parametrize('arg', [None, 'smoke'])

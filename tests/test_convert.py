@@ -1,243 +1,305 @@
 """Weight import/export: parity with PyTorch, exact round trips, reference/torchvision
 checkpoint forms, the Orbax CLI, and clear errors on bad input."""
+
 import json
 import os
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip('torch')
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
+from torch_models import (
+  TorchInceptionCam,
+  TorchResNetCam,
+  TorchVGGCam,
+  build_torch_model,
+  randomize_,
+)
 
-from dualsig_jax import convert  # noqa: E402
-from dualsig_jax.convert import flax_to_torch, load_state_dict, load_variables, torch_to_flax  # noqa: E402
-from dualsig_jax.models import build_model, head_weights  # noqa: E402
-from dualsig_jax.models.vgg import VGG16_CFG  # noqa: E402
-from torch_models import (TorchInceptionCam, TorchResNetCam, TorchVGGCam,  # noqa: E402
-                          build_torch_model, randomize_)
+from dualsig_jax import convert
+from dualsig_jax.convert import flax_to_torch, load_state_dict, load_variables, torch_to_flax
+from dualsig_jax.models import build_model, head_weights
+from dualsig_jax.models.vgg import VGG16_CFG
 
 
 def _same(a: dict, b: dict):
-    assert list(a) == list(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(a[k], b[k]), k
+  assert list(a) == list(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+    assert torch.equal(a[k], b[k]), k
 
 
 def _flax_leaf(variables, key_path):
-    node = variables
-    for k in key_path:
-        node = node[k]
-    return np.asarray(node)
+  node = variables
+  for k in key_path:
+    node = node[k]
+  return np.asarray(node)
 
 
 # Full-size models: one compile each, small inputs. 96 px exercises all three of
 # InceptionV3-CAM's ceil-mode pools (odd spans), like 224 px does.
-@pytest.mark.parametrize("arch,lfm,size", [
-    ("vgg16", False, 64), ("resnet50", False, 64), ("inception_v3", False, 96),
-    ("vgg_tiny", False, 96), ("vgg_tiny", True, 96), ("resnet_tiny", False, 96),
-    ("resnet_tiny", True, 96),
-])
+@pytest.mark.parametrize(
+  'arch,lfm,size',
+  [
+    ('vgg16', False, 64),
+    ('resnet50', False, 64),
+    ('inception_v3', False, 96),
+    ('vgg_tiny', False, 96),
+    ('vgg_tiny', True, 96),
+    ('resnet_tiny', False, 96),
+    ('resnet_tiny', True, 96),
+  ],
+)
 def test_parity_with_torch_and_round_trip(arch, lfm, size):
-    torch.manual_seed(0)
-    tmodel = randomize_(build_torch_model(arch, 7, large_feature_map=lfm))
-    sd = tmodel.state_dict()
-    variables = torch_to_flax(sd, arch, large_feature_map=lfm)
-    _same(flax_to_torch(variables, arch), sd)  # bit-exact round trip, same key order
+  torch.manual_seed(0)
+  tmodel = randomize_(build_torch_model(arch, 7, large_feature_map=lfm))
+  sd = tmodel.state_dict()
+  variables = torch_to_flax(sd, arch, large_feature_map=lfm)
+  _same(flax_to_torch(variables, arch), sd)  # bit-exact round trip, same key order
 
-    x = np.random.RandomState(0).randn(2, 3, size, size).astype(np.float32)
-    with torch.no_grad():
-        ref = tmodel(torch.from_numpy(x))
-    model = build_model(arch, 7, large_feature_map=lfm)
-    out = jax.jit(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
-    for ours, theirs in (("features", "features"), ("softmax_logits", "logits"),
-                         ("sigmoid_logits", "logits2")):
-        r = ref[theirs].numpy()
-        r = r.transpose(0, 2, 3, 1) if r.ndim == 4 else r
-        got = np.asarray(out[ours])
-        assert got.shape == r.shape
-        assert np.abs(got - r).max() <= 1e-4 * np.abs(r).max(), (arch, ours)
+  x = np.random.RandomState(0).randn(2, 3, size, size).astype(np.float32)
+  with torch.no_grad():
+    ref = tmodel(torch.from_numpy(x))
+  model = build_model(arch, 7, large_feature_map=lfm)
+  out = jax.jit(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+  for ours, theirs in (
+    ('features', 'features'),
+    ('softmax_logits', 'logits'),
+    ('sigmoid_logits', 'logits2'),
+  ):
+    r = ref[theirs].numpy()
+    r = r.transpose(0, 2, 3, 1) if r.ndim == 4 else r
+    got = np.asarray(out[ours])
+    assert got.shape == r.shape
+    assert np.abs(got - r).max() <= 1e-4 * np.abs(r).max(), (arch, ours)
 
 
 def test_resnet50_is_torchvision_layout_and_imagenet_head_is_replaced():
-    tv = TorchResNetCam(num_classes=1000, fc2=False)
-    sd = tv.state_dict()
-    # torchvision.models.resnet50().state_dict(): 320 entries, 25,557,032 parameters.
-    assert len(sd) == 320
-    assert sum(p.numel() for p in tv.parameters()) == 25_557_032
-    assert sd["layer1.0.downsample.0.weight"].shape == (256, 64, 1, 1)
-    assert sd["layer4.2.bn3.running_var"].shape == (2048,)
-    variables, info = torch_to_flax(sd, "resnet50", num_classes=200, return_info=True)
-    assert info.source == "torchvision"
-    assert sorted(info.dropped) == ["fc.bias", "fc.weight"]
-    assert sorted(info.initialised) == ["fc.bias", "fc.weight", "fc2.bias", "fc2.weight"]
-    assert variables["params"]["fc"]["kernel"].shape == (2048, 200)
-    np.testing.assert_array_equal(variables["params"]["fc2"]["kernel"],
-                                  variables["params"]["fc"]["kernel"])
-    np.testing.assert_array_equal(_flax_leaf(variables, ("params", "conv1", "kernel")),
-                                  sd["conv1.weight"].numpy().transpose(2, 3, 1, 0))
-    # ImageNet itself: the file's fc is the head, fc2 its clone.
-    variables, info = torch_to_flax(sd, "resnet50", return_info=True)
-    assert info.num_classes == 1000 and info.fc2 == "clone" and not info.initialised
-    np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], sd["fc.weight"].numpy().T)
+  tv = TorchResNetCam(num_classes=1000, fc2=False)
+  sd = tv.state_dict()
+  # torchvision.models.resnet50().state_dict(): 320 entries, 25,557,032 parameters.
+  assert len(sd) == 320
+  assert sum(p.numel() for p in tv.parameters()) == 25_557_032
+  assert sd['layer1.0.downsample.0.weight'].shape == (256, 64, 1, 1)
+  assert sd['layer4.2.bn3.running_var'].shape == (2048,)
+  variables, info = torch_to_flax(sd, 'resnet50', num_classes=200, return_info=True)
+  assert info.source == 'torchvision'
+  assert sorted(info.dropped) == ['fc.bias', 'fc.weight']
+  assert sorted(info.initialised) == ['fc.bias', 'fc.weight', 'fc2.bias', 'fc2.weight']
+  assert variables['params']['fc']['kernel'].shape == (2048, 200)
+  np.testing.assert_array_equal(
+    variables['params']['fc2']['kernel'], variables['params']['fc']['kernel']
+  )
+  np.testing.assert_array_equal(
+    _flax_leaf(variables, ('params', 'conv1', 'kernel')),
+    sd['conv1.weight'].numpy().transpose(2, 3, 1, 0),
+  )
+  # ImageNet itself: the file's fc is the head, fc2 its clone.
+  variables, info = torch_to_flax(sd, 'resnet50', return_info=True)
+  assert info.num_classes == 1000 and info.fc2 == 'clone' and not info.initialised
+  np.testing.assert_array_equal(variables['params']['fc']['kernel'], sd['fc.weight'].numpy().T)
 
 
 def test_torchvision_vgg16_drops_classifier_and_renumbers_for_large_feature_map():
-    tv = TorchVGGCam(VGG16_CFG + ("M",), num_classes=1000, fc2=False)
-    sd = {k: v for k, v in tv.state_dict().items() if k.startswith("features.")}
-    # torchvision's fc6/fc7/fc8 (tiny stand-ins: they are dropped by name).
-    sd.update({f"classifier.{i}.{leaf}": torch.zeros(3) for i in (0, 3, 6)
-               for leaf in ("weight", "bias")})
-    variables, info = torch_to_flax(sd, "vgg16", num_classes=20, large_feature_map=True,
-                                    return_info=True)
-    assert info.source == "torchvision" and len(info.dropped) == 6
-    assert sorted(info.initialised) == ["conv6.bias", "conv6.weight", "fc.bias", "fc.weight",
-                                        "fc2.bias", "fc2.weight"]
-    feats = variables["params"]["features"]
-    assert sorted(feats, key=int)[-3:] == ["23", "25", "27"]  # 4th pool removed
-    np.testing.assert_array_equal(feats["27"]["kernel"],
-                                  sd["features.28.weight"].numpy().transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(feats["0"]["bias"], sd["features.0.bias"].numpy())
-    assert np.abs(variables["params"]["conv6"]["kernel"]).max() > 0
+  tv = TorchVGGCam(VGG16_CFG + ('M',), num_classes=1000, fc2=False)
+  sd = {k: v for k, v in tv.state_dict().items() if k.startswith('features.')}
+  # torchvision's fc6/fc7/fc8 (tiny stand-ins: they are dropped by name).
+  sd.update(
+    {f'classifier.{i}.{leaf}': torch.zeros(3) for i in (0, 3, 6) for leaf in ('weight', 'bias')}
+  )
+  variables, info = torch_to_flax(
+    sd, 'vgg16', num_classes=20, large_feature_map=True, return_info=True
+  )
+  assert info.source == 'torchvision' and len(info.dropped) == 6
+  assert sorted(info.initialised) == [
+    'conv6.bias',
+    'conv6.weight',
+    'fc.bias',
+    'fc.weight',
+    'fc2.bias',
+    'fc2.weight',
+  ]
+  feats = variables['params']['features']
+  assert sorted(feats, key=int)[-3:] == ['23', '25', '27']  # 4th pool removed
+  np.testing.assert_array_equal(
+    feats['27']['kernel'], sd['features.28.weight'].numpy().transpose(2, 3, 1, 0)
+  )
+  np.testing.assert_array_equal(feats['0']['bias'], sd['features.0.bias'].numpy())
+  assert np.abs(variables['params']['conv6']['kernel']).max() > 0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def inception_sd():
-    torch.manual_seed(0)
-    return randomize_(TorchInceptionCam(num_classes=5)).state_dict()
+  torch.manual_seed(0)
+  return randomize_(TorchInceptionCam(num_classes=5)).state_dict()
 
 
 def test_torchvision_inception(inception_sd):
-    sd = {k: v for k, v in inception_sd.items() if not k.startswith("SPG_")}
-    sd.update({"Mixed_7a.branch3x3_1.conv.weight": torch.zeros(2),
-               "AuxLogits.fc.weight": torch.zeros(2),
-               "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
-    variables, info = torch_to_flax(sd, "inception_v3", num_classes=5, return_info=True)
-    assert info.source == "torchvision"
-    assert sorted(info.dropped) == ["AuxLogits.fc.weight", "Mixed_7a.branch3x3_1.conv.weight",
-                                    "fc.bias", "fc.weight"]
-    assert {k.split(".")[0] for k in info.initialised} == {"SPG_A3_1b", "SPG_A3_2b", "SPG_A4",
-                                                          "SPG_A4_2"}
-    np.testing.assert_array_equal(
-        variables["batch_stats"]["Mixed_6e"]["branch_pool"]["bn"]["var"],
-        sd["Mixed_6e.branch_pool.bn.running_var"].numpy())
-    assert variables["params"]["fc"]["kernel"].shape == (1, 1, 1024, 5)
+  sd = {k: v for k, v in inception_sd.items() if not k.startswith('SPG_')}
+  sd.update(
+    {
+      'Mixed_7a.branch3x3_1.conv.weight': torch.zeros(2),
+      'AuxLogits.fc.weight': torch.zeros(2),
+      'fc.weight': torch.zeros(1000, 2048),
+      'fc.bias': torch.zeros(1000),
+    }
+  )
+  variables, info = torch_to_flax(sd, 'inception_v3', num_classes=5, return_info=True)
+  assert info.source == 'torchvision'
+  assert sorted(info.dropped) == [
+    'AuxLogits.fc.weight',
+    'Mixed_7a.branch3x3_1.conv.weight',
+    'fc.bias',
+    'fc.weight',
+  ]
+  assert {k.split('.')[0] for k in info.initialised} == {
+    'SPG_A3_1b',
+    'SPG_A3_2b',
+    'SPG_A4',
+    'SPG_A4_2',
+  }
+  np.testing.assert_array_equal(
+    variables['batch_stats']['Mixed_6e']['branch_pool']['bn']['var'],
+    sd['Mixed_6e.branch_pool.bn.running_var'].numpy(),
+  )
+  assert variables['params']['fc']['kernel'].shape == (1, 1, 1024, 5)
 
 
 def test_inception_heads_named_fc(inception_sd):
-    renamed = {k.replace("SPG_A4_2.", "fc2.").replace("SPG_A4.", "fc."): v
-               for k, v in inception_sd.items()}
-    variables, info = torch_to_flax(renamed, "inception_v3", return_info=True)
-    assert info.head_names == "fc" and info.source == "reference" and info.num_classes == 5
-    _same(flax_to_torch(variables, "inception_v3", head_names="fc"), renamed)
-    _same(flax_to_torch(variables, "inception_v3"), inception_sd)
-    # The 1x1-conv head: head() == GAP(features) @ w + b (cheap, no backbone involved).
-    model = build_model("inception_v3", 5)
-    feats = jnp.asarray(np.random.RandomState(0).rand(2, 3, 3, 1024).astype(np.float32))
-    logits = model.apply(variables, feats, method="head")
-    w, b = head_weights(variables, "sigmoid")
-    np.testing.assert_allclose(logits["sigmoid_logits"], feats.mean(axis=(1, 2)) @ w + b,
-                               rtol=1e-5, atol=1e-5)
+  renamed = {
+    k.replace('SPG_A4_2.', 'fc2.').replace('SPG_A4.', 'fc.'): v for k, v in inception_sd.items()
+  }
+  variables, info = torch_to_flax(renamed, 'inception_v3', return_info=True)
+  assert info.head_names == 'fc' and info.source == 'reference' and info.num_classes == 5
+  _same(flax_to_torch(variables, 'inception_v3', head_names='fc'), renamed)
+  _same(flax_to_torch(variables, 'inception_v3'), inception_sd)
+  # The 1x1-conv head: head() == GAP(features) @ w + b (cheap, no backbone involved).
+  model = build_model('inception_v3', 5)
+  feats = jnp.asarray(np.random.RandomState(0).rand(2, 3, 3, 1024).astype(np.float32))
+  logits = model.apply(variables, feats, method='head')
+  w, b = head_weights(variables, 'sigmoid')
+  np.testing.assert_allclose(
+    logits['sigmoid_logits'], feats.mean(axis=(1, 2)) @ w + b, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_reference_checkpoint_forms_and_fc2_clone():
-    torch.manual_seed(1)
-    tmodel = randomize_(build_torch_model("resnet_tiny", 4, fc2=False))
-    sd = tmodel.state_dict()
-    sd["layer1.0.bn2.num_batches_tracked"] = torch.tensor(123)
-    wrapped = {"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}
-    variables, info = torch_to_flax(wrapped, "resnet_tiny", return_info=True)
-    assert info.fc2 == "clone" and info.num_classes == 4 and not info.initialised
-    p = variables["params"]
-    np.testing.assert_array_equal(p["fc2"]["kernel"], p["fc"]["kernel"])
-    np.testing.assert_array_equal(p["fc2"]["bias"], p["fc"]["bias"])
-    back = flax_to_torch(variables, "resnet_tiny", num_batches_tracked=info.num_batches_tracked)
-    _same({k: v for k, v in back.items() if not k.startswith("fc2.")}, sd)
-    fresh = torch_to_flax(sd, "resnet_tiny", fc2_init="init", rng=5)
-    assert not np.array_equal(fresh["params"]["fc2"]["kernel"], p["fc"]["kernel"])
+  torch.manual_seed(1)
+  tmodel = randomize_(build_torch_model('resnet_tiny', 4, fc2=False))
+  sd = tmodel.state_dict()
+  sd['layer1.0.bn2.num_batches_tracked'] = torch.tensor(123)
+  wrapped = {'state_dict': {'module.' + k: v for k, v in sd.items()}, 'epoch': 3}
+  variables, info = torch_to_flax(wrapped, 'resnet_tiny', return_info=True)
+  assert info.fc2 == 'clone' and info.num_classes == 4 and not info.initialised
+  p = variables['params']
+  np.testing.assert_array_equal(p['fc2']['kernel'], p['fc']['kernel'])
+  np.testing.assert_array_equal(p['fc2']['bias'], p['fc']['bias'])
+  back = flax_to_torch(variables, 'resnet_tiny', num_batches_tracked=info.num_batches_tracked)
+  _same({k: v for k, v in back.items() if not k.startswith('fc2.')}, sd)
+  fresh = torch_to_flax(sd, 'resnet_tiny', fc2_init='init', rng=5)
+  assert not np.array_equal(fresh['params']['fc2']['kernel'], p['fc']['kernel'])
 
 
 @pytest.fixture()
 def tiny_sd():
-    torch.manual_seed(2)
-    return build_torch_model("vgg_tiny", 3).state_dict()
+  torch.manual_seed(2)
+  return build_torch_model('vgg_tiny', 3).state_dict()
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda sd: sd.pop("features.0.bias"), "missing keys.*features.0.bias"),
-    (lambda sd: sd.update({"extra.weight": torch.zeros(1)}), "unexpected keys.*extra.weight"),
-    (lambda sd: sd.update({"conv6.weight": torch.zeros(128, 64, 3, 3)}),
-     "shape mismatch for 'conv6.weight'"),
-    (lambda sd: sd.pop("fc.weight"), "missing keys.*fc.weight"),
-    (lambda sd: sd.update({"fc.bias": "oops"}), "'fc.bias' is a str"),
-])
+@pytest.mark.parametrize(
+  'edit,match',
+  [
+    (lambda sd: sd.pop('features.0.bias'), 'missing keys.*features.0.bias'),
+    (lambda sd: sd.update({'extra.weight': torch.zeros(1)}), 'unexpected keys.*extra.weight'),
+    (
+      lambda sd: sd.update({'conv6.weight': torch.zeros(128, 64, 3, 3)}),
+      "shape mismatch for 'conv6.weight'",
+    ),
+    (lambda sd: sd.pop('fc.weight'), 'missing keys.*fc.weight'),
+    (lambda sd: sd.update({'fc.bias': 'oops'}), "'fc.bias' is a str"),
+  ],
+)
 def test_bad_state_dicts(tiny_sd, edit, match):
-    edit(tiny_sd)
-    with pytest.raises(ValueError, match=match):
-        torch_to_flax(tiny_sd, "vgg_tiny", num_classes=3)
+  edit(tiny_sd)
+  with pytest.raises(ValueError, match=match):
+    torch_to_flax(tiny_sd, 'vgg_tiny', num_classes=3)
 
 
 def test_bad_arguments(tiny_sd):
-    with pytest.raises(ValueError, match="shape mismatch for 'fc.weight'"):
-        torch_to_flax(tiny_sd, "vgg_tiny", num_classes=10)
-    with pytest.raises(ValueError, match="valid: vgg16"):
-        torch_to_flax(tiny_sd, "vgg19")
-    with pytest.raises(ValueError, match="valid: vgg16"):
-        flax_to_torch({"params": {}}, "vgg19")
-    with pytest.raises(ValueError, match="source"):
-        torch_to_flax(tiny_sd, "vgg_tiny", source="timm")
-    with pytest.raises(ValueError, match="no torchvision file"):
-        torch_to_flax(tiny_sd, "vgg_tiny", source="torchvision")
-    with pytest.raises(ValueError, match="num_classes is required"):
-        torch_to_flax({"features.0.weight": torch.zeros(64, 3, 3, 3)}, "vgg16")
+  with pytest.raises(ValueError, match="shape mismatch for 'fc.weight'"):
+    torch_to_flax(tiny_sd, 'vgg_tiny', num_classes=10)
+  with pytest.raises(ValueError, match='valid: vgg16'):
+    torch_to_flax(tiny_sd, 'vgg19')
+  with pytest.raises(ValueError, match='valid: vgg16'):
+    flax_to_torch({'params': {}}, 'vgg19')
+  with pytest.raises(ValueError, match='source'):
+    torch_to_flax(tiny_sd, 'vgg_tiny', source='timm')
+  with pytest.raises(ValueError, match='no torchvision file'):
+    torch_to_flax(tiny_sd, 'vgg_tiny', source='torchvision')
+  with pytest.raises(ValueError, match='num_classes is required'):
+    torch_to_flax({'features.0.weight': torch.zeros(64, 3, 3, 3)}, 'vgg16')
 
 
 class _Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
+  def __reduce__(self):
+    return (os.system, ('echo pwned',))
 
 
 def test_files_unsafe_pickle_npz_safetensors(tmp_path, tiny_sd):
-    bad = tmp_path / "bad.pth"
-    torch.save({"state_dict": tiny_sd, "evil": _Evil()}, bad)
-    with pytest.raises(ValueError, match="refusing to load"):
-        load_state_dict(str(bad))
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        load_state_dict(str(tmp_path / "nope.pth"))
-    npz = tmp_path / "w.npz"
-    np.savez(npz, **{k: v.numpy() for k, v in tiny_sd.items()})
-    got = torch_to_flax(load_state_dict(str(npz)), "vgg_tiny")
-    _same(flax_to_torch(got, "vgg_tiny"), tiny_sd)
-    st = tmp_path / "w.safetensors"
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        st.write_bytes(b"\0" * 16)
-        with pytest.raises(ImportError, match="safetensors"):
-            load_state_dict(str(st))
-    else:
-        save_file(tiny_sd, str(st))
-        _same(flax_to_torch(torch_to_flax(load_state_dict(str(st)), "vgg_tiny"), "vgg_tiny"),
-              tiny_sd)
+  bad = tmp_path / 'bad.pth'
+  torch.save({'state_dict': tiny_sd, 'evil': _Evil()}, bad)
+  with pytest.raises(ValueError, match='refusing to load'):
+    load_state_dict(str(bad))
+  with pytest.raises(FileNotFoundError, match='nope.pth'):
+    load_state_dict(str(tmp_path / 'nope.pth'))
+  npz = tmp_path / 'w.npz'
+  np.savez(npz, **{k: v.numpy() for k, v in tiny_sd.items()})
+  got = torch_to_flax(load_state_dict(str(npz)), 'vgg_tiny')
+  _same(flax_to_torch(got, 'vgg_tiny'), tiny_sd)
+  st = tmp_path / 'w.safetensors'
+  try:
+    from safetensors.torch import save_file
+  except ImportError:
+    st.write_bytes(b'\0' * 16)
+    with pytest.raises(ImportError, match='safetensors'):
+      load_state_dict(str(st))
+  else:
+    save_file(tiny_sd, str(st))
+    _same(flax_to_torch(torch_to_flax(load_state_dict(str(st)), 'vgg_tiny'), 'vgg_tiny'), tiny_sd)
 
 
 def test_cli_writes_orbax_checkpoint(tmp_path):
-    torch.manual_seed(3)
-    sd = randomize_(build_torch_model("resnet_tiny", 6, fc2=False)).state_dict()
-    ckpt = tmp_path / "ref.pth.tar"
-    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, ckpt)
-    out = tmp_path / "converted"
-    assert convert.main(["--arch", "resnet_tiny", "--torch_checkpoint", str(ckpt),
-                         "--num_classes", "6", "--output", str(out)]) == 0
-    restored = load_variables(str(out))
-    expected = torch_to_flax(sd, "resnet_tiny")
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
-                           restored, expected)
-    meta = json.loads((out / "conversion.json").read_text())
-    assert meta["arch"] == "resnet_tiny" and meta["num_classes"] == 6 and meta["fc2"] == "clone"
-    # A restored checkpoint runs as-is.
-    model = build_model("resnet_tiny", 6)
-    logits = model.apply(restored, jnp.zeros((1, 64, 64, 3)))["softmax_logits"]
-    assert logits.shape == (1, 6)
+  torch.manual_seed(3)
+  sd = randomize_(build_torch_model('resnet_tiny', 6, fc2=False)).state_dict()
+  ckpt = tmp_path / 'ref.pth.tar'
+  torch.save({'state_dict': {'module.' + k: v for k, v in sd.items()}}, ckpt)
+  out = tmp_path / 'converted'
+  assert (
+    convert.main(
+      [
+        '--arch',
+        'resnet_tiny',
+        '--torch_checkpoint',
+        str(ckpt),
+        '--num_classes',
+        '6',
+        '--output',
+        str(out),
+      ]
+    )
+    == 0
+  )
+  restored = load_variables(str(out))
+  expected = torch_to_flax(sd, 'resnet_tiny')
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, expected
+  )
+  meta = json.loads((out / 'conversion.json').read_text())
+  assert meta['arch'] == 'resnet_tiny' and meta['num_classes'] == 6 and meta['fc2'] == 'clone'
+  # A restored checkpoint runs as-is.
+  model = build_model('resnet_tiny', 6)
+  logits = model.apply(restored, jnp.zeros((1, 64, 64, 3)))['softmax_logits']
+  assert logits.shape == (1, 6)

@@ -2,6 +2,7 @@
 sharding, checkpointing), TFDS adapter, ImageFolder metadata command.
 
 All image tests run on the tiny SYNTH preset (a few hundred 64-px images)."""
+
 import os
 import shutil
 
@@ -13,7 +14,7 @@ from PIL import Image
 
 from dualsig_jax.data import loaders, make_metadata, synthetic
 from dualsig_jax.data.metadata import MetadataError, load_metadata
-from dualsig_jax.data.transforms import BadImageError, IMAGENET_MEAN, IMAGENET_STD
+from dualsig_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BadImageError
 
 SHIPPED = loaders.SHIPPED_METADATA
 
@@ -30,14 +31,28 @@ def data(synth_dir, tmp_path):
   """A private copy of the tiny set (tests corrupt it) and a config pointing at it."""
   root = str(tmp_path / 'synth')
   shutil.copytree(synth_dir, root)
-  cfg = ConfigDict(dict(
-      source='folder', dataset_name='SYNTH', data_root=root, metadata_root='',
-      train_split='train', eval_split='test', resize_size=72, crop_size=64, eval_size=64,
-      batch_size=16, num_workers=0, skip_bad_images=False,
-      synthetic=dict(synthetic.PRESETS['tiny']), tfds=dict(name='', data_dir='')))
+  cfg = ConfigDict(
+    dict(
+      source='folder',
+      dataset_name='SYNTH',
+      data_root=root,
+      metadata_root='',
+      train_split='train',
+      eval_split='test',
+      resize_size=72,
+      crop_size=64,
+      eval_size=64,
+      batch_size=16,
+      num_workers=0,
+      skip_bad_images=False,
+      synthetic=dict(synthetic.PRESETS['tiny']),
+      tfds=dict(name='', data_dir=''),
+    )
+  )
   # Mark complete so ensure_synthetic leaves the (soon corrupted) copy alone.
   with open(os.path.join(root, '.complete'), 'w') as f:
     import json
+
     json.dump({k: int(v) for k, v in synthetic.PRESETS['tiny'].items()}, f)
   return cfg
 
@@ -62,6 +77,7 @@ def _train(cfg, **kw):
 
 # ----------------------------------------------------------------------------- shipped metadata
 
+
 def test_shipped_cub_test():
   m = load_metadata(SHIPPED, 'CUB', 'test')
   assert len(m.image_ids) == 5794
@@ -85,20 +101,32 @@ def test_shipped_openimages_test_masks_paired():
     masks, ignore = m.masks[i]
     assert (masks[0], ignore) == first[i]
     assert ignore.endswith('_ignore.png') and ignore.startswith(os.path.dirname(i))
-    assert all(p.startswith(i[:-len('.jpg')]) for p in masks)
+    assert all(p.startswith(i[: -len('.jpg')]) for p in masks)
 
 
-@pytest.mark.parametrize('name,split,n', [
-    ('CUB', 'train', 5994), ('CUB', 'val', 1000), ('CARS', 'train', 8144),
-    ('CARS', 'test', 8041), ('ILSVRC', 'val', 10000), ('ILSVRC', 'test', 50000),
-    ('OpenImages', 'train', 29819), ('OpenImages', 'val', 2500)])
+@pytest.mark.parametrize(
+  'name,split,n',
+  [
+    ('CUB', 'train', 5994),
+    ('CUB', 'val', 1000),
+    ('CARS', 'train', 8144),
+    ('CARS', 'test', 8041),
+    ('ILSVRC', 'val', 10000),
+    ('ILSVRC', 'test', 50000),
+    ('OpenImages', 'train', 29819),
+    ('OpenImages', 'val', 2500),
+  ],
+)
 def test_shipped_metadata_parses(name, split, n):
   assert len(load_metadata(SHIPPED, name, split)) == n
 
 
 # ----------------------------------------------------------------------------- malformed metadata
 
-@pytest.mark.parametrize('fname,lineno,line,pattern', [
+
+@pytest.mark.parametrize(
+  'fname,lineno,line,pattern',
+  [
     ('class_labels.txt', 3, 'images/train/00002.jpg', 'expected 2 fields'),
     ('class_labels.txt', 3, 'images/train/00002.jpg,three', 'expected integer label'),
     ('class_labels.txt', 3, 'images/train/00002.jpg,10', 'label 10 out of range'),
@@ -108,7 +136,8 @@ def test_shipped_metadata_parses(name, split, n):
     ('localization.txt', 4, 'images/train/00003.jpg,1,2,3.5,9', 'expected integer box'),
     ('image_sizes.txt', 5, 'images/train/00004.jpg,64', 'expected 3 fields'),
     ('image_sizes.txt', 5, 'images/train/00004.jpg,64,x', 'expected integer'),
-])
+  ],
+)
 def test_malformed_metadata_names_file_and_line(data, fname, lineno, line, pattern):
   path = _meta_file(data, 'train', fname)
   _edit_line(path, lineno, line)
@@ -117,9 +146,14 @@ def test_malformed_metadata_names_file_and_line(data, fname, lineno, line, patte
   assert f'{path}:{lineno}' in str(e.value)
 
 
-@pytest.mark.parametrize('fname,what', [('class_labels.txt', 'no label'),
-                                        ('image_sizes.txt', 'no size'),
-                                        ('localization.txt', 'no box')])
+@pytest.mark.parametrize(
+  'fname,what',
+  [
+    ('class_labels.txt', 'no label'),
+    ('image_sizes.txt', 'no size'),
+    ('localization.txt', 'no box'),
+  ],
+)
 def test_image_id_without_label_size_or_box(data, fname, what):
   path = _meta_file(data, 'train', fname)
   _edit_line(path, 7, '')  # Blank line: the id of image_ids.txt:7 loses its entry.
@@ -136,8 +170,9 @@ def test_mask_ignore_on_non_first_line_rejected(data):
     loaders.load_split(data, 'test')
 
 
-@pytest.mark.parametrize('bad_id', ['../outside.jpg', '/etc/passwd', 'images/../../x.jpg',
-                                    '~/x.jpg'])
+@pytest.mark.parametrize(
+  'bad_id', ['../outside.jpg', '/etc/passwd', 'images/../../x.jpg', '~/x.jpg']
+)
 def test_ids_outside_data_root_refused(data, bad_id):
   for fname in ('image_ids.txt', 'class_labels.txt'):
     path = _meta_file(data, 'train', fname)
@@ -160,6 +195,7 @@ def test_symlink_escaping_data_root_refused(data, tmp_path):
 
 # ----------------------------------------------------------------------------- bad images
 
+
 def _image_path(cfg, split, k):
   return os.path.join(cfg.data_root, 'images', split, f'{k:05d}.jpg')
 
@@ -177,7 +213,7 @@ def test_corrupt_image_names_file_and_line(data, how):
   with open(path, 'rb') as f:
     raw = f.read()
   with open(path, 'wb') as f:
-    f.write(raw[:len(raw) // 2] if how == 'truncated' else b'not a jpeg at all' * 10)
+    f.write(raw[: len(raw) // 2] if how == 'truncated' else b'not a jpeg at all' * 10)
   with pytest.raises(BadImageError, match='cannot decode') as e:
     for _ in _train(data):
       pass
@@ -195,8 +231,7 @@ def test_gray_cmyk_rgba_converted(data):
   batch = next(iter(loaders.make_eval_loader(data, 'test', batch_size=8)))
   assert batch['image'].shape == (8, 64, 64, 3) and np.isfinite(batch['image']).all()
   for k, img in rgb.items():
-    want = (np.asarray(img.resize((64, 64), Image.BILINEAR)) / 255. - IMAGENET_MEAN) \
-        / IMAGENET_STD
+    want = (np.asarray(img.resize((64, 64), Image.BILINEAR)) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
     np.testing.assert_allclose(batch['image'][k], want, atol=1e-5)
   gray = batch['image'][0] * IMAGENET_STD + IMAGENET_MEAN
   np.testing.assert_allclose(gray[..., 0], gray[..., 1], atol=1e-5)
@@ -228,11 +263,14 @@ def test_missing_mask_file_raises(data):
 
 # ----------------------------------------------------------------------------- eval loader
 
+
 def _reference_mask(root, mask_paths, ignore_path, size):
   """wsolevaluation's get_mask, restated."""
+
   def load(p):
     m = np.float32(cv2.imread(os.path.join(root, p), cv2.IMREAD_GRAYSCALE))
     return cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 0.5
+
   fg = np.stack([load(p) for p in mask_paths]).any(0)
   ign = load(ignore_path) & ~fg
   return fg.astype(np.uint8) + 255 * ign.astype(np.uint8)
@@ -261,9 +299,11 @@ def test_eval_batches_padding_boxes_masks(data):
       image_id = meta.image_ids[b['index'][row]]
       assert b['label'][row] == meta.labels[image_id]
       w, h = meta.sizes[image_id]
-      want = [[int(x0 * 64 / w), int(y0 * 64 / h), int(x1 * 64 / w), int(y1 * 64 / h)]
-              for x0, y0, x1, y1 in meta.boxes[image_id].tolist()]
-      assert b['boxes'][row, :b['num_boxes'][row]].tolist() == want
+      want = [
+        [int(x0 * 64 / w), int(y0 * 64 / h), int(x1 * 64 / w), int(y1 * 64 / h)]
+        for x0, y0, x1, y1 in meta.boxes[image_id].tolist()
+      ]
+      assert b['boxes'][row, : b['num_boxes'][row]].tolist() == want
       ref = _reference_mask(data.data_root, *meta.masks[image_id], 64)
       np.testing.assert_array_equal(b['mask'][row], ref)
   assert set(np.unique(batches[0]['mask'])) == {0, 1, 255}
@@ -284,8 +324,7 @@ def test_eval_sharding_covers_all_once(data):
   seen = []
   lens = set()
   for p in range(3):
-    loader = loaders.make_eval_loader(data, 'test', batch_size=8, process_index=p,
-                                      process_count=3)
+    loader = loaders.make_eval_loader(data, 'test', batch_size=8, process_index=p, process_count=3)
     lens.add(len(loader))
     for b in loader:
       seen += b['index'][b['valid']].tolist()
@@ -294,6 +333,7 @@ def test_eval_sharding_covers_all_once(data):
 
 
 # ----------------------------------------------------------------------------- train loader
+
 
 def _fingerprint(image):
   # Row sums survive a horizontal flip, so with crop == resize this identifies the image.
@@ -318,19 +358,27 @@ def test_train_batch_normalization_matches_per_image_transform(data):
   # The loader crops uint8 per image and normalizes once per batch (less copying); the
   # values must be exactly those of the per-image float transform on the same records/rngs.
   import grain.python as grain
+
   from dualsig_jax.data import transforms
 
   class PerImage(grain.RandomMapTransform):
     def random_map(self, element, rng):
-      return {'image': transforms.train_transform(element['image'], rng, 72, 64),
-              'label': np.int32(element['label'])}
+      return {
+        'image': transforms.train_transform(element['image'], rng, 72, 64),
+        'label': np.int32(element['label']),
+      }
 
   source, _ = loaders._build_source(data, 'train')
   shard = grain.ShardOptions(shard_index=0, shard_count=1, drop_remainder=True)
-  sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
-                               num_epochs=1, seed=5)
-  ref = grain.DataLoader(data_source=source, sampler=sampler, shard_options=shard,
-                         operations=[PerImage(), grain.Batch(16, drop_remainder=True)])
+  sampler = grain.IndexSampler(
+    num_records=len(source), shard_options=shard, shuffle=True, num_epochs=1, seed=5
+  )
+  ref = grain.DataLoader(
+    data_source=source,
+    sampler=sampler,
+    shard_options=shard,
+    operations=[PerImage(), grain.Batch(16, drop_remainder=True)],
+  )
   got = list(_train(data, seed=5))
   assert len(got) == 200 // 16
   for x, y in zip(got, ref):
@@ -338,8 +386,9 @@ def test_train_batch_normalization_matches_per_image_transform(data):
     np.testing.assert_array_equal(x['image'], y['image'])
     np.testing.assert_array_equal(x['label'], y['label'])
   crops = [np.random.default_rng(i).integers(0, 256, (5, 7, 3), dtype=np.uint8) for i in range(3)]
-  np.testing.assert_array_equal(transforms.normalize_batch(crops),
-                                np.stack([transforms.normalize(c) for c in crops]))
+  np.testing.assert_array_equal(
+    transforms.normalize_batch(crops), np.stack([transforms.normalize(c) for c in crops])
+  )
 
 
 def test_train_worker_processes_match_in_process(data):
@@ -347,11 +396,14 @@ def test_train_worker_processes_match_in_process(data):
   data.num_workers = 2
   got = list(_train(data, seed=1, batch_size=20))
   assert len(got) == len(ref) == 10
+
   # grain hands records to workers round-robin and each worker batches its own, so batch
   # composition depends on the worker count; the records and their augmentations do not.
   def rows(batches):
-    return sorted(img.tobytes() + lab.tobytes() for b in batches
-                  for img, lab in zip(b['image'], b['label']))
+    return sorted(
+      img.tobytes() + lab.tobytes() for b in batches for img, lab in zip(b['image'], b['label'])
+    )
+
   assert rows(got) == rows(ref)
 
 
@@ -365,8 +417,11 @@ def test_train_sharding_disjoint(data):
   assert len(ids) == 200
   shards = []
   for p in range(2):
-    got = [ids[_fingerprint(img)] for batch in _train(data, process_index=p, process_count=2,
-                                                        batch_size=10) for img in batch['image']]
+    got = [
+      ids[_fingerprint(img)]
+      for batch in _train(data, process_index=p, process_count=2, batch_size=10)
+      for img in batch['image']
+    ]
     assert len(got) == len(set(got)) == 100
     shards.append(set(got))
   assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 200
@@ -385,6 +440,7 @@ def test_train_iterator_state_restore(data, tmp_path):
   # The orbax handler named in the design.
   import grain.python as grain
   import orbax.checkpoint as ocp
+
   it3 = iter(_train(data, num_epochs=None))
   for _ in range(3):
     next(it3)
@@ -403,6 +459,7 @@ def test_unknown_source_rejected(data):
 
 # ----------------------------------------------------------------------------- TFDS
 
+
 class _FakeTfds:
   """Stands in for tfds.data_source(...): records as the caltech_birds2011 builder yields."""
 
@@ -412,8 +469,11 @@ class _FakeTfds:
     for i in range(n):
       h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
       shape = [(h, w, 3), (h, w, 1), (h, w, 4)][i % 3]
-      rec = {'image': rng.integers(0, 255, shape, dtype=np.uint8), 'label': i % 5,
-             'image/filename': f'{i}.jpg'}
+      rec = {
+        'image': rng.integers(0, 255, shape, dtype=np.uint8),
+        'label': i % 5,
+        'image/filename': f'{i}.jpg',
+      }
       box = np.array([0.1, 0.2, 0.7, 0.9], np.float32)  # ymin, xmin, ymax, xmax
       if i % 2:
         rec['bbox'] = box
@@ -430,11 +490,14 @@ class _FakeTfds:
 
 def test_tfds_source_with_fake_records(data, monkeypatch):
   import tensorflow_datasets as tfds
+
   fake = _FakeTfds()
   calls = []
-  monkeypatch.setattr(tfds, 'data_source',
-                      lambda name, split, data_dir=None, download=True:
-                      calls.append((name, split, download)) or fake)
+  monkeypatch.setattr(
+    tfds,
+    'data_source',
+    lambda name, split, data_dir=None, download=True: calls.append((name, split, download)) or fake,
+  )
   data.source = 'tfds'
   data.tfds = dict(name='caltech_birds2011', data_dir='/nowhere')
   loader = loaders.make_eval_loader(data, 'test', batch_size=5)
@@ -446,14 +509,22 @@ def test_tfds_source_with_fake_records(data, monkeypatch):
       rec = fake.records[b['index'][row]]
       h, w = rec['image'].shape[:2]
       boxes = rec['bbox'][None] if 'bbox' in rec else rec['objects']['bbox']
-      px = [[round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)]
-            for y0, x0, y1, x1 in boxes.astype(np.float64)]
-      want = [[int(a * 64 / w), int(b_ * 64 / h), int(c * 64 / w), int(d * 64 / h)]
-              for a, b_, c, d in px]
-      assert b['boxes'][row, :b['num_boxes'][row]].tolist() == want
+      px = [
+        [round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)]
+        for y0, x0, y1, x1 in boxes.astype(np.float64)
+      ]
+      want = [
+        [int(a * 64 / w), int(b_ * 64 / h), int(c * 64 / w), int(d * 64 / h)] for a, b_, c, d in px
+      ]
+      assert b['boxes'][row, : b['num_boxes'][row]].tolist() == want
       assert b['label'][row] == rec['label']
-  train = next(iter(loaders.make_train_loader(data, seed=0, num_epochs=1, process_index=0,
-                                              process_count=1, batch_size=4)))
+  train = next(
+    iter(
+      loaders.make_train_loader(
+        data, seed=0, num_epochs=1, process_index=0, process_count=1, batch_size=4
+      )
+    )
+  )
   assert train['image'].shape == (4, 64, 64, 3)
   assert loaders.steps_per_epoch(data, 4) == 3
   assert ('caltech_birds2011', 'test', False) in calls
@@ -468,6 +539,7 @@ def test_tfds_needs_name(data):
 
 # ----------------------------------------------------------------------------- make_metadata
 
+
 def test_make_metadata_image_folder(tmp_path, capsys):
   folder = tmp_path / 'ILSVRC' / 'train'
   for wnid, n in [('n02', 2), ('n01', 3)]:
@@ -475,8 +547,18 @@ def test_make_metadata_image_folder(tmp_path, capsys):
     for k in range(n):
       Image.new('RGB', (8, 8)).save(folder / wnid / f'{wnid}_{k}.JPEG')
   (folder / 'n01' / 'notes.txt').write_text('not an image')
-  make_metadata.main(['--image_folder', str(folder), '--out', str(tmp_path / 'meta'),
-                      '--dataset_name', 'ILSVRC', '--split', 'train'])
+  make_metadata.main(
+    [
+      '--image_folder',
+      str(folder),
+      '--out',
+      str(tmp_path / 'meta'),
+      '--dataset_name',
+      'ILSVRC',
+      '--split',
+      'train',
+    ]
+  )
   assert 'wrote 5 images of 2 classes' in capsys.readouterr().out
   m = load_metadata(str(tmp_path / 'meta'), 'ILSVRC', 'train')
   assert m.image_ids[0] == 'train/n01/n01_0.JPEG' and m.labels['train/n01/n01_0.JPEG'] == 0

@@ -3,6 +3,7 @@
 One session-scoped run feeds most tests here (it is the expensive part); resume and bad-config
 tests reuse its dataset and workdir.
 """
+
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from dualsig_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import synthetic  # noqa: E402
+from configs import synthetic
 
 
 def smoke_config(data_root, **overrides):
@@ -97,15 +98,20 @@ def test_dual_stage_keeps_backbone_fc_and_bn_bit_identical(smoke_run):
 
 def test_maps_are_in_unit_interval(smoke_run):
   from dualsig_jax import cam, models
+
   config, workdir, _ = smoke_run
   model = loop.build_stage_model(config, 'dual')
   variables = loop.latest_variables(workdir, 'dual')
   batch = next(iter(data.make_eval_loader(config.input, 'test', batch_size=8)))
   fns = models.cam_fns(model)
-  maps, targets = cam.compute_cams_multi(fns['apply_fn'], variables, batch['image'],
-                                         methods=('cam', 'gradcam'),
-                                         head_fn=fns['head_fn'],
-                                         head_weights_fn=fns['head_weights_fn'])
+  maps, targets = cam.compute_cams_multi(
+    fns['apply_fn'],
+    variables,
+    batch['image'],
+    methods=('cam', 'gradcam'),
+    head_fn=fns['head_fn'],
+    head_weights_fn=fns['head_weights_fn'],
+  )
   for k, m in maps.items():
     m = np.asarray(m)
     assert m.shape == (8, config.input.eval_size, config.input.eval_size)
@@ -157,23 +163,35 @@ def test_workdir_of_another_experiment_is_refused(smoke_run, smoke_data):
 
 
 def _train_cmd(data_root, workdir, steps):
-  return [sys.executable, os.path.join(ROOT, 'train.py'),
-          f'--config={os.path.join(ROOT, "configs", "synthetic.py")}:smoke',
-          f'--workdir={workdir}', '--skip_eval',
-          f'--config.input.data_root={data_root}',
-          f'--config.input.metadata_root={os.path.join(str(data_root), "metadata")}',
-          '--config.stages=("vanilla",)', f'--config.vanilla.max_steps={steps}',
-          '--config.checkpoint.every_steps=4', '--config.checkpoint.max_to_keep=2']
+  return [
+    sys.executable,
+    os.path.join(ROOT, 'train.py'),
+    f'--config={os.path.join(ROOT, "configs", "synthetic.py")}:smoke',
+    f'--workdir={workdir}',
+    '--skip_eval',
+    f'--config.input.data_root={data_root}',
+    f'--config.input.metadata_root={os.path.join(str(data_root), "metadata")}',
+    '--config.stages=("vanilla",)',
+    f'--config.vanilla.max_steps={steps}',
+    '--config.checkpoint.every_steps=4',
+    '--config.checkpoint.max_to_keep=2',
+  ]
 
 
 def test_kill_and_resume_matches_uninterrupted_run(smoke_data, tmp_path):
   steps = 24
   env = dict(os.environ)
   ref_dir, cut_dir = tmp_path / 'ref', tmp_path / 'cut'
-  subprocess.run(_train_cmd(smoke_data, ref_dir, steps), check=True, env=env, cwd=ROOT,
-                 capture_output=True)
-  proc = subprocess.Popen(_train_cmd(smoke_data, cut_dir, steps), env=env, cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  subprocess.run(
+    _train_cmd(smoke_data, ref_dir, steps), check=True, env=env, cwd=ROOT, capture_output=True
+  )
+  proc = subprocess.Popen(
+    _train_cmd(smoke_data, cut_dir, steps),
+    env=env,
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   ckpt = cut_dir / 'vanilla' / 'checkpoints'
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -187,8 +205,9 @@ def test_kill_and_resume_matches_uninterrupted_run(smoke_data, tmp_path):
   assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
   killed_at = max(int(p) for p in os.listdir(ckpt) if p.isdigit())
   assert killed_at < steps
-  subprocess.run(_train_cmd(smoke_data, cut_dir, steps), check=True, env=env, cwd=ROOT,
-                 capture_output=True)
+  subprocess.run(
+    _train_cmd(smoke_data, cut_dir, steps), check=True, env=env, cwd=ROOT, capture_output=True
+  )
   ref = loop.latest_variables(str(ref_dir), 'vanilla')
   got = loop.latest_variables(str(cut_dir), 'vanilla')
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
@@ -200,13 +219,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(smoke_data, tmp_path):
   good.stages = ('vanilla',)
   loop.train_stage(good, str(tmp_path), 'vanilla')
   # Resume the same run with an absurd learning rate: the weights overflow within a few steps.
-  bad = smoke_config(smoke_data, **{'vanilla.max_steps': 12, 'vanilla.lr': 1e30,
-                                    'checkpoint.every_steps': 4})
+  bad = smoke_config(
+    smoke_data, **{'vanilla.max_steps': 12, 'vanilla.lr': 1e30, 'checkpoint.every_steps': 4}
+  )
   bad.stages = ('vanilla',)
   with pytest.raises(FloatingPointError, match='last good checkpoint'):
     loop.train_stage(bad, str(tmp_path), 'vanilla')
-  ckpts = sorted(int(p) for p in os.listdir(loop.checkpoint_dir(str(tmp_path), 'vanilla'))
-                 if p.isdigit())
+  ckpts = sorted(
+    int(p) for p in os.listdir(loop.checkpoint_dir(str(tmp_path), 'vanilla')) if p.isdigit()
+  )
   assert ckpts == [4]
   kept = loop.latest_variables(str(tmp_path), 'vanilla')
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(kept))
@@ -215,14 +236,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(smoke_data, tmp_path):
 def test_saved_scoremaps_reproduce_results_through_the_cli(smoke_run, smoke_data, tmp_path):
   """eval.py's score maps, read back by the evaluate_wsol drop-in, give the same metrics."""
   from dualsig_jax import evaluate, wsol
+
   config, workdir, _ = smoke_run
   c = smoke_config(smoke_data, **{'eval.save_scoremaps': True})
   c.eval.methods = ('cam',)
   variables = loop.latest_variables(workdir, 'dual')
   res = evaluate.evaluate(c, str(tmp_path), variables=variables)
-  cli = wsol.evaluate_wsol(str(tmp_path / 'scoremaps' / 'cam_sigmoid'), c.input.metadata_root,
-                           'SYNTH', 'test', mask_root=str(smoke_data),
-                           cam_curve_interval=c.eval.cam_curve_interval, progress=False)
+  cli = wsol.evaluate_wsol(
+    str(tmp_path / 'scoremaps' / 'cam_sigmoid'),
+    c.input.metadata_root,
+    'SYNTH',
+    'test',
+    mask_root=str(smoke_data),
+    cam_curve_interval=c.eval.cam_curve_interval,
+    progress=False,
+  )
   ours = res['methods']['cam']['sigmoid']
   assert cli['maxboxacc_v2'] == pytest.approx(ours['maxboxacc_v2'], abs=1e-9)
   assert cli['gt_known_loc']['50'] == pytest.approx(ours['gt_known_loc'], abs=1e-9)

@@ -1,4 +1,5 @@
 """SYNTH benchmark: layout, determinism, consistency of boxes/masks, ensure_synthetic."""
+
 import filecmp
 import os
 
@@ -31,7 +32,7 @@ def test_layout_and_metadata(small):
       w, h = m.sizes[i]
       img = cv2.imread(os.path.join(small, i))
       assert img.shape == (h, w, 3)
-      (x0, y0, x1, y1), = m.boxes[i].tolist()
+      ((x0, y0, x1, y1),) = m.boxes[i].tolist()
       assert 0 <= x0 <= x1 < w and 0 <= y0 <= y1 < h
       side = max(x1 - x0, y1 - y0) + 1
       assert 0.1 * min(w, h) <= side <= 0.7 * min(w, h)
@@ -49,13 +50,21 @@ def test_layout_and_metadata(small):
 def test_deterministic_for_any_worker_count(small, tmp_path):
   other = str(tmp_path / 'b')
   synthetic.generate(other, **SMALL, workers=2)  # Pool path (> 64 images).
-  for rel in ['images/train/00003.jpg', 'masks/test/00004.png', 'images/test/00019.jpg',
-              'metadata/SYNTH/test/localization.txt', 'metadata/SYNTH/val/image_sizes.txt']:
+  for rel in [
+    'images/train/00003.jpg',
+    'masks/test/00004.png',
+    'images/test/00019.jpg',
+    'metadata/SYNTH/test/localization.txt',
+    'metadata/SYNTH/val/image_sizes.txt',
+  ]:
     assert filecmp.cmp(os.path.join(small, rel), os.path.join(other, rel), shallow=False), rel
   third = str(tmp_path / 'c')
   synthetic.generate(third, **{**SMALL, 'seed': 8}, workers=1)
-  assert not filecmp.cmp(os.path.join(small, 'images/test/00000.jpg'),
-                         os.path.join(third, 'images/test/00000.jpg'), shallow=False)
+  assert not filecmp.cmp(
+    os.path.join(small, 'images/test/00000.jpg'),
+    os.path.join(third, 'images/test/00000.jpg'),
+    shallow=False,
+  )
 
 
 def test_bad_params():
@@ -66,8 +75,13 @@ def test_bad_params():
 
 
 def test_ensure_synthetic_idempotent_and_redoes_interrupted(tmp_path):
-  cfg = ConfigDict(dict(data_root=str(tmp_path / 'd'), metadata_root='',
-                        synthetic=dict(SMALL, num_train=20, num_val=0, num_test=10)))
+  cfg = ConfigDict(
+    dict(
+      data_root=str(tmp_path / 'd'),
+      metadata_root='',
+      synthetic=dict(SMALL, num_train=20, num_val=0, num_test=10),
+    )
+  )
   synthetic.ensure_synthetic(cfg)
   marker = tmp_path / 'd' / '.complete'
   img = tmp_path / 'd' / 'images/train/00000.jpg'
@@ -85,8 +99,9 @@ def test_ensure_synthetic_idempotent_and_redoes_interrupted(tmp_path):
 
 
 def test_cli_tiny_preset(tmp_path, capsys):
-  synthetic.main(['--out', str(tmp_path), '--preset', 'tiny', '--num_train', '20',
-                  '--workers', '1'])
+  synthetic.main(
+    ['--out', str(tmp_path), '--preset', 'tiny', '--num_train', '20', '--workers', '1']
+  )
   assert 'wrote 140 images' in capsys.readouterr().out
   assert (tmp_path / '.complete').exists()
   assert len(load_metadata(str(tmp_path / 'metadata'), 'SYNTH', 'train')) == 20

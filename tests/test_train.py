@@ -1,4 +1,5 @@
 """Training: losses against PyTorch, optimizer groups, freezing, sharding equivalence."""
+
 import functools
 
 import jax
@@ -27,12 +28,14 @@ def test_balanced_bce_matches_formula_and_torch():
   got = float(losses.balanced_bce_with_logits(jnp.asarray(x), jnp.asarray(labels), pos_weight=9.0))
   assert got == pytest.approx(_np_bce(x, labels, 9.0), rel=1e-5)
   crit = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(9.0))
-  ref = float(crit(torch.from_numpy(x), torch.nn.functional.one_hot(
-      torch.from_numpy(labels), 10).float()))
+  ref = float(
+    crit(torch.from_numpy(x), torch.nn.functional.one_hot(torch.from_numpy(labels), 10).float())
+  )
   assert got == pytest.approx(ref, rel=1e-5)
   # Without a positive weight it is optax's plain sigmoid BCE.
-  plain = float(losses.balanced_bce_with_logits(jnp.asarray(x), jnp.asarray(labels),
-                                                pos_weight=None))
+  plain = float(
+    losses.balanced_bce_with_logits(jnp.asarray(x), jnp.asarray(labels), pos_weight=None)
+  )
   ox = float(optax.sigmoid_binary_cross_entropy(x, np.eye(10)[labels]).mean())
   assert plain == pytest.approx(ox, rel=1e-5)
 
@@ -40,7 +43,9 @@ def test_balanced_bce_matches_formula_and_torch():
 def test_bce_is_stable_for_large_logits():
   x = jnp.array([[80.0, -80.0]])
   v = losses.balanced_bce_with_logits(x, jnp.array([1]), pos_weight=1.0)
-  assert np.isfinite(float(v)) and float(v) == pytest.approx(80.0, rel=1e-5)  # both terms wrong by 80
+  assert np.isfinite(float(v)) and float(v) == pytest.approx(
+    80.0, rel=1e-5
+  )  # both terms wrong by 80
 
 
 def test_bce_gamma_and_temp_options_follow_reference():
@@ -50,8 +55,9 @@ def test_bce_gamma_and_temp_options_follow_reference():
   p = 1 / (1 + np.exp(-x / temp))
   y = np.eye(3)[lab]
   ref = np.mean(-y * np.log(p + eps) * gamma - (1 - y) * np.log(1 - p + eps) * gamma)
-  got = losses.balanced_bce_with_logits(jnp.asarray(x), jnp.asarray(lab), pos_weight=2.0,
-                                        gamma=gamma, temp=temp)
+  got = losses.balanced_bce_with_logits(
+    jnp.asarray(x), jnp.asarray(lab), pos_weight=2.0, gamma=gamma, temp=temp
+  )
   assert float(got) == pytest.approx(ref, rel=1e-5)
 
 
@@ -61,8 +67,9 @@ def test_cross_entropy_matches_torch():
   x = rng.normal(size=(8, 5)).astype(np.float32)
   lab = rng.integers(0, 5, size=8)
   ref = float(torch.nn.functional.cross_entropy(torch.from_numpy(x), torch.from_numpy(lab)))
-  assert float(losses.softmax_cross_entropy(jnp.asarray(x), jnp.asarray(lab))) == \
-      pytest.approx(ref, rel=1e-5)
+  assert float(losses.softmax_cross_entropy(jnp.asarray(x), jnp.asarray(lab))) == pytest.approx(
+    ref, rel=1e-5
+  )
 
 
 def test_step_decay_schedule():
@@ -70,8 +77,10 @@ def test_step_decay_schedule():
   assert [round(float(s(i)), 8) for i in (0, 9, 10, 25)] == [0.1, 0.1, 0.01, 0.001]
 
 
-@pytest.mark.parametrize('arch,fc2_group', [('resnet50', 'feature'), ('vgg16', 'classifier'),
-                                            ('inception_v3', 'classifier')])
+@pytest.mark.parametrize(
+  'arch,fc2_group',
+  [('resnet50', 'feature'), ('vgg16', 'classifier'), ('inception_v3', 'classifier')],
+)
 def test_reference_grouping_of_the_sigmoid_head(arch, fc2_group):
   """The reference groups by name: fc2 trains at lr x 1 for ResNet50 but at lr x 10 for VGG16 / InceptionV3."""
   assert models.lr_group(arch, ('fc2', 'kernel')) == fc2_group
@@ -82,33 +91,55 @@ def _tiny_setup(stage='dual', arch='resnet_tiny', num_classes=4, size=32, lr=0.0
   variables = models.init_variables(model, jax.random.PRNGKey(0), size)
   variables = models.clone_head(variables, mode='clone')
   o = _optim_cfg(lr)
-  tx, labels, _ = optim.make_optimizer(variables['params'], arch=arch, stage=stage,
-                                       optim_cfg=o, steps_per_epoch=10)
+  tx, labels, _ = optim.make_optimizer(
+    variables['params'], arch=arch, stage=stage, optim_cfg=o, steps_per_epoch=10
+  )
   return model, variables, tx, labels
 
 
 def _optim_cfg(lr=0.05):
   import ml_collections
-  return ml_collections.ConfigDict(dict(lr=lr, lr_classifier_ratio=10.0, lr_decay_frequency=3,
-                                        lr_decay_rate=0.1, momentum=0.9, nesterov=True,
-                                        weight_decay=1e-4))
+
+  return ml_collections.ConfigDict(
+    dict(
+      lr=lr,
+      lr_classifier_ratio=10.0,
+      lr_decay_frequency=3,
+      lr_decay_rate=0.1,
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=1e-4,
+    )
+  )
 
 
 def _batch(n=16, size=32, num_classes=4, seed=0):
   rng = np.random.default_rng(seed)
-  return {'image': rng.normal(size=(n, size, size, 3)).astype(np.float32),
-          'label': rng.integers(0, num_classes, size=n).astype(np.int32)}
+  return {
+    'image': rng.normal(size=(n, size, size, 3)).astype(np.float32),
+    'label': rng.integers(0, num_classes, size=n).astype(np.int32),
+  }
 
 
 def _run_steps(mesh, model, variables, tx, batches, *, stage='dual'):
   repl = sharding.replicated(mesh)
   # Copy: donation would otherwise delete the caller's arrays, which the next run reuses.
   state = jax.device_put(create_state(jax.tree.map(jnp.array, variables), tx, 0), repl)
-  fn = jax.jit(functools.partial(train_step, model=model, tx=tx, stage=stage,
-                                 train_mode=(stage != 'dual'), pos_weight=3.0,
-                                 gamma=1.0, temp=1.0),
-               in_shardings=(repl, sharding.data_sharded(mesh)), out_shardings=(repl, repl),
-               donate_argnums=(0,))
+  fn = jax.jit(
+    functools.partial(
+      train_step,
+      model=model,
+      tx=tx,
+      stage=stage,
+      train_mode=(stage != 'dual'),
+      pos_weight=3.0,
+      gamma=1.0,
+      temp=1.0,
+    ),
+    in_shardings=(repl, sharding.data_sharded(mesh)),
+    out_shardings=(repl, repl),
+    donate_argnums=(0,),
+  )
   for b in batches:
     state, _ = fn(state, sharding.to_global(b, mesh))
   return jax.device_get(state)
@@ -122,14 +153,18 @@ def test_dual_step_freezes_everything_but_fc2():
   start = jax.device_get(variables)
   end = _run_steps(mesh, model, variables, tx, [_batch(seed=i) for i in range(3)])
   for name in start['params']:
-    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
-                        start['params'][name], end.params[name])
+    same = jax.tree.map(
+      lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+      start['params'][name],
+      end.params[name],
+    )
     if name == 'fc2':
       assert not all(jax.tree.leaves(same)), 'fc2 did not train'
     else:
       assert all(jax.tree.leaves(same)), f'{name} changed in the dual stage'
-  stats_same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
-                            start['batch_stats'], end.batch_stats)
+  stats_same = jax.tree.map(
+    lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), start['batch_stats'], end.batch_stats
+  )
   assert all(jax.tree.leaves(stats_same))
   # set_to_zero keeps no optimizer state for frozen leaves: only fc2 has momentum buffers.
   n_state = sum(np.size(x) for x in jax.tree.leaves(end.opt_state))
@@ -144,8 +179,9 @@ def test_eight_devices_match_one_device(stage):
   # and a large lr would amplify that past the 1e-5 tolerance within three steps.
   model, variables, tx, _ = _tiny_setup(stage, lr=0.01)
   batches = [_batch(seed=i) for i in range(3)]
-  one = _run_steps(Mesh(np.asarray(jax.devices()[:1]), ('data',)), model, variables, tx,
-                   batches, stage=stage)
+  one = _run_steps(
+    Mesh(np.asarray(jax.devices()[:1]), ('data',)), model, variables, tx, batches, stage=stage
+  )
   eight = _run_steps(sharding.make_mesh(), model, variables, tx, batches, stage=stage)
   for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
 """WSOL evaluator: exactness against a literal per-threshold OpenCV port of wsolevaluation."""
+
 import json
 import os
 import subprocess
@@ -10,8 +11,8 @@ import pytest
 
 from dualsig_jax.wsol import BoxEvaluator, MaskEvaluator, image_box_ious
 from dualsig_jax.wsol import levels as levels_mod
-from dualsig_jax.wsol.levels import _SPECKLE_AREA, despeckle, quantize
 from dualsig_jax.wsol.cli import main as cli_main
+from dualsig_jax.wsol.levels import _SPECKLE_AREA, despeckle, quantize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,10 +26,10 @@ def ref_boxes_at_thresholds(scoremap, thresholds):
   image = np.expand_dims((scoremap.astype(np.float64) * 255).astype(np.uint8), 2)
   multi, largest = [], []
   for t in thresholds:
-    _, binary = cv2.threshold(src=image, thresh=int(t * np.max(image)), maxval=255,
-                              type=cv2.THRESH_BINARY)
-    contours = cv2.findContours(image=binary, mode=cv2.RETR_TREE,
-                                method=cv2.CHAIN_APPROX_SIMPLE)[0]
+    _, binary = cv2.threshold(
+      src=image, thresh=int(t * np.max(image)), maxval=255, type=cv2.THRESH_BINARY
+    )
+    contours = cv2.findContours(image=binary, mode=cv2.RETR_TREE, method=cv2.CHAIN_APPROX_SIMPLE)[0]
     if len(contours) == 0:
       multi.append(np.asarray([[0, 0, 0, 0]]))
       largest.append(np.asarray([[0, 0, 0, 0]]))
@@ -45,8 +46,9 @@ def ref_boxes_at_thresholds(scoremap, thresholds):
 def ref_multiple_iou(box_a, box_b):
   num_a, num_b = box_a.shape[0], box_b.shape[0]
   box_a = np.expand_dims(np.tile(box_a, num_b), axis=1).reshape((num_a, num_b, -1))
-  box_b = np.transpose(np.expand_dims(np.tile(box_b, num_a), axis=1).reshape((num_b, num_a, -1)),
-                       (1, 0, 2))
+  box_b = np.transpose(
+    np.expand_dims(np.tile(box_b, num_a), axis=1).reshape((num_b, num_a, -1)), (1, 0, 2)
+  )
   min_x = np.maximum(box_a[:, :, 0], box_b[:, :, 0])
   min_y = np.maximum(box_a[:, :, 1], box_b[:, :, 1])
   max_x = np.minimum(box_a[:, :, 2], box_b[:, :, 2])
@@ -98,13 +100,16 @@ class RefBoxEvaluator:
     self.cnt += 1
 
   def compute(self):
-    mx = {str(i): (self.box[i] * 100. / float(self.cnt)).max() for i in self.ious}
-    return {'maxboxacc': mx, 'maxboxacc_v2': np.average([mx[str(i)] for i in self.ious]),
-            'maxboxacc_v1': (self.v1 * 100. / float(self.cnt)).max(),
-            'gt_known_loc': {str(i): self.gt_known[i][self.loc] * 100. / float(self.cnt)
-                             for i in self.ious},
-            'top1_loc': {str(i): self.top1[i][self.loc] * 100. / float(self.cnt)
-                         for i in self.ious}}
+    mx = {str(i): (self.box[i] * 100.0 / float(self.cnt)).max() for i in self.ious}
+    return {
+      'maxboxacc': mx,
+      'maxboxacc_v2': np.average([mx[str(i)] for i in self.ious]),
+      'maxboxacc_v1': (self.v1 * 100.0 / float(self.cnt)).max(),
+      'gt_known_loc': {
+        str(i): self.gt_known[i][self.loc] * 100.0 / float(self.cnt) for i in self.ious
+      },
+      'top1_loc': {str(i): self.top1[i][self.loc] * 100.0 / float(self.cnt) for i in self.ious},
+    }
 
 
 def ref_pxap(maps, masks, interval):
@@ -143,8 +148,9 @@ def realistic_map(rng, size=224, kind=None):
   yy, xx = np.mgrid[:size, :size].astype(np.float32)
   if kind == 0:  # bicubic-upsampled low-res noise (CAM-like)
     r = int(rng.choice([3, 4, 7, 14, 28]))
-    m = cv2.resize(rng.random((r, r)).astype(np.float32), (size, size),
-                   interpolation=cv2.INTER_CUBIC)
+    m = cv2.resize(
+      rng.random((r, r)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC
+    )
   elif kind == 1:  # gaussian blobs
     m = np.zeros((size, size), np.float32)
     for _ in range(rng.integers(1, 5)):
@@ -157,8 +163,9 @@ def realistic_map(rng, size=224, kind=None):
       rad, wid = rng.uniform(10, 60), rng.uniform(2, 10)
       d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
       m += np.exp(-((d - rad) ** 2) / (2 * wid * wid))
-    m += 0.2 * cv2.resize(rng.random((7, 7)).astype(np.float32), (size, size),
-                          interpolation=cv2.INTER_CUBIC)
+    m += 0.2 * cv2.resize(
+      rng.random((7, 7)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC
+    )
   elif kind == 3:  # thin lines on a faint background
     m = np.zeros((size, size), np.float32)
     for _ in range(rng.integers(1, 6)):
@@ -167,17 +174,22 @@ def realistic_map(rng, size=224, kind=None):
       cv2.line(m, p0, p1, float(rng.uniform(0.3, 1)), int(rng.integers(1, 3)))
     m += 0.1 * rng.random((size, size)).astype(np.float32) * (rng.random() < 0.5)
   elif kind == 4:  # sparse: thresholded CAM (many zeros, sharp edges)
-    m = cv2.resize(rng.random((7, 7)).astype(np.float32), (size, size),
-                   interpolation=cv2.INTER_CUBIC)
+    m = cv2.resize(
+      rng.random((7, 7)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC
+    )
     m = np.where(m > np.quantile(m, rng.uniform(0.5, 0.95)), m, 0)
   elif kind == 5:  # peaked CAM (gamma) with plateaus from coarse quantization
-    m = cv2.resize(rng.random((14, 14)).astype(np.float32), (size, size),
-                   interpolation=cv2.INTER_CUBIC)
+    m = cv2.resize(
+      rng.random((14, 14)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC
+    )
     m = _norm(m) ** rng.uniform(1, 4)
     m = np.round(m * rng.integers(4, 40)) / 40
   else:  # speckle: high-frequency noise (many tiny contours, area ties)
-    m = cv2.resize(rng.random((56, 56)).astype(np.float32), (size, size),
-                   interpolation=cv2.INTER_NEAREST if rng.random() < 0.5 else cv2.INTER_CUBIC)
+    m = cv2.resize(
+      rng.random((56, 56)).astype(np.float32),
+      (size, size),
+      interpolation=cv2.INTER_NEAREST if rng.random() < 0.5 else cv2.INTER_CUBIC,
+    )
   return _norm(m)
 
 
@@ -207,17 +219,23 @@ def _assert_same(a, b, path=''):
 # --------------------------------------------------------------------------------------------
 def _hand_maps():
   yy, xx = np.mgrid[:64, :64].astype(np.float32)
-  uni = np.exp(-((yy - 30) ** 2 + (xx - 20) ** 2) / 200.)
-  blobs = (np.exp(-((yy - 15) ** 2 + (xx - 15) ** 2) / 30.)
-           + 0.7 * np.exp(-((yy - 45) ** 2 + (xx - 50) ** 2) / 20.))
+  uni = np.exp(-((yy - 30) ** 2 + (xx - 20) ** 2) / 200.0)
+  blobs = np.exp(-((yy - 15) ** 2 + (xx - 15) ** 2) / 30.0) + 0.7 * np.exp(
+    -((yy - 45) ** 2 + (xx - 50) ** 2) / 20.0
+  )
   d = np.sqrt((yy - 32) ** 2 + (xx - 32) ** 2)
-  ring = np.exp(-((d - 15) ** 2) / 8.)
+  ring = np.exp(-((d - 15) ** 2) / 8.0)
   lines = np.zeros((64, 64), np.float32)
   cv2.line(lines, (3, 5), (60, 5), 1.0, 1)
   cv2.line(lines, (10, 20), (40, 50), 0.8, 1)
   lines[63, :] = 0.5  # touches the image border
-  return {'unimodal': _norm(uni), 'blobs': _norm(blobs), 'ring': _norm(ring),
-          'lines': _norm(lines), 'zeros': np.zeros((64, 64), np.float32)}
+  return {
+    'unimodal': _norm(uni),
+    'blobs': _norm(blobs),
+    'ring': _norm(ring),
+    'lines': _norm(lines),
+    'zeros': np.zeros((64, 64), np.float32),
+  }
 
 
 @pytest.mark.parametrize('name', ['unimodal', 'blobs', 'ring', 'lines', 'zeros'])
@@ -274,11 +292,15 @@ def _contour_multiset(binary):
 def test_despeckle_removes_exactly_the_small_contours():
   """At every cutoff, contours(q) = contours(despeckled) + the reported speckles (small areas)."""
   rng = np.random.default_rng(21)
-  qs = [rng.integers(0, rng.integers(2, 256), (rng.integers(3, 24), rng.integers(3, 24)))
-        .astype(np.uint8) for _ in range(12)]
+  qs = [
+    rng.integers(0, rng.integers(2, 256), (rng.integers(3, 24), rng.integers(3, 24))).astype(
+      np.uint8
+    )
+    for _ in range(12)
+  ]
   qs += [quantize(realistic_map(rng, size=48, kind=k)) for k in (3, 6, 6, 0)]
   removed_any = 0
-  for q, noisy in [(q, n) for q in qs for n in (0, 10 ** 9)]:  # with / without 3-pixel sets
+  for q, noisy in [(q, n) for q in qs for n in (0, 10**9)]:  # with / without 3-pixel sets
     qc, lo, hi, boxes = despeckle(q, noisy=noisy)
     for c in range(int(q.max())):
       full = _contour_multiset((q > c).view(np.uint8))
@@ -305,8 +327,14 @@ def test_speckle_shortcut_edge_cases():
   m[12, 12], m[13, 13] = 0.8, 0.8  # isolated diagonal pair
   m[27, 30] = 0.0  # one-pixel hole
   m[25, 36:38] = 0.1  # two-pixel hole
-  gts = [[[5, 5, 6, 6]], [[9, 5, 11, 6]], [[12, 12, 14, 14]], [[29, 26, 32, 29]],
-         [[35, 24, 39, 27]], [[20, 20, 45, 35], [5, 5, 6, 6]]]
+  gts = [
+    [[5, 5, 6, 6]],
+    [[9, 5, 11, 6]],
+    [[12, 12, 14, 14]],
+    [[29, 26, 32, 29]],
+    [[35, 24, 39, 27]],
+    [[20, 20, 45, 35], [5, 5, 6, 6]],
+  ]
   for gt in gts:
     gt = np.array(gt)
     got, want = image_box_ious(m, gt, thr), ref_image_ious(m, gt, thr)
@@ -328,7 +356,7 @@ def test_speckle_shortcut_edge_cases():
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-@pytest.mark.parametrize('noisy', [0, 10 ** 9])
+@pytest.mark.parametrize('noisy', [0, 10**9])
 def test_box_parity_speckle_maps_tiny_gt(noisy, monkeypatch):
   """Noisy maps (most contours removed as speckle), GT boxes small enough for speckles to win;
   with and without the 3-pixel speckle sets."""
@@ -372,7 +400,7 @@ def test_box_parity_realistic(realistic, realistic_ref, multi):
   ev = BoxEvaluator((30, 50, 70), interval, multi, 0.2, num_workers=0)
   ref = RefBoxEvaluator((30, 50, 70), interval, multi)
   for i in range(0, len(maps), 16):
-    ev.accumulate(np.stack(maps[i:i + 16]), gts[i:i + 16], correct[i:i + 16])
+    ev.accumulate(np.stack(maps[i : i + 16]), gts[i : i + 16], correct[i : i + 16])
   for r, c in zip(realistic_ref, correct):
     ref.accumulate(r, c)
   _assert_same(ev.compute(), ref.compute())
@@ -423,13 +451,13 @@ def test_mask_parity_realistic(realistic):
     g = (m > rng.uniform(0.2, 0.8)).astype(np.uint8)
     ign = np.zeros_like(g, bool)
     y, x = rng.integers(0, 180, 2)
-    ign[y:y + 40, x:x + 40] = True
+    ign[y : y + 40, x : x + 40] = True
     g[ign & (g == 0)] = 255
     masks.append(g)
   for interval in (0.01, 0.001):
     ev = MaskEvaluator(interval)
     for i in range(0, 120, 10):
-      ev.accumulate(np.stack(maps[i:i + 10]), np.stack(masks[i:i + 10]))
+      ev.accumulate(np.stack(maps[i : i + 10]), np.stack(masks[i : i + 10]))
     assert abs(ev.compute()['pxap'] - ref_pxap(maps[:120], masks, interval)) <= 1e-9
   # Scores exactly on bin edges, 1.0 and 0.0.
   edgy = np.tile(np.append(np.arange(0, 1, 0.01), 1.0)[None], (101, 1)).astype(np.float64)
@@ -482,8 +510,14 @@ def box_dataset(tmp_path, realistic):
       o = [int(b[0] * w / 224), int(b[1] * h / 224), int(b[2] * w / 224), int(b[3] * h / 224)]
       orig.append(o)
       locs.append(f'{iid},{o[0]},{o[1]},{o[2]},{o[3]}')
-    gts.append(np.array([[int(x * 224. / w), int(y * 224. / h), int(x1 * 224. / w),
-                          int(y1 * 224. / h)] for x, y, x1, y1 in orig]))
+    gts.append(
+      np.array(
+        [
+          [int(x * 224.0 / w), int(y * 224.0 / h), int(x1 * 224.0 / w), int(y1 * 224.0 / h)]
+          for x, y, x1, y1 in orig
+        ]
+      )
+    )
     os.makedirs(tmp_path / 'maps' / os.path.dirname(iid), exist_ok=True)
     np.save(tmp_path / 'maps' / (iid + '.npy'), m)
   _write(str(meta / 'image_ids.txt'), ids)
@@ -496,9 +530,25 @@ def box_dataset(tmp_path, realistic):
 def test_cli_boxes_end_to_end(box_dataset):
   root, ids, maps, gts = box_dataset
   out = root / 'out.json'
-  rc = cli_main(['--scoremap_root', str(root / 'maps'), '--metadata_root', str(root / 'meta'),
-                 '--dataset_name', 'TOY', '--split', 'test', '--cam_curve_interval', '0.01',
-                 '--output_json', str(out), '--no_progress', '--num_workers', '0'])
+  rc = cli_main(
+    [
+      '--scoremap_root',
+      str(root / 'maps'),
+      '--metadata_root',
+      str(root / 'meta'),
+      '--dataset_name',
+      'TOY',
+      '--split',
+      'test',
+      '--cam_curve_interval',
+      '0.01',
+      '--output_json',
+      str(out),
+      '--no_progress',
+      '--num_workers',
+      '0',
+    ]
+  )
   assert rc == 0
   got = json.loads(out.read_text())
   ref = RefBoxEvaluator((30, 50, 70), 0.01, True)
@@ -513,11 +563,32 @@ def test_cli_boxes_end_to_end(box_dataset):
 def test_cli_subprocess_largest_contour(box_dataset):
   root, _, maps, gts = box_dataset
   proc = subprocess.run(
-      [sys.executable, '-m', 'dualsig_jax.wsol', '--scoremap_root', str(root / 'maps'),
-       '--metadata_root', str(root / 'meta'), '--dataset_name', 'TOY', '--split', 'test',
-       '--cam_curve_interval', '0.01', '--multi_contour_eval', 'false',
-       '--iou_threshold_list', '50', '--num_workers', '0'],
-      capture_output=True, text=True, cwd=REPO, timeout=120)
+    [
+      sys.executable,
+      '-m',
+      'dualsig_jax.wsol',
+      '--scoremap_root',
+      str(root / 'maps'),
+      '--metadata_root',
+      str(root / 'meta'),
+      '--dataset_name',
+      'TOY',
+      '--split',
+      'test',
+      '--cam_curve_interval',
+      '0.01',
+      '--multi_contour_eval',
+      'false',
+      '--iou_threshold_list',
+      '50',
+      '--num_workers',
+      '0',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
   got = json.loads(proc.stdout)
   ref = RefBoxEvaluator((50,), 0.01, False)
@@ -536,9 +607,23 @@ def test_cli_bad_map_names_the_file(box_dataset, bad, capsys):
     m = np.load(f)
     m = {'3d': m[None], 'nan': np.where(m > 0.5, np.nan, m), 'range': m * 1.5}[bad]
     np.save(f, m)
-  rc = cli_main(['--scoremap_root', str(root / 'maps'), '--metadata_root', str(root / 'meta'),
-                 '--dataset_name', 'TOY', '--split', 'test', '--cam_curve_interval', '0.01',
-                 '--no_progress', '--num_workers', '0'])
+  rc = cli_main(
+    [
+      '--scoremap_root',
+      str(root / 'maps'),
+      '--metadata_root',
+      str(root / 'meta'),
+      '--dataset_name',
+      'TOY',
+      '--split',
+      'test',
+      '--cam_curve_interval',
+      '0.01',
+      '--no_progress',
+      '--num_workers',
+      '0',
+    ]
+  )
   assert rc == 2
   assert str(f) in capsys.readouterr().err
 
@@ -574,10 +659,23 @@ def test_cli_masks_end_to_end(tmp_path, realistic):
   _write(str(meta / 'class_labels.txt'), [f'{i},0' for i in ids])
   _write(str(meta / 'localization.txt'), locs)
   out = tmp_path / 'o.json'
-  rc = cli_main(['--scoremap_root', str(tmp_path / 'maps'), '--metadata_root',
-                 str(tmp_path / 'meta'), '--dataset_name', 'OpenImages', '--split', 'test',
-                 '--mask_root', str(tmp_path / 'masks'), '--output_json', str(out),
-                 '--no_progress'])
+  rc = cli_main(
+    [
+      '--scoremap_root',
+      str(tmp_path / 'maps'),
+      '--metadata_root',
+      str(tmp_path / 'meta'),
+      '--dataset_name',
+      'OpenImages',
+      '--split',
+      'test',
+      '--mask_root',
+      str(tmp_path / 'masks'),
+      '--output_json',
+      str(out),
+      '--no_progress',
+    ]
+  )
   assert rc == 0
   got = json.loads(out.read_text())
   assert got['num_images'] == 10 and 'maxboxacc' not in got
@@ -586,6 +684,7 @@ def test_cli_masks_end_to_end(tmp_path, realistic):
 
 def test_plots(tmp_path, realistic):
   from dualsig_jax.wsol.plots import plot_box_curves, plot_pr_curves
+
   maps, gts, correct = realistic
   res = {}
   for head in ('softmax', 'sigmoid'):

@@ -57,36 +57,81 @@ before its GAP + Dense head named ``fc``)::
 
 Method names: ``cam``, ``gradcam``, ``gradcam++``, ``xgradcam``, ``layercam``.
 """
-from dualsig_jax.cam.compute import (BRANCHES, LOGIT_KEYS, check_branch, compute_cams,
-                                     feature_gradients,
-                                     compute_cams_multi, default_truncate, linear_head_fns,
-                                     postprocess_maps)
-from dualsig_jax.cam.fidelity import (average_drop, confidence_change, increase_in_confidence,
-                                      insertion_deletion)
-from dualsig_jax.cam.methods import (GRADIENT_METHODS, METHODS, cam, check_method, grad_cam,
-                                     grad_cam_plus_plus, grad_cam_plus_plus_weights,
-                                     grad_cam_weights, layer_cam, normalize_scoremap,
-                                     scale_cam_image, xgrad_cam, xgrad_cam_weights)
+
+from dualsig_jax.cam.compute import (
+  BRANCHES,
+  LOGIT_KEYS,
+  check_branch,
+  compute_cams,
+  compute_cams_multi,
+  default_truncate,
+  feature_gradients,
+  linear_head_fns,
+  postprocess_maps,
+)
+from dualsig_jax.cam.fidelity import (
+  average_drop,
+  confidence_change,
+  increase_in_confidence,
+  insertion_deletion,
+)
+from dualsig_jax.cam.methods import (
+  GRADIENT_METHODS,
+  METHODS,
+  cam,
+  check_method,
+  grad_cam,
+  grad_cam_plus_plus,
+  grad_cam_plus_plus_weights,
+  grad_cam_weights,
+  layer_cam,
+  normalize_scoremap,
+  scale_cam_image,
+  xgrad_cam,
+  xgrad_cam_weights,
+)
 from dualsig_jax.cam.resize import resize_maps, resize_matrix
 
 __all__ = [
-    "BRANCHES", "GRADIENT_METHODS", "LOGIT_KEYS", "METHODS",
-    "average_drop", "cam", "check_branch", "check_method", "compute_cams", "compute_cams_multi",
-    "confidence_change", "default_truncate", "feature_gradients", "grad_cam", "grad_cam_plus_plus",
-    "grad_cam_plus_plus_weights", "grad_cam_weights", "increase_in_confidence",
-    "insertion_deletion", "layer_cam", "linear_head_fns", "normalize_scoremap",
-    "postprocess_maps", "resize_maps", "resize_matrix", "scale_cam_image", "xgrad_cam",
-    "xgrad_cam_weights",
+  'BRANCHES',
+  'GRADIENT_METHODS',
+  'LOGIT_KEYS',
+  'METHODS',
+  'average_drop',
+  'cam',
+  'check_branch',
+  'check_method',
+  'compute_cams',
+  'compute_cams_multi',
+  'confidence_change',
+  'default_truncate',
+  'feature_gradients',
+  'grad_cam',
+  'grad_cam_plus_plus',
+  'grad_cam_plus_plus_weights',
+  'grad_cam_weights',
+  'increase_in_confidence',
+  'insertion_deletion',
+  'layer_cam',
+  'linear_head_fns',
+  'normalize_scoremap',
+  'postprocess_maps',
+  'resize_maps',
+  'resize_matrix',
+  'scale_cam_image',
+  'xgrad_cam',
+  'xgrad_cam_weights',
 ]
 
-_PLOT_NAMES = ("overlay", "save_cam_grid", "largest_contour_box", "to_display")
+_PLOT_NAMES = ('overlay', 'save_cam_grid', 'largest_contour_box', 'to_display')
 __all__ += list(_PLOT_NAMES)
 
 
 def __getattr__(name):
-    # Plot helpers come from dualsig_jax.cam.plots, imported on first use: matplotlib is slow to
-    # import and most callers (training, eval workers) never draw.
-    if name in _PLOT_NAMES:
-        from dualsig_jax.cam import plots
-        return getattr(plots, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  # Plot helpers come from dualsig_jax.cam.plots, imported on first use: matplotlib is slow to
+  # import and most callers (training, eval workers) never draw.
+  if name in _PLOT_NAMES:
+    from dualsig_jax.cam import plots
+
+    return getattr(plots, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

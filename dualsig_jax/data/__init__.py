@@ -9,14 +9,20 @@ Public API (see docs/design.md, "Data"):
 Exports resolve lazily so that ``python -m dualsig_jax.data.synthetic`` worker processes do
 not import grain/JAX.
 """
+
 import importlib
 
 _EXPORTS = {
-    'load_metadata': 'metadata', 'Metadata': 'metadata', 'MetadataError': 'metadata',
-    'make_train_loader': 'loaders', 'make_eval_loader': 'loaders',
-    'steps_per_epoch': 'loaders', 'EvalLoader': 'loaders',
-    'ensure_synthetic': 'synthetic', 'generate': 'synthetic',
-    'BadImageError': 'transforms',
+  'load_metadata': 'metadata',
+  'Metadata': 'metadata',
+  'MetadataError': 'metadata',
+  'make_train_loader': 'loaders',
+  'make_eval_loader': 'loaders',
+  'steps_per_epoch': 'loaders',
+  'EvalLoader': 'loaders',
+  'ensure_synthetic': 'synthetic',
+  'generate': 'synthetic',
+  'BadImageError': 'transforms',
 }
 __all__ = sorted(_EXPORTS)
 

@@ -5,6 +5,7 @@ metadata_root ('' = the metadata shipped in ``<repo>/metadata``, or ``data_root/
 SYNTH), train_split, resize_size, crop_size, eval_size, num_workers, skip_bad_images,
 synthetic.*, tfds.{name, data_dir}; optional mask_root (default data_root).
 """
+
 from __future__ import annotations
 
 import math
@@ -14,14 +15,20 @@ import tempfile
 import grain.python as grain
 import numpy as np
 
-from dualsig_jax.data.metadata import Metadata, load_metadata, NUM_CLASSES
+from dualsig_jax.data.metadata import NUM_CLASSES, Metadata, load_metadata
 from dualsig_jax.data.sources import FolderSource, SkipReport, TfdsSource
-from dualsig_jax.data.transforms import build_mask, eval_transform, normalize_batch, \
-    rescale_boxes, train_crop
+from dualsig_jax.data.transforms import (
+  build_mask,
+  eval_transform,
+  normalize_batch,
+  rescale_boxes,
+  train_crop,
+)
 
 SOURCES = ('folder', 'tfds')
-SHIPPED_METADATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'metadata')
+SHIPPED_METADATA = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'metadata'
+)
 # TFDS eval batches need a box count fixed before reading; more boxes than this raise.
 TFDS_MAX_BOXES = 16
 
@@ -38,6 +45,7 @@ def _workers(input_cfg) -> int:
     raise ValueError(f'input.num_workers must be >= 0, got {n}')
   if n > 0:
     from absl import flags  # pylint: disable=import-outside-toplevel
+
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
   return n
@@ -74,25 +82,27 @@ def _check_source(input_cfg) -> str:
     raise ValueError(f'unknown input.source {source!r}; valid: {list(SOURCES)}')
   if source == 'folder' and input_cfg.dataset_name == 'SYNTH':
     from dualsig_jax.data.synthetic import ensure_synthetic  # pylint: disable=import-outside-toplevel
+
     ensure_synthetic(input_cfg)
   return source
 
 
 def _tfds_source(input_cfg, split):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
   tcfg = _get(input_cfg, 'tfds', {})
   name = _get(tcfg, 'name')
   if not name:
     raise ValueError("input.source='tfds' needs input.tfds.name (e.g. 'caltech_birds2011')")
   # download=False: prepared data only (no downloads at run time, and it fails fast).
-  return tfds.data_source(name, split=split, data_dir=_get(tcfg, 'data_dir'),
-                          download=False), name
+  return tfds.data_source(name, split=split, data_dir=_get(tcfg, 'data_dir'), download=False), name
 
 
 def load_split(input_cfg, split: str) -> Metadata:
   """Metadata of a folder-source split (labels checked against the dataset's class count)."""
-  return load_metadata(metadata_root(input_cfg), input_cfg.dataset_name, split,
-                       num_classes=_num_classes(input_cfg))
+  return load_metadata(
+    metadata_root(input_cfg), input_cfg.dataset_name, split, num_classes=_num_classes(input_cfg)
+  )
 
 
 def _build_source(input_cfg, split, skip_report=None):
@@ -101,11 +111,13 @@ def _build_source(input_cfg, split, skip_report=None):
     src, name = _tfds_source(input_cfg, split)
     source = TfdsSource(src, name, split, skip_report=skip_report)
     ids = [f'{name}/{split}/{i}' for i in range(len(source))]
-    return source, Metadata(image_ids=ids, labels={}, sizes={}, boxes={}, masks={},
-                            dataset_name=name, split=split)
+    return source, Metadata(
+      image_ids=ids, labels={}, sizes={}, boxes={}, masks={}, dataset_name=name, split=split
+    )
   meta = load_split(input_cfg, split)
-  source = FolderSource(meta, input_cfg.data_root, mask_root=_get(input_cfg, 'mask_root'),
-                        skip_report=skip_report)
+  source = FolderSource(
+    meta, input_cfg.data_root, mask_root=_get(input_cfg, 'mask_root'), skip_report=skip_report
+  )
   return source, meta
 
 
@@ -123,8 +135,10 @@ class _TrainMap(grain.RandomMapTransform):
     self.resize_size, self.crop_size = int(resize_size), int(crop_size)
 
   def random_map(self, element, rng):
-    return {'image': train_crop(element['image'], rng, self.resize_size, self.crop_size),
-            'label': np.int32(element['label'])}
+    return {
+      'image': train_crop(element['image'], rng, self.resize_size, self.crop_size),
+      'label': np.int32(element['label']),
+    }
 
 
 class _NormalizingBatch:
@@ -148,15 +162,25 @@ class _NormalizingBatch:
     shape = (len(images),) + images[0].shape
     if self._shared_memory:
       from grain.multiprocessing import SharedMemoryArray  # pylint: disable=import-outside-toplevel
+
       out = SharedMemoryArray(shape, dtype=np.float32)
     else:
       out = np.empty(shape, np.float32)
-    return {'image': normalize_batch(images, out),
-            'label': np.array([v['label'] for v in values], np.int32)}
+    return {
+      'image': normalize_batch(images, out),
+      'label': np.array([v['label'] for v in values], np.int32),
+    }
 
 
-def make_train_loader(input_cfg, *, seed: int, num_epochs: int | None, process_index: int,
-                      process_count: int, batch_size: int) -> grain.DataLoader:
+def make_train_loader(
+  input_cfg,
+  *,
+  seed: int,
+  num_epochs: int | None,
+  process_index: int,
+  process_count: int,
+  batch_size: int,
+) -> grain.DataLoader:
   """Shuffled training loader over ``input_cfg.train_split`` for this process.
 
   Args:
@@ -178,23 +202,35 @@ def make_train_loader(input_cfg, *, seed: int, num_epochs: int | None, process_i
   if _get(input_cfg, 'skip_bad_images', False):
     skip_report = SkipReport(tempfile.mkdtemp(prefix='dualsig_skipped_'))
   source, _ = _build_source(input_cfg, input_cfg.train_split, skip_report)
-  shard = grain.ShardOptions(shard_index=int(process_index), shard_count=int(process_count),
-                             drop_remainder=True)
-  sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
-                               num_epochs=num_epochs, seed=int(seed))
+  shard = grain.ShardOptions(
+    shard_index=int(process_index), shard_count=int(process_count), drop_remainder=True
+  )
+  sampler = grain.IndexSampler(
+    num_records=len(source),
+    shard_options=shard,
+    shuffle=True,
+    num_epochs=num_epochs,
+    seed=int(seed),
+  )
   ops = ([_DropSkipped()] if skip_report else []) + [
-      _TrainMap(input_cfg.resize_size, input_cfg.crop_size),
-      grain.Batch(batch_size=int(batch_size), drop_remainder=True,
-                  batch_fn=_NormalizingBatch())]
+    _TrainMap(input_cfg.resize_size, input_cfg.crop_size),
+    grain.Batch(batch_size=int(batch_size), drop_remainder=True, batch_fn=_NormalizingBatch()),
+  ]
   workers = _workers(input_cfg)
   # grain's default ReadOptions (16 reader threads and a 500-record buffer *per worker*) suit
   # remote storage; here a read is a CPU-bound JPEG decode, so with worker processes those
   # threads only fight the transform for the GIL and the cores (measured ~10-25% slower on
   # 2 cores). Each worker decodes inline instead; without workers keep grain's threads.
   read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0) if workers else None
-  loader = grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
-                            worker_count=workers, worker_buffer_size=2, shard_options=shard,
-                            read_options=read_options)
+  loader = grain.DataLoader(
+    data_source=source,
+    sampler=sampler,
+    operations=ops,
+    worker_count=workers,
+    worker_buffer_size=2,
+    shard_options=shard,
+    read_options=read_options,
+  )
   loader.skip_report = skip_report
   return loader
 
@@ -205,8 +241,14 @@ def steps_per_epoch(input_cfg, global_batch: int) -> int:
     src, _ = _tfds_source(input_cfg, input_cfg.train_split)
     n = len(src)
   else:
-    n = len(load_metadata(metadata_root(input_cfg), input_cfg.dataset_name,
-                          input_cfg.train_split, num_classes=_num_classes(input_cfg)))
+    n = len(
+      load_metadata(
+        metadata_root(input_cfg),
+        input_cfg.dataset_name,
+        input_cfg.train_split,
+        num_classes=_num_classes(input_cfg),
+      )
+    )
   return max(1, n // int(global_batch))
 
 
@@ -235,23 +277,34 @@ class _EvalMap(grain.MapTransform):
     s = self.eval_size
     boxes = np.zeros((self.max_boxes, 4), np.int32)
     if element.get('pad'):  # Padding: ignored everywhere (valid=False, mask all "ignore").
-      out = {'image': np.zeros((s, s, 3), np.float32), 'label': np.int32(0),
-             'index': np.int32(-1), 'valid': np.bool_(False), 'boxes': boxes,
-             'num_boxes': np.int32(0)}
+      out = {
+        'image': np.zeros((s, s, 3), np.float32),
+        'label': np.int32(0),
+        'index': np.int32(-1),
+        'valid': np.bool_(False),
+        'boxes': boxes,
+        'num_boxes': np.int32(0),
+      }
       if self.with_mask:
         out['mask'] = np.full((s, s), 255, np.uint8)
       return out
     n = len(element['boxes'])
     if n > self.max_boxes:
-      raise ValueError(f'{element["where"]}: {n} boxes, more than the {self.max_boxes} an '
-                       'eval batch holds')
+      raise ValueError(
+        f'{element["where"]}: {n} boxes, more than the {self.max_boxes} an eval batch holds'
+      )
     if n:
       boxes[:n] = rescale_boxes(element['boxes'], element['size'], s)
     if element['image'] is None:
       raise RuntimeError(f'{element["where"]}: image missing in evaluation (never skipped)')
-    out = {'image': eval_transform(element['image'], s), 'label': np.int32(element['label']),
-           'index': np.int32(element['index']), 'valid': np.bool_(True), 'boxes': boxes,
-           'num_boxes': np.int32(n)}
+    out = {
+      'image': eval_transform(element['image'], s),
+      'label': np.int32(element['label']),
+      'index': np.int32(element['index']),
+      'valid': np.bool_(True),
+      'boxes': boxes,
+      'num_boxes': np.int32(n),
+    }
     if self.with_mask:
       if element['mask'] is None:
         raise ValueError(f'{element["where"]}: no mask for this image')
@@ -271,9 +324,19 @@ class EvalLoader:
   padded), and ``mask`` uint8 ``[B, S, S]`` (1/0/255) when the split has masks.
   """
 
-  def __init__(self, source, metadata: Metadata, *, batch_size: int, eval_size: int,
-               max_boxes: int, with_mask: bool, process_index: int = 0,
-               process_count: int = 1, num_workers: int = 0):
+  def __init__(
+    self,
+    source,
+    metadata: Metadata,
+    *,
+    batch_size: int,
+    eval_size: int,
+    max_boxes: int,
+    with_mask: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+  ):
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index {process_index} not in [0, {process_count})')
     self.metadata = metadata
@@ -296,13 +359,15 @@ class EvalLoader:
     ds = grain.MapDataset.source(_EvalSource(self._source, self._positions))
     ds = ds.map(self._map).batch(self.batch_size, drop_remainder=False).to_iter_dataset()
     if self._num_workers > 0:
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers,
-                                                        per_worker_buffer_size=2))
+      ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=self._num_workers, per_worker_buffer_size=2)
+      )
     return iter(ds)
 
 
-def make_eval_loader(input_cfg, split: str, *, batch_size: int, process_index: int = 0,
-                     process_count: int = 1) -> EvalLoader:
+def make_eval_loader(
+  input_cfg, split: str, *, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> EvalLoader:
   """Eval loader over ``split`` (resize to ``input.eval_size``, no augmentation).
 
   ``batch_size`` is per process. Returns an :class:`EvalLoader` (``len()`` = batches per
@@ -314,7 +379,14 @@ def make_eval_loader(input_cfg, split: str, *, batch_size: int, process_index: i
     max_boxes, with_mask = TFDS_MAX_BOXES, False
   else:
     max_boxes, with_mask = max(1, meta.max_boxes), bool(meta.masks)
-  return EvalLoader(source, meta, batch_size=batch_size, eval_size=input_cfg.eval_size,
-                    max_boxes=max_boxes, with_mask=with_mask, process_index=process_index,
-                    process_count=process_count,
-                    num_workers=_workers(input_cfg))
+  return EvalLoader(
+    source,
+    meta,
+    batch_size=batch_size,
+    eval_size=input_cfg.eval_size,
+    max_boxes=max_boxes,
+    with_mask=with_mask,
+    process_index=process_index,
+    process_count=process_count,
+    num_workers=_workers(input_cfg),
+  )

@@ -11,6 +11,7 @@ in the order of ``--class_list`` (one folder name per line). Ids are written rel
 ``--relative_to`` (default: the parent of ``image_folder``, so ``train/n01440764/x.JPEG`` as
 in wsolevaluation); point ``input.data_root`` there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import os
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
 
-def scan_image_folder(image_folder: str, class_list: list[str] | None = None,
-                      relative_to: str | None = None) -> list[tuple[str, int]]:
+def scan_image_folder(
+  image_folder: str, class_list: list[str] | None = None, relative_to: str | None = None
+) -> list[tuple[str, int]]:
   """Returns sorted (image id, label) pairs of ``image_folder/<class>/<image>``."""
   if not os.path.isdir(image_folder):
     raise FileNotFoundError(f'image folder {image_folder!r} does not exist')

@@ -12,6 +12,7 @@ Files (one record per line, comma separated, as in clovaai/wsolevaluation):
 Every malformed line raises :class:`MetadataError` naming ``file:line``. The reader is strict
 on purpose: a silently dropped image changes the evaluation denominators.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +46,7 @@ class Metadata:
     where: image id -> ``'<abs path of image_ids.txt>:<line>'`` for error messages.
     dataset_name, split, root: what was loaded, and the split's metadata directory.
   """
+
   image_ids: list[str]
   labels: dict[str, int]
   sizes: dict[str, tuple[int, int]]
@@ -69,10 +71,11 @@ def check_relative_path(path: str, where: str) -> str:
   if not path or path != path.strip():
     raise MetadataError(f'{where}: empty path or path with surrounding spaces: {path!r}')
   parts = path.replace('\\', '/').split('/')
-  if os.path.isabs(path) or path.startswith(('/', '\\', '~')) or ':' in parts[0] \
-      or '..' in parts:
-    raise MetadataError(f'{where}: path {path!r} resolves outside the data root; ids must be '
-                        'relative paths without ".." components')
+  if os.path.isabs(path) or path.startswith(('/', '\\', '~')) or ':' in parts[0] or '..' in parts:
+    raise MetadataError(
+      f'{where}: path {path!r} resolves outside the data root; ids must be '
+      'relative paths without ".." components'
+    )
   return path
 
 
@@ -108,13 +111,20 @@ def _ints(fields, path, num, what):
 
 def _expect(fields, n, path, num, fmt):
   if len(fields) != n:
-    raise MetadataError(f'{path}:{num}: expected {n} fields ({fmt}), got {len(fields)}: '
-                        f'{",".join(fields)!r}')
+    raise MetadataError(
+      f'{path}:{num}: expected {n} fields ({fmt}), got {len(fields)}: {",".join(fields)!r}'
+    )
 
 
-def load_metadata(metadata_root: str, dataset_name: str, split: str, *,
-                  num_classes: int | None = None, proxy: bool = False,
-                  require_labels: bool = True) -> Metadata:
+def load_metadata(
+  metadata_root: str,
+  dataset_name: str,
+  split: str,
+  *,
+  num_classes: int | None = None,
+  proxy: bool = False,
+  require_labels: bool = True,
+) -> Metadata:
   """Loads ``metadata_root/dataset_name/split``.
 
   Args:
@@ -131,10 +141,15 @@ def load_metadata(metadata_root: str, dataset_name: str, split: str, *,
   """
   root = os.path.join(metadata_root, dataset_name, split)
   if not os.path.isdir(root):
-    avail = sorted(os.listdir(os.path.join(metadata_root, dataset_name))) \
-        if os.path.isdir(os.path.join(metadata_root, dataset_name)) else []
-    raise MetadataError(f'no metadata folder {root!r} (dataset {dataset_name!r}, split '
-                        f'{split!r}); splits available there: {avail}')
+    avail = (
+      sorted(os.listdir(os.path.join(metadata_root, dataset_name)))
+      if os.path.isdir(os.path.join(metadata_root, dataset_name))
+      else []
+    )
+    raise MetadataError(
+      f'no metadata folder {root!r} (dataset {dataset_name!r}, split '
+      f'{split!r}); splits available there: {avail}'
+    )
   if num_classes is None:
     num_classes = NUM_CLASSES.get(dataset_name)
 
@@ -146,8 +161,9 @@ def load_metadata(metadata_root: str, dataset_name: str, split: str, *,
     _expect(fields, 1, ids_file, num, 'path')
     image_id = check_relative_path(fields[0], f'{ids_file}:{num}')
     if image_id in where:
-      raise MetadataError(f'{ids_file}:{num}: duplicate image id {image_id!r} '
-                          f'(first at {where[image_id]})')
+      raise MetadataError(
+        f'{ids_file}:{num}: duplicate image id {image_id!r} (first at {where[image_id]})'
+      )
     where[image_id] = f'{os.path.abspath(ids_file)}:{num}'
     image_ids.append(image_id)
   if not image_ids:
@@ -160,14 +176,17 @@ def load_metadata(metadata_root: str, dataset_name: str, split: str, *,
       _expect(fields, 2, labels_file, num, 'path,label')
       (label,) = _ints(fields[1:], labels_file, num, 'label')
       if label < 0 or (num_classes is not None and label >= num_classes):
-        raise MetadataError(f'{labels_file}:{num}: label {label} out of range '
-                            f'[0, {num_classes if num_classes is not None else "inf"})')
+        raise MetadataError(
+          f'{labels_file}:{num}: label {label} out of range '
+          f'[0, {num_classes if num_classes is not None else "inf"})'
+        )
       labels[fields[0]] = label
   if require_labels:
     for image_id in image_ids:
       if image_id not in labels:
-        raise MetadataError(f'{where[image_id]}: image id {image_id!r} has no label in '
-                            f'{labels_file}')
+        raise MetadataError(
+          f'{where[image_id]}: image id {image_id!r} has no label in {labels_file}'
+        )
 
   sizes = {}
   sizes_file = os.path.join(root, 'image_sizes.txt')
@@ -180,8 +199,7 @@ def load_metadata(metadata_root: str, dataset_name: str, split: str, *,
       sizes[fields[0]] = (w, h)
     for image_id in image_ids:
       if image_id not in sizes:
-        raise MetadataError(f'{where[image_id]}: image id {image_id!r} has no size in '
-                            f'{sizes_file}')
+        raise MetadataError(f'{where[image_id]}: image id {image_id!r} has no size in {sizes_file}')
 
   boxes, masks = {}, {}
   loc_file = os.path.join(root, 'localization.txt')
@@ -198,11 +216,20 @@ def load_metadata(metadata_root: str, dataset_name: str, split: str, *,
       if image_id not in masks:
         raise MetadataError(f'{where[image_id]}: image id {image_id!r} has no mask line')
       if masks[image_id][1] is None:
-        raise MetadataError(f'{where[image_id]}: image id {image_id!r} has no ignore path '
-                            'on its first mask line')
-  return Metadata(image_ids=image_ids, labels={i: labels[i] for i in image_ids if i in labels},
-                  sizes=sizes, boxes=boxes, masks=masks, where=where,
-                  dataset_name=dataset_name, split=split, root=root)
+        raise MetadataError(
+          f'{where[image_id]}: image id {image_id!r} has no ignore path on its first mask line'
+        )
+  return Metadata(
+    image_ids=image_ids,
+    labels={i: labels[i] for i in image_ids if i in labels},
+    sizes=sizes,
+    boxes=boxes,
+    masks=masks,
+    where=where,
+    dataset_name=dataset_name,
+    split=split,
+    root=root,
+  )
 
 
 def _read_boxes(path, sizes, sizes_file, where, image_ids):
@@ -214,8 +241,10 @@ def _read_boxes(path, sizes, sizes_file, where, image_ids):
     _expect(fields, 5, path, num, 'path,x0,y0,x1,y1')
     x0, y0, x1, y1 = _ints(fields[1:], path, num, 'box coordinates')
     if x1 < x0 or y1 < y0 or x0 < 0 or y0 < 0:
-      raise MetadataError(f'{path}:{num}: invalid box (x0,y0,x1,y1)=({x0},{y0},{x1},{y1}); '
-                          'need 0 <= x0 <= x1 and 0 <= y0 <= y1')
+      raise MetadataError(
+        f'{path}:{num}: invalid box (x0,y0,x1,y1)=({x0},{y0},{x1},{y1}); '
+        'need 0 <= x0 <= x1 and 0 <= y0 <= y1'
+      )
     lists.setdefault(fields[0], []).append((x0, y0, x1, y1))
   for image_id in image_ids:
     if image_id not in lists:
@@ -232,8 +261,10 @@ def _read_masks(path):
     check_relative_path(mask_path, f'{path}:{num}')
     if image_id in masks:
       if ignore_path:
-        raise MetadataError(f'{path}:{num}: ignore path given on a non-first line of '
-                            f'{image_id!r} (the format has it on the first line only)')
+        raise MetadataError(
+          f'{path}:{num}: ignore path given on a non-first line of '
+          f'{image_id!r} (the format has it on the first line only)'
+        )
       masks[image_id][0].append(mask_path)
     else:
       if ignore_path:

@@ -6,6 +6,7 @@ image was skipped), ``label`` (int), ``size`` ((w, h) used to rescale boxes), ``
 (int ``[N, 4]`` x0,y0,x1,y1 in original pixels), ``mask`` ((mask files, ignore file) or None)
 and ``where`` (text for error messages).
 """
+
 from __future__ import annotations
 
 import glob
@@ -67,8 +68,14 @@ class FolderSource:
       (training only); otherwise they raise :class:`BadImageError`.
   """
 
-  def __init__(self, metadata: Metadata, data_root: str, *, mask_root: str | None = None,
-               skip_report: SkipReport | None = None):
+  def __init__(
+    self,
+    metadata: Metadata,
+    data_root: str,
+    *,
+    mask_root: str | None = None,
+    skip_report: SkipReport | None = None,
+  ):
     if not os.path.isdir(data_root):
       raise FileNotFoundError(f'data root {data_root!r} does not exist')
     self._ids = list(metadata.image_ids)
@@ -83,10 +90,15 @@ class FolderSource:
     self._boxes = metadata.boxes
     mask_root = mask_root or data_root
     self._masks = {
-        i: ([safe_join(mask_root, p, self._where[k]) for p in metadata.masks[i][0]],
-            None if metadata.masks[i][1] is None
-            else safe_join(mask_root, metadata.masks[i][1], self._where[k]))
-        for k, i in enumerate(self._ids) if i in metadata.masks}
+      i: (
+        [safe_join(mask_root, p, self._where[k]) for p in metadata.masks[i][0]],
+        None
+        if metadata.masks[i][1] is None
+        else safe_join(mask_root, metadata.masks[i][1], self._where[k]),
+      )
+      for k, i in enumerate(self._ids)
+      if i in metadata.masks
+    }
     self._skip_report = skip_report
 
   def __len__(self) -> int:
@@ -109,9 +121,15 @@ class FolderSource:
       image = None
     size = self._sizes.get(image_id) or (image.size if image is not None else (1, 1))
     boxes = self._boxes.get(image_id)
-    return {'index': index, 'image': image, 'label': int(self._labels[index]), 'size': size,
-            'boxes': np.zeros((0, 4), np.int64) if boxes is None else boxes,
-            'mask': self._masks.get(image_id), 'where': self._where[index]}
+    return {
+      'index': index,
+      'image': image,
+      'label': int(self._labels[index]),
+      'size': size,
+      'boxes': np.zeros((0, 4), np.int64) if boxes is None else boxes,
+      'mask': self._masks.get(image_id),
+      'where': self._where[index],
+    }
 
 
 def tfds_boxes(record: dict, width: int, height: int) -> np.ndarray:
@@ -142,8 +160,7 @@ class TfdsSource:
   unless ``skip_report`` is given.
   """
 
-  def __init__(self, data_source, name: str, split: str, *,
-               skip_report: SkipReport | None = None):
+  def __init__(self, data_source, name: str, split: str, *, skip_report: SkipReport | None = None):
     self._src = data_source
     self._name = f'{name}[{split}]'
     self._skip_report = skip_report
@@ -161,8 +178,9 @@ class TfdsSource:
       record = self._src[index]
       arr = np.asarray(record['image'])
       if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
-        raise BadImageError(f'{where}: image must be uint8 [H,W] or [H,W,C], got '
-                            f'{arr.dtype} {arr.shape}')
+        raise BadImageError(
+          f'{where}: image must be uint8 [H,W] or [H,W,C], got {arr.dtype} {arr.shape}'
+        )
       if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
       image = Image.fromarray(arr)
@@ -174,8 +192,22 @@ class TfdsSource:
         raise err from None
       log.warning('skip_bad_images: %s', err)
       self._skip_report.record(str(index), where, str(err))
-      return {'index': index, 'image': None, 'label': 0, 'size': (1, 1),
-              'boxes': np.zeros((0, 4), np.int64), 'mask': None, 'where': where}
+      return {
+        'index': index,
+        'image': None,
+        'label': 0,
+        'size': (1, 1),
+        'boxes': np.zeros((0, 4), np.int64),
+        'mask': None,
+        'where': where,
+      }
     w, h = image.size
-    return {'index': index, 'image': image, 'label': int(record['label']), 'size': (w, h),
-            'boxes': tfds_boxes(record, w, h), 'mask': None, 'where': where}
+    return {
+      'index': index,
+      'image': image,
+      'label': int(record['label']),
+      'size': (w, h),
+      'boxes': tfds_boxes(record, w, h),
+      'mask': None,
+      'where': where,
+    }

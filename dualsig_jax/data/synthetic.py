@@ -21,6 +21,7 @@ ignores the ambiguous boundary the way OpenImages ignores ambiguous instances.
 CLI: ``python -m dualsig_jax.data.synthetic --out DIR [--seed 0 --num_classes 10
 --image_size 112 --num_train 3000 --num_val 500 --num_test 1000 --preset default|tiny]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,16 +37,36 @@ import time
 import cv2
 import numpy as np
 
-SHAPES = ('disc', 'square', 'triangle', 'cross', 'ring', 'star', 'diamond', 'hexagon',
-          'crescent', 'bar')
-TEXTURES = ('hstripes', 'vstripes', 'dstripes', 'adstripes', 'dots', 'checker', 'solid',
-            'rings', 'grid', 'sectors')
+SHAPES = (
+  'disc',
+  'square',
+  'triangle',
+  'cross',
+  'ring',
+  'star',
+  'diamond',
+  'hexagon',
+  'crescent',
+  'bar',
+)
+TEXTURES = (
+  'hstripes',
+  'vstripes',
+  'dstripes',
+  'adstripes',
+  'dots',
+  'checker',
+  'solid',
+  'rings',
+  'grid',
+  'sectors',
+)
 MAX_CLASSES = len(SHAPES)
-DEFAULTS = dict(num_classes=10, image_size=112, num_train=3000, num_val=500, num_test=1000,
-                seed=0)
-PRESETS = {'default': DEFAULTS,
-           'tiny': dict(num_classes=10, image_size=64, num_train=200, num_val=40, num_test=80,
-                        seed=0)}
+DEFAULTS = dict(num_classes=10, image_size=112, num_train=3000, num_val=500, num_test=1000, seed=0)
+PRESETS = {
+  'default': DEFAULTS,
+  'tiny': dict(num_classes=10, image_size=64, num_train=200, num_val=40, num_test=80, seed=0),
+}
 SPLITS = ('train', 'val', 'test')
 _MARKER = '.complete'
 
@@ -66,8 +87,22 @@ def _polygon(kind, s, rng):
     return np.stack([np.cos(t), np.sin(t)], 1) * r
   if kind == 'cross':
     a, b = r, r / 3
-    return np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a],
-                     [-b, b], [-a, b], [-a, -b], [-b, -b]])
+    return np.array(
+      [
+        [-b, -a],
+        [b, -a],
+        [b, -b],
+        [a, -b],
+        [a, b],
+        [b, b],
+        [b, a],
+        [-b, a],
+        [-b, b],
+        [-a, b],
+        [-a, -b],
+        [-b, -b],
+      ]
+    )
   if kind == 'star':
     t = np.deg2rad(np.arange(10) * 36 - 90)
     rad = np.where(np.arange(10) % 2 == 0, r, r * 0.42)
@@ -91,9 +126,18 @@ def _shape_mask(kind, h, w, cx, cy, s, angle):
     return np.round((v @ rot.T + [cx, cy]) * (1 << shift)).astype(np.int32)
 
   def ellipse(center, axes, value):
-    cv2.ellipse(m, tuple(int(round(x * 16)) for x in center),
-                tuple(int(round(x * 16)) for x in axes), np.rad2deg(angle), 0, 360, value,
-                -1, cv2.LINE_8, shift)
+    cv2.ellipse(
+      m,
+      tuple(int(round(x * 16)) for x in center),
+      tuple(int(round(x * 16)) for x in axes),
+      np.rad2deg(angle),
+      0,
+      360,
+      value,
+      -1,
+      cv2.LINE_8,
+      shift,
+    )
 
   r = s / 2
   if kind == 'disc':
@@ -159,14 +203,27 @@ def render(label: int, num_classes: int, image_size: int, rng: np.random.Generat
   # Plain blobs and strokes in random colours: clutter that is never a class object.
   for _ in range(rng.integers(1, 4)):
     axes = tuple(int(x) for x in rng.uniform(0.04, 0.12, 2) * min(h, w))
-    cv2.ellipse(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), axes,
-                float(rng.uniform(0, 180)), 0, 360, rng.uniform(0, 255, 3).tolist(), -1)
+    cv2.ellipse(
+      img,
+      (int(rng.integers(0, w)), int(rng.integers(0, h))),
+      axes,
+      float(rng.uniform(0, 180)),
+      0,
+      360,
+      rng.uniform(0, 255, 3).tolist(),
+      -1,
+    )
   for _ in range(rng.integers(4, 10)):
     n = int(rng.integers(2, 5))
-    p = np.cumsum(rng.normal(0, 0.25 * min(h, w), size=(n, 2)), 0) + \
-        rng.uniform(0, 1, 2) * [w, h]
-    cv2.polylines(img, [p.astype(np.int32)], False, rng.uniform(0, 255, 3).tolist(),
-                  int(rng.integers(1, 3)), cv2.LINE_AA)
+    p = np.cumsum(rng.normal(0, 0.25 * min(h, w), size=(n, 2)), 0) + rng.uniform(0, 1, 2) * [w, h]
+    cv2.polylines(
+      img,
+      [p.astype(np.int32)],
+      False,
+      rng.uniform(0, 255, 3).tolist(),
+      int(rng.integers(1, 3)),
+      cv2.LINE_AA,
+    )
   # The object.
   s = rng.uniform(0.2, 0.6) * min(h, w)
   # A rotated square reaches 0.57 s from its centre; keep every shape inside the image.
@@ -176,7 +233,7 @@ def render(label: int, num_classes: int, image_size: int, rng: np.random.Generat
   angle = rng.uniform(0, 2 * np.pi)
   mask = _shape_mask(SHAPES[label], h, w, cx, cy, s, angle)
   if not mask.any():  # Vanishingly rare (tiny objects); a 2x2 blob keeps the box valid.
-    mask[int(cy):int(cy) + 2, int(cx):int(cx) + 2] = True
+    mask[int(cy) : int(cy) + 2, int(cx) : int(cx) + 2] = True
   hue = label * 360.0 / num_classes + rng.uniform(-8, 8)
   col_a = _hsv(hue, rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0))
   col_b = _hsv(hue + 20, rng.uniform(0.6, 0.9), rng.uniform(0.25, 0.45))
@@ -202,8 +259,13 @@ def _make_one(args):
   image_id = f'images/{split}/{idx:05d}.jpg'
   cv2.imwrite(os.path.join(out, image_id), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
   ys, xs = np.nonzero(mask)
-  rec = {'id': image_id, 'label': label, 'w': img.shape[1], 'h': img.shape[0],
-         'box': (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))}
+  rec = {
+    'id': image_id,
+    'label': label,
+    'w': img.shape[1],
+    'h': img.shape[0],
+    'box': (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())),
+  }
   if with_masks:
     rec['mask'] = f'masks/{split}/{idx:05d}.png'
     rec['ignore'] = f'masks/{split}/{idx:05d}_ignore.png'
@@ -221,11 +283,11 @@ def _write_metadata(out, split, recs, with_masks):
       f.write(''.join(line + '\n' for line in lines))
 
   write('image_ids.txt', [r['id'] for r in recs])
-  write('class_labels.txt', [f"{r['id']},{r['label']}" for r in recs])
-  write('image_sizes.txt', [f"{r['id']},{r['w']},{r['h']}" for r in recs])
-  write('localization.txt', [f"{r['id']},{','.join(map(str, r['box']))}" for r in recs])
+  write('class_labels.txt', [f'{r["id"]},{r["label"]}' for r in recs])
+  write('image_sizes.txt', [f'{r["id"]},{r["w"]},{r["h"]}' for r in recs])
+  write('localization.txt', [f'{r["id"]},{",".join(map(str, r["box"]))}' for r in recs])
   if with_masks:
-    write('localization_mask.txt', [f"{r['id']},{r['mask']},{r['ignore']}" for r in recs])
+    write('localization_mask.txt', [f'{r["id"]},{r["mask"]},{r["ignore"]}' for r in recs])
 
 
 def _pool(workers):
@@ -235,9 +297,17 @@ def _pool(workers):
   return multiprocessing.get_context(ctx).Pool(workers)
 
 
-def generate(out_dir: str, *, num_classes: int = 10, image_size: int = 112,
-             num_train: int = 3000, num_val: int = 500, num_test: int = 1000, seed: int = 0,
-             workers: int | None = None) -> dict:
+def generate(
+  out_dir: str,
+  *,
+  num_classes: int = 10,
+  image_size: int = 112,
+  num_train: int = 3000,
+  num_val: int = 500,
+  num_test: int = 1000,
+  seed: int = 0,
+  workers: int | None = None,
+) -> dict:
   """Writes the SYNTH benchmark into ``out_dir`` (see module docstring); returns its params.
 
   Deterministic: the same arguments give byte-identical files, for any ``workers``.
@@ -246,9 +316,14 @@ def generate(out_dir: str, *, num_classes: int = 10, image_size: int = 112,
     raise ValueError(f'num_classes must be in [2, {MAX_CLASSES}], got {num_classes}')
   if image_size < 32:
     raise ValueError(f'image_size must be >= 32, got {image_size}')
-  params = dict(num_classes=int(num_classes), image_size=int(image_size),
-                num_train=int(num_train), num_val=int(num_val), num_test=int(num_test),
-                seed=int(seed))
+  params = dict(
+    num_classes=int(num_classes),
+    image_size=int(image_size),
+    num_train=int(num_train),
+    num_val=int(num_val),
+    num_test=int(num_test),
+    seed=int(seed),
+  )
   jobs, counts = [], {'train': num_train, 'val': num_val, 'test': num_test}
   for split in SPLITS:
     os.makedirs(os.path.join(out_dir, 'images', split), exist_ok=True)
@@ -256,9 +331,12 @@ def generate(out_dir: str, *, num_classes: int = 10, image_size: int = 112,
       os.makedirs(os.path.join(out_dir, 'masks', split), exist_ok=True)
     # Balanced classes in a seeded random order.
     labels = np.random.default_rng([seed, SPLITS.index(split), 10**6]).permutation(
-        np.arange(counts[split]) % num_classes)
-    jobs += [(out_dir, split, i, int(labels[i]), num_classes, image_size, seed,
-              split != 'train') for i in range(counts[split])]
+      np.arange(counts[split]) % num_classes
+    )
+    jobs += [
+      (out_dir, split, i, int(labels[i]), num_classes, image_size, seed, split != 'train')
+      for i in range(counts[split])
+    ]
   workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
   if workers > 1 and len(jobs) > 64:
     with _pool(workers) as pool:
@@ -267,7 +345,7 @@ def generate(out_dir: str, *, num_classes: int = 10, image_size: int = 112,
     recs = [_make_one(j) for j in jobs]
   start = 0
   for split in SPLITS:
-    _write_metadata(out_dir, split, recs[start:start + counts[split]], split != 'train')
+    _write_metadata(out_dir, split, recs[start : start + counts[split]], split != 'train')
     start += counts[split]
   with open(os.path.join(out_dir, 'synthetic.json'), 'w') as f:
     json.dump({'params': params, 'class_names': class_names(num_classes)}, f, indent=1)

@@ -7,6 +7,7 @@ torchvision's Resize on a PIL image is ``PIL.Image.resize(..., BILINEAR)`` (PIL 
 when shrinking), so we call PIL directly to get the same pixels; crop and flip are done on the
 uint8 image before the float conversion because that is cheaper and exact.
 """
+
 from __future__ import annotations
 
 import functools
@@ -85,8 +86,9 @@ def normalize_batch(images, out: np.ndarray | None = None) -> np.ndarray:
   return out
 
 
-def train_crop(img: Image.Image, rng: np.random.Generator, resize_size: int,
-               crop_size: int) -> np.ndarray:
+def train_crop(
+  img: Image.Image, rng: np.random.Generator, resize_size: int, crop_size: int
+) -> np.ndarray:
   """Resize to ``resize_size`` square, random crop ``crop_size``, random h-flip (no normalize).
 
   Args:
@@ -109,8 +111,9 @@ def train_crop(img: Image.Image, rng: np.random.Generator, resize_size: int,
   return np.asarray(img)
 
 
-def train_transform(img: Image.Image, rng: np.random.Generator, resize_size: int,
-                    crop_size: int) -> np.ndarray:
+def train_transform(
+  img: Image.Image, rng: np.random.Generator, resize_size: int, crop_size: int
+) -> np.ndarray:
   """Resize to ``resize_size`` square, random crop ``crop_size``, random h-flip, normalize.
 
   Args:
@@ -145,14 +148,16 @@ def _read_mask(path: str, eval_size: int, where: str) -> np.ndarray:
   mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
   if mask is None:
     raise BadImageError(f'missing or unreadable mask file {path} (listed for {where})')
-  mask = cv2.resize(mask.astype(np.float32), (eval_size, eval_size),
-                    interpolation=cv2.INTER_NEAREST)
+  mask = cv2.resize(
+    mask.astype(np.float32), (eval_size, eval_size), interpolation=cv2.INTER_NEAREST
+  )
   # `> 0.5` on the raw 0..255 values, exactly as the reference (0/255 masks: same as /255).
   return mask > 0.5
 
 
-def build_mask(mask_paths: list[str], ignore_path: str | None, eval_size: int,
-               where: str = '') -> np.ndarray:
+def build_mask(
+  mask_paths: list[str], ignore_path: str | None, eval_size: int, where: str = ''
+) -> np.ndarray:
   """GT mask as in wsolevaluation: uint8 ``[S, S]``, 1 = object, 0 = background, 255 = ignore.
 
   ``mask_paths``/``ignore_path`` are full file paths. Instances are OR-ed; the ignore region is

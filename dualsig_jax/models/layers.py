@@ -5,134 +5,243 @@ not always reproduce (e.g. ``ceil_mode=True`` max pooling in InceptionV3-CAM), s
 conv/pool here takes torch-style integer paddings. Parameters are always float32;
 ``dtype`` is only the compute dtype.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
+import numpy as np
 
 Dtype = Any
 
 # torchvision/wsolevaluation initialise convs with Kaiming-normal (fan_out, ReLU gain).
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # torch.nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) == variance_scaling(1/3, uniform).
-head_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+head_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+# Fresh heads as the reference initialises them (init_weights is on by default):
+# wsol*/util.py initialize_weights sets every Linear to N(0, 0.01) with bias 0 (VGG16-CAM,
+# ResNet50-CAM and both standard ones, each Linear of the standard VGG16's MLPs) and every
+# conv of InceptionV3-CAM, its 1x1 heads included, to xavier_uniform (gain 1) with bias 0.
+linear_head_init = nn.initializers.normal(0.01)
+conv_head_init = nn.initializers.xavier_uniform()  # U(-a, a), a = sqrt(6 / (fan_in + fan_out))
+# The standard InceptionV3 (wsol/inception.py) keeps torchvision's Inception3 loop:
+# trunc_normal_(w, std=0.1, a=-2, b=2) -- bounds in absolute units, i.e. +-20 std -- and it
+# leaves the Linear bias at torch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+inception_fc_init = nn.initializers.truncated_normal(0.1, lower=-20.0, upper=20.0)
+
+
+def torch_linear_bias_init(fan_in: int):
+  """torch.nn.Linear's default bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (Flax's bias
+  initialisers do not see fan_in, so it is bound here)."""
+  bound = 1.0 / float(np.sqrt(fan_in))
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def head_inits(kind: str, family: str, fan_in: int) -> tuple:
+  """``(kernel_init, bias_init)`` of a fresh head layer of the reference's model.
+
+  ``kind``: 'vgg' | 'resnet' | 'inception'; ``family``: 'cam' | 'standard';
+  ``fan_in``: input features of the layer (only the standard InceptionV3's bias uses it).
+  """
+  if kind == 'inception' and family == 'cam':
+    return conv_head_init, nn.initializers.zeros
+  if kind == 'inception' and family == 'standard':
+    return inception_fc_init, torch_linear_bias_init(fan_in)
+  return linear_head_init, nn.initializers.zeros
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+  return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def torch_conv(features: int, kernel_size, *, stride=1, padding=0, use_bias=True,
-               dtype: Dtype = jnp.float32, name: str | None = None,
-               kernel_init=conv_kernel_init) -> nn.Conv:
-    """A ``nn.Conv`` configured like ``torch.nn.Conv2d(k, stride, padding)``.
+def torch_conv(
+  features: int,
+  kernel_size,
+  *,
+  stride=1,
+  padding=0,
+  use_bias=True,
+  dtype: Dtype = jnp.float32,
+  name: str | None = None,
+  kernel_init=conv_kernel_init,
+) -> nn.Conv:
+  """A ``nn.Conv`` configured like ``torch.nn.Conv2d(k, stride, padding)``.
 
-    Input/output ``[B, H, W, C]``; kernel stored HWIO float32.
-    """
-    kh, kw = _pair(kernel_size)
-    ph, pw = _pair(padding)
-    return nn.Conv(features, (kh, kw), strides=_pair(stride), padding=((ph, ph), (pw, pw)),
-                   use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=kernel_init, bias_init=nn.initializers.zeros, name=name)
+  Input/output ``[B, H, W, C]``; kernel stored HWIO float32.
+  """
+  kh, kw = _pair(kernel_size)
+  ph, pw = _pair(padding)
+  return nn.Conv(
+    features,
+    (kh, kw),
+    strides=_pair(stride),
+    padding=((ph, ph), (pw, pw)),
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=kernel_init,
+    bias_init=nn.initializers.zeros,
+    name=name,
+  )
 
 
-def torch_batchnorm(use_running_average: bool, *, eps: float = 1e-5, dtype: Dtype = jnp.float32,
-                    name: str | None = None) -> nn.BatchNorm:
-    """``nn.BatchNorm`` matching ``torch.nn.BatchNorm2d`` (torch momentum 0.1 == flax 0.9).
+def torch_batchnorm(
+  use_running_average: bool,
+  *,
+  eps: float = 1e-5,
+  dtype: Dtype = jnp.float32,
+  name: str | None = None,
+) -> nn.BatchNorm:
+  """``nn.BatchNorm`` matching ``torch.nn.BatchNorm2d`` (torch momentum 0.1 == flax 0.9).
 
-    Note: Flax tracks the biased batch variance in ``var`` while torch tracks the unbiased
-    one; this only affects running statistics gathered while training, not inference.
-    """
-    return nn.BatchNorm(use_running_average=use_running_average, momentum=0.9, epsilon=eps,
-                        dtype=dtype, param_dtype=jnp.float32, name=name)
+  Note: Flax tracks the biased batch variance in ``var`` while torch tracks the unbiased
+  one; this only affects running statistics gathered while training, not inference.
+  """
+  return nn.BatchNorm(
+    use_running_average=use_running_average,
+    momentum=0.9,
+    epsilon=eps,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
 def _pool_pads(size: int, k: int, s: int, p: int, ceil_mode: bool) -> tuple[int, int]:
-    """(left, right) padding so that a VALID window sweep gives torch's output size."""
-    span = size + 2 * p - k
-    if ceil_mode:
-        out = -(-span // s) + 1
-        # torch drops a last window that would start inside the right padding only.
-        if (out - 1) * s >= size + p:
-            out -= 1
-    else:
-        out = span // s + 1
-    extra = (out - 1) * s + k - (size + 2 * p)
-    if not ceil_mode:
-        return p, p  # reduce_window's floor division already matches torch
-    return p, p + max(extra, 0)
+  """(left, right) padding so that a VALID window sweep gives torch's output size."""
+  span = size + 2 * p - k
+  if ceil_mode:
+    out = -(-span // s) + 1
+    # torch drops a last window that would start inside the right padding only.
+    if (out - 1) * s >= size + p:
+      out -= 1
+  else:
+    out = span // s + 1
+  extra = (out - 1) * s + k - (size + 2 * p)
+  if not ceil_mode:
+    return p, p  # reduce_window's floor division already matches torch
+  return p, p + max(extra, 0)
 
 
-def max_pool(x: jax.Array, kernel_size: int, stride: int, padding: int = 0,
-             ceil_mode: bool = False) -> jax.Array:
-    """``torch.nn.functional.max_pool2d`` on ``[B, H, W, C]`` (padding counts as -inf)."""
-    pads = (_pool_pads(x.shape[1], kernel_size, stride, padding, ceil_mode),
-            _pool_pads(x.shape[2], kernel_size, stride, padding, ceil_mode))
-    # nn.max_pool pads with the -inf init value, as torch does.
-    return nn.max_pool(x, (kernel_size, kernel_size), (stride, stride), padding=pads)
+def max_pool(
+  x: jax.Array, kernel_size: int, stride: int, padding: int = 0, ceil_mode: bool = False
+) -> jax.Array:
+  """``torch.nn.functional.max_pool2d`` on ``[B, H, W, C]`` (padding counts as -inf)."""
+  pads = (
+    _pool_pads(x.shape[1], kernel_size, stride, padding, ceil_mode),
+    _pool_pads(x.shape[2], kernel_size, stride, padding, ceil_mode),
+  )
+  # nn.max_pool pads with the -inf init value, as torch does.
+  return nn.max_pool(x, (kernel_size, kernel_size), (stride, stride), padding=pads)
 
 
 def avg_pool_3x3_same(x: jax.Array) -> jax.Array:
-    """``F.avg_pool2d(x, 3, stride=1, padding=1)`` (count_include_pad=True: always /9)."""
-    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                       count_include_pad=True)
+  """``F.avg_pool2d(x, 3, stride=1, padding=1)`` (count_include_pad=True: always /9)."""
+  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=True)
+
+
+def _adaptive_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """``[n_out, n_in]`` averaging weights of torch's adaptive pooling bins
+  ``[floor(i * n_in / n_out), ceil((i + 1) * n_in / n_out))`` (bins may overlap)."""
+  m = np.zeros((n_out, n_in), np.float32)
+  for i in range(n_out):
+    start = (i * n_in) // n_out
+    end = -(-((i + 1) * n_in) // n_out)
+    m[i, start:end] = 1.0 / (end - start)
+  return m
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: int | Sequence[int]) -> jax.Array:
+  """``torch.nn.AdaptiveAvgPool2d(output_size)`` on ``[B, H, W, C]`` -> ``[B, oh, ow, C]``.
+
+  Any input size, also smaller than the output (bins then repeat input cells), as in torch.
+  """
+  oh, ow = _pair(output_size)
+  b, h, w, c = x.shape
+  if h % oh == 0 and w % ow == 0:  # equal, disjoint bins: a plain mean (VGG16 at 224)
+    return jnp.mean(x.reshape(b, oh, h // oh, ow, w // ow, c), axis=(2, 4))
+  mh = jnp.asarray(_adaptive_matrix(h, oh), x.dtype)
+  mw = jnp.asarray(_adaptive_matrix(w, ow), x.dtype)
+  hi = jax.lax.Precision.HIGHEST  # a pooled mean, not a learned matmul: keep f32 exact
+  y = jnp.einsum('oh,bhwc->bowc', mh, x, precision=hi)
+  return jnp.einsum('pw,bowc->bopc', mw, y, precision=hi)
+
+
+def torch_flatten(x: jax.Array) -> jax.Array:
+  """``torch.flatten(x, 1)`` of the NCHW twin of ``x [B, H, W, C]`` -> ``[B, C*H*W]``
+  (C-major, so Linear weights converted from torch apply unchanged)."""
+  return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
-    """``[B, H, W, C]`` -> ``[B, C]`` mean over space (AdaptiveAvgPool2d(1) + flatten)."""
-    return jnp.mean(x, axis=(1, 2))
+  """``[B, H, W, C]`` -> ``[B, C]`` mean over space (AdaptiveAvgPool2d(1) + flatten)."""
+  return jnp.mean(x, axis=(1, 2))
 
 
 class ConvReLUStack(nn.Module):
-    """A torch ``nn.Sequential(Conv2d, ReLU)`` stand-in whose conv is named ``'0'``."""
-    features: int
-    kernel_size: int = 3
-    padding: int = 1
-    dtype: Dtype = jnp.float32
+  """A torch ``nn.Sequential(Conv2d, ReLU)`` stand-in whose conv is named ``'0'``."""
 
-    @nn.compact
-    def __call__(self, x):
-        x = torch_conv(self.features, self.kernel_size, padding=self.padding, dtype=self.dtype,
-                       name="0")(x)
-        return nn.relu(x)
+  features: int
+  kernel_size: int = 3
+  padding: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = torch_conv(
+      self.features, self.kernel_size, padding=self.padding, dtype=self.dtype, name='0'
+    )(x)
+    return nn.relu(x)
 
 
 class DualHeadMixin:
-    """Shared dual-branch output logic for the CAM models.
+  """Shared dual-branch output logic of the models with a single-layer head.
 
-    Subclasses define ``fc`` and ``fc2`` (Dense on pooled features, or a 1x1 conv for
-    Inception with ``conv_head = True``), ``dual`` and ``dtype``.
+  Subclasses define ``fc`` and ``fc2`` (Dense on pooled features, or a 1x1 conv for
+  InceptionV3-CAM with ``conv_head = True``), ``frozen_backbone`` and ``dtype``.
+  """
+
+  conv_head = False
+
+  def _branch(self, layer, features):
+    if self.conv_head:
+      # wsolevaluation InceptionCam: 1x1 conv on the map, then GAP.
+      return global_avg_pool(layer(features))
+    return layer(global_avg_pool(features))
+
+  def head(self, features: jax.Array) -> dict[str, jax.Array]:
+    """Pure head on ``features`` ``[B, h, w, Cf]`` -> logits ``[B, K]`` float32.
+
+    No stop-gradient and no dropout: CAM methods differentiate through this.
     """
-    conv_head = False
+    features = features.astype(self.dtype)
+    return {
+      'softmax_logits': self._branch(self.fc, features).astype(jnp.float32),
+      'sigmoid_logits': self._branch(self.fc2, features).astype(jnp.float32),
+    }
 
-    def _branch(self, layer, features):
-        if self.conv_head:
-            # wsolevaluation InceptionCam: 1x1 conv on the map, then GAP.
-            return global_avg_pool(layer(features))
-        return layer(global_avg_pool(features))
-
-    def head(self, features: jax.Array) -> dict[str, jax.Array]:
-        """Pure head on ``features`` ``[B, h, w, Cf]`` -> logits ``[B, K]`` float32.
-
-        No stop-gradient and no dropout: CAM methods differentiate through this.
-        """
-        features = features.astype(self.dtype)
-        return {"softmax_logits": self._branch(self.fc, features).astype(jnp.float32),
-                "sigmoid_logits": self._branch(self.fc2, features).astype(jnp.float32)}
-
-    def _outputs(self, features, head_input=None):
-        """Apply both heads; in dual mode nothing upstream of fc2 receives a gradient."""
-        head_input = features if head_input is None else head_input
-        if self.dual:
-            features = jax.lax.stop_gradient(features)
-            head_input = jax.lax.stop_gradient(head_input)
-        soft = self._branch(self.fc, head_input)
-        if self.dual:
-            soft = jax.lax.stop_gradient(soft)
-        sig = self._branch(self.fc2, head_input)
-        return {"features": features.astype(jnp.float32),
-                "softmax_logits": soft.astype(jnp.float32),
-                "sigmoid_logits": sig.astype(jnp.float32)}
+  def _outputs(self, features, head_input=None):
+    """Apply both heads; with ``frozen_backbone`` nothing upstream of ``fc2`` and nothing of
+    the softmax head receives a gradient (BatchNorm and dropout follow ``train`` only)."""
+    head_input = features if head_input is None else head_input
+    if self.frozen_backbone:
+      features = jax.lax.stop_gradient(features)
+      head_input = jax.lax.stop_gradient(head_input)
+    soft = self._branch(self.fc, head_input)
+    if self.frozen_backbone:
+      soft = jax.lax.stop_gradient(soft)
+    sig = self._branch(self.fc2, head_input)
+    return {
+      'features': features.astype(jnp.float32),
+      'softmax_logits': soft.astype(jnp.float32),
+      'sigmoid_logits': sig.astype(jnp.float32),
+    }

@@ -4,19 +4,21 @@ Layout: `<workdir>/<stage>/checkpoints/<step>/{state,data,meta}`. The JSON recor
 experiment's model (arch, classes, shapes) so a workdir holding another experiment's checkpoint
 is refused with a clear message instead of an opaque shape error.
 """
+
 from __future__ import annotations
 
 import os
 from typing import Any
 
+import grain.python as grain
 import jax
 import orbax.checkpoint as ocp
-import grain.python as grain
 
 
 def manager(directory: str, *, max_to_keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=False)
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+  )
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -37,8 +39,9 @@ def check_compatible(meta: dict, expected: dict, where: str) -> None:
   for key in ('arch', 'num_classes', 'stage'):
     if key in expected and meta.get(key) != expected[key]:
       raise ValueError(
-          f'{where} holds a checkpoint of another experiment: its {key} is {meta.get(key)!r}, '
-          f'this config asks for {expected[key]!r}. Use a fresh --workdir or remove it.')
+        f'{where} holds a checkpoint of another experiment: its {key} is {meta.get(key)!r}, '
+        f'this config asks for {expected[key]!r}. Use a fresh --workdir or remove it.'
+      )
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, target_state, data_iter=None) -> Any:
@@ -51,6 +54,8 @@ def restore(mgr: ocp.CheckpointManager, step: int, target_state, data_iter=None)
   try:
     out = mgr.restore(step, args=ocp.args.Composite(**items))
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'cannot restore step {step} from {mgr.directory}: the checkpoint does not '
-                     f'match this experiment\'s model ({e})') from e
+    raise ValueError(
+      f'cannot restore step {step} from {mgr.directory}: the checkpoint does not '
+      f"match this experiment's model ({e})"
+    ) from e
   return out['state'], out['meta']

@@ -4,6 +4,7 @@ optax has no `pos_weight` for sigmoid BCE, so the class-balanced loss is assembl
 `jax.nn.log_sigmoid` pieces; `tests/test_train.py` checks it against the formula and against
 `torch.nn.BCEWithLogitsLoss(pos_weight=...)`.
 """
+
 from __future__ import annotations
 
 import jax
@@ -11,8 +12,9 @@ import jax.numpy as jnp
 import optax
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *, temp: float = 1.0,
-                          gamma: float = 1.0) -> jax.Array:
+def softmax_cross_entropy(
+  logits: jax.Array, labels: jax.Array, *, temp: float = 1.0, gamma: float = 1.0
+) -> jax.Array:
   """Mean cross-entropy, as `F.cross_entropy`.
 
   Args:
@@ -30,9 +32,15 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *, temp: float =
   return -jnp.take_along_axis(log_prob, labels[:, None], axis=-1).mean()
 
 
-def balanced_bce_with_logits(logits: jax.Array, labels: jax.Array, *, pos_weight: float | None,
-                             temp: float = 1.0, gamma: float = 1.0,
-                             eps: float = 1e-6) -> jax.Array:
+def balanced_bce_with_logits(
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  pos_weight: float | None,
+  temp: float = 1.0,
+  gamma: float = 1.0,
+  eps: float = 1e-6,
+) -> jax.Array:
   """Class-balanced binary cross-entropy on one-hot targets (the paper's sigmoid-head loss).
 
   For `gamma >= 1` this is `BCEWithLogitsLoss(pos_weight=pos_weight)` with mean reduction over

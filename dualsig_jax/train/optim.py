@@ -4,6 +4,7 @@ Every parameter gets one label: 'feature' (lr), 'classifier' (lr x lr_classifier
 'frozen'. Frozen leaves go through `optax.set_to_zero()`, which keeps no optimizer state for
 them; together with the model's `stop_gradient` this states the freezing twice.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,6 +29,7 @@ def param_labels(params, *, arch: str, stage: str, unfreeze: str = 'fc2') -> Lab
   dual, unfreeze='fc2': only `fc2` trains (the paper). dual, unfreeze='all': everything trains.
   Trainable leaves take the reference's group for their torch name (`models.lr_group`).
   """
+
   def label(path, _):
     names = _path_names(path)
     head = names[0]
@@ -36,6 +38,7 @@ def param_labels(params, *, arch: str, stage: str, unfreeze: str = 'fc2') -> Lab
     if stage == 'dual' and unfreeze == 'fc2' and head != 'fc2':
       return 'frozen'
     return models.lr_group(arch, names)
+
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -48,12 +51,20 @@ def step_decay_schedule(lr: float, *, decay_rate: float, decay_every_steps: int)
 def _sgd(schedule, o: ml_collections.ConfigDict) -> optax.GradientTransformation:
   # torch.optim.SGD adds weight_decay * param to the gradient before momentum; so does this.
   return optax.chain(
-      optax.add_decayed_weights(o.weight_decay),
-      optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
+    optax.add_decayed_weights(o.weight_decay),
+    optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov),
+  )
 
 
-def make_optimizer(params, *, arch: str, stage: str, optim_cfg: ml_collections.ConfigDict,
-                   steps_per_epoch: int, unfreeze: str = 'fc2'):
+def make_optimizer(
+  params,
+  *,
+  arch: str,
+  stage: str,
+  optim_cfg: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  unfreeze: str = 'fc2',
+):
   """Builds the stage's optimizer.
 
   Returns:
@@ -63,18 +74,20 @@ def make_optimizer(params, *, arch: str, stage: str, optim_cfg: ml_collections.C
   o = optim_cfg
   decay_steps = o.lr_decay_frequency * steps_per_epoch
   schedules = {
-      'feature': step_decay_schedule(o.lr, decay_rate=o.lr_decay_rate,
-                                     decay_every_steps=decay_steps),
-      'classifier': step_decay_schedule(o.lr * o.lr_classifier_ratio,
-                                        decay_rate=o.lr_decay_rate,
-                                        decay_every_steps=decay_steps),
+    'feature': step_decay_schedule(o.lr, decay_rate=o.lr_decay_rate, decay_every_steps=decay_steps),
+    'classifier': step_decay_schedule(
+      o.lr * o.lr_classifier_ratio, decay_rate=o.lr_decay_rate, decay_every_steps=decay_steps
+    ),
   }
   labels = param_labels(params, arch=arch, stage=stage, unfreeze=unfreeze)
   tx = optax.multi_transform(
-      {'feature': _sgd(schedules['feature'], o),
-       'classifier': _sgd(schedules['classifier'], o),
-       'frozen': optax.set_to_zero()},
-      labels)
+    {
+      'feature': _sgd(schedules['feature'], o),
+      'classifier': _sgd(schedules['classifier'], o),
+      'frozen': optax.set_to_zero(),
+    },
+    labels,
+  )
   return tx, labels, schedules
 
 

@@ -4,13 +4,15 @@ One `jax.jit` step over a 1-D `Mesh` named 'data': parameters and optimizer stat
 batches split along their leading axis. The same code runs on 1 CPU, 8 fake CPU devices, a GPU
 host or a TPU pod slice; multi-host runs start `jax.distributed` from the environment.
 """
+
 from __future__ import annotations
 
 import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
 
@@ -26,9 +28,11 @@ def maybe_initialize_distributed() -> bool:
     return True
   addr = os.environ.get('JAX_COORDINATOR_ADDRESS')
   if addr:
-    kwargs = dict(coordinator_address=addr,
-                  num_processes=int(os.environ['JAX_NUM_PROCESSES']),
-                  process_id=int(os.environ['JAX_PROCESS_ID']))
+    kwargs = dict(
+      coordinator_address=addr,
+      num_processes=int(os.environ['JAX_NUM_PROCESSES']),
+      process_id=int(os.environ['JAX_PROCESS_ID']),
+    )
     if os.environ.get('JAX_LOCAL_DEVICE_IDS'):
       kwargs['local_device_ids'] = [int(i) for i in os.environ['JAX_LOCAL_DEVICE_IDS'].split(',')]
     if jax.config.jax_platforms in (None, '', 'cpu') or os.environ.get('JAX_PLATFORMS') == 'cpu':
@@ -59,16 +63,21 @@ def check_global_batch(global_batch: int, mesh: Mesh) -> int:
   """Returns the per-process batch; raises ValueError when the batch cannot be split evenly."""
   n = mesh.devices.size
   if global_batch % n:
-    raise ValueError(f'input.batch_size={global_batch} is not divisible by the {n} devices '
-                     f'of the mesh; pick a multiple of {n}')
+    raise ValueError(
+      f'input.batch_size={global_batch} is not divisible by the {n} devices '
+      f'of the mesh; pick a multiple of {n}'
+    )
   if global_batch % jax.process_count():
-    raise ValueError(f'input.batch_size={global_batch} is not divisible by the '
-                     f'{jax.process_count()} processes')
+    raise ValueError(
+      f'input.batch_size={global_batch} is not divisible by the {jax.process_count()} processes'
+    )
   return global_batch // jax.process_count()
 
 
 def to_global(local_batch: dict, mesh: Mesh) -> dict:
   """Assembles each process's numpy batch [b, ...] into global arrays [b * processes, ...]."""
   sharding = data_sharded(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in local_batch.items()
+  }

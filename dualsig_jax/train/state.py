@@ -1,4 +1,5 @@
 """Train state and the pure train / eval steps (bound with functools.partial, jitted once)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,11 +15,12 @@ from dualsig_jax.train import losses
 @flax.struct.dataclass
 class TrainState:
   """Everything a step reads and writes; a pytree of arrays, saved whole by Orbax."""
-  step: jax.Array          # int32 []
+
+  step: jax.Array  # int32 []
   params: Any
   batch_stats: Any
   opt_state: Any
-  rng: jax.Array           # uint32 [2], a raw PRNG key (checkpoint friendly)
+  rng: jax.Array  # uint32 [2], a raw PRNG key (checkpoint friendly)
 
   def variables(self) -> dict:
     return {'params': self.params, 'batch_stats': self.batch_stats}
@@ -26,34 +28,49 @@ class TrainState:
 
 def create_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}),
-                    opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get('batch_stats', {}),
+    opt_state=tx.init(params),
+    rng=jax.random.PRNGKey(seed),
+  )
 
 
-def loss_fn(params, state: TrainState, batch, *, model, stage: str, train_mode: bool,
-            pos_weight: float, gamma: float, temp: float):
+def loss_fn(
+  params,
+  state: TrainState,
+  batch,
+  *,
+  model,
+  stage: str,
+  train_mode: bool,
+  pos_weight: float,
+  gamma: float,
+  temp: float,
+):
   """Loss of one batch. vanilla: CE on the softmax head. dual: class-balanced BCE on the
   sigmoid head plus the softmax CE, which the reference logs too (it has no gradient when the
   backbone and fc are stop-gradient'ed)."""
   variables = {'params': params, 'batch_stats': state.batch_stats}
   rng = jax.random.fold_in(state.rng, state.step)
   if train_mode:
-    out, updates = model.apply(variables, batch['image'], train=True, mutable=['batch_stats'],
-                               rngs={'dropout': rng})
+    out, updates = model.apply(
+      variables, batch['image'], train=True, mutable=['batch_stats'], rngs={'dropout': rng}
+    )
     new_stats = updates['batch_stats']
   else:
     out = model.apply(variables, batch['image'], train=False)
     new_stats = state.batch_stats
   label = batch['label']
   ce = losses.softmax_cross_entropy(out['softmax_logits'], label)
-  metrics = {'ce': ce,
-             'acc': (out['softmax_logits'].argmax(-1) == label).mean()}
+  metrics = {'ce': ce, 'acc': (out['softmax_logits'].argmax(-1) == label).mean()}
   if stage == 'vanilla':
     loss = ce
   else:
-    bce = losses.balanced_bce_with_logits(out['sigmoid_logits'], label, pos_weight=pos_weight,
-                                          gamma=gamma, temp=temp)
+    bce = losses.balanced_bce_with_logits(
+      out['sigmoid_logits'], label, pos_weight=pos_weight, gamma=gamma, temp=temp
+    )
     metrics['bce'] = bce
     metrics['sigmoid_acc'] = (out['sigmoid_logits'].argmax(-1) == label).mean()
     loss = bce + ce
@@ -72,17 +89,19 @@ def train_step(state: TrainState, batch: dict, *, model, tx, **loss_kwargs):
     (new_state, metrics dict of float32 scalars).
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, (new_stats, metrics)), grads = grad_fn(state.params, state, batch, model=model,
-                                             **loss_kwargs)
+  (_, (new_stats, metrics)), grads = grad_fn(state.params, state, batch, model=model, **loss_kwargs)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                            opt_state=opt_state)
+  new_state = state.replace(
+    step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
+  )
   return new_state, metrics
 
 
 def predict_step(variables: dict, images: jax.Array, *, model) -> dict:
   """Both heads' logits: {'softmax_logits': [B, K], 'sigmoid_logits': [B, K]} float32."""
   out = model.apply(variables, images, train=False)
-  return {'softmax_logits': out['softmax_logits'].astype(jnp.float32),
-          'sigmoid_logits': out['sigmoid_logits'].astype(jnp.float32)}
+  return {
+    'softmax_logits': out['softmax_logits'].astype(jnp.float32),
+    'sigmoid_logits': out['sigmoid_logits'].astype(jnp.float32),
+  }

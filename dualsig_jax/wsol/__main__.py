@@ -1,4 +1,5 @@
 """Entry point: ``python -m dualsig_jax.wsol --help``."""
+
 import sys
 
 from dualsig_jax.wsol.cli import main

@@ -5,6 +5,7 @@ number of images. Per-image work runs in a process pool (``num_workers``), becau
 level sets is CPU-bound; workers are started with ``spawn`` so that the evaluator is safe to use
 from a program that already runs JAX threads.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -42,14 +43,16 @@ def check_scoremaps(scoremaps, names=None) -> np.ndarray:
     raise ValueError(f'scoremaps must be [B, H, W]; got shape {maps.shape}')
   if not np.issubdtype(maps.dtype, np.floating):
     raise ValueError(f'scoremaps must be floating point; got {maps.dtype}')
-  for i in np.flatnonzero(np.isnan(maps).any(axis=(1, 2)) | (maps < 0).any(axis=(1, 2))
-                          | (maps > 1).any(axis=(1, 2)))[:1]:
+  for i in np.flatnonzero(
+    np.isnan(maps).any(axis=(1, 2)) | (maps < 0).any(axis=(1, 2)) | (maps > 1).any(axis=(1, 2))
+  )[:1]:
     what = names[i] if names is not None else f'scoremap {i} of the batch'
     m = maps[i]
     if np.isnan(m).any():
       raise ValueError(f'{what}: score map contains NaN')
-    raise ValueError(f'{what}: score map must lie in [0, 1]; min={np.nanmin(m)}, '
-                     f'max={np.nanmax(m)}')
+    raise ValueError(
+      f'{what}: score map must lie in [0, 1]; min={np.nanmin(m)}, max={np.nanmax(m)}'
+    )
   return maps
 
 
@@ -60,8 +63,10 @@ def _check_boxes(boxes, i, shape):
   if not np.issubdtype(b.dtype, np.integer):
     raise ValueError(f'gt_boxes[{i}] must be integer (x0, y0, x1, y1); got {b.dtype}')
   if (b < 0).any() or (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
-    raise ValueError(f'gt_boxes[{i}] violates the x0y0x1y1 convention (non-negative, x1 >= x0, '
-                     f'y1 >= y0): {b.tolist()}')
+    raise ValueError(
+      f'gt_boxes[{i}] violates the x0y0x1y1 convention (non-negative, x1 >= x0, '
+      f'y1 >= y0): {b.tolist()}'
+    )
   return b.astype(np.int64)
 
 
@@ -83,7 +88,8 @@ def _count_chunk(maps, boxes, correct, thresholds, ious):
 def _pool(num_workers):
   if num_workers not in _POOLS:
     _POOLS[num_workers] = concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=multiprocessing.get_context('spawn'))
+      num_workers, mp_context=multiprocessing.get_context('spawn')
+    )
   return _POOLS[num_workers]
 
 
@@ -107,12 +113,19 @@ class BoxEvaluator:
       Small batches (fewer than 2 images per worker) are always done in-process.
   """
 
-  def __init__(self, iou_threshold_list=(30, 50, 70), cam_curve_interval=0.001,
-               multi_contour_eval=True, loc_threshold=0.2, num_workers=None):
+  def __init__(
+    self,
+    iou_threshold_list=(30, 50, 70),
+    cam_curve_interval=0.001,
+    multi_contour_eval=True,
+    loc_threshold=0.2,
+    num_workers=None,
+  ):
     self.iou_threshold_list = [int(i) for i in iou_threshold_list]
     if not self.iou_threshold_list or any(not 0 < i <= 100 for i in self.iou_threshold_list):
-      raise ValueError(f'iou_threshold_list must hold integers in (0, 100]; got '
-                       f'{iou_threshold_list}')
+      raise ValueError(
+        f'iou_threshold_list must hold integers in (0, 100]; got {iou_threshold_list}'
+      )
     # IoU 50 is always counted: MaxBoxAcc v1 and the headline GT-known / Top-1 Loc use it.
     self._ious = sorted(set(self.iou_threshold_list) | {50})
     self.thresholds = cam_thresholds(cam_curve_interval)
@@ -158,8 +171,10 @@ class BoxEvaluator:
       # A few chunks per worker: per-map cost varies ~10x (noisy maps), so this balances load.
       chunks = min(len(maps) // 2, 4 * workers)
       bounds = np.linspace(0, len(maps), chunks + 1).astype(int)
-      futures = [pool.submit(_count_chunk, maps[a:b], boxes[a:b], correct[a:b], *args)
-                 for a, b in zip(bounds[:-1], bounds[1:])]
+      futures = [
+        pool.submit(_count_chunk, maps[a:b], boxes[a:b], correct[a:b], *args)
+        for a, b in zip(bounds[:-1], bounds[1:])
+      ]
       for f in futures:
         self.counts += f.result()
     self.num_images += len(maps)
@@ -178,28 +193,34 @@ class BoxEvaluator:
     """
     if self.num_images == 0:
       raise ValueError('BoxEvaluator.compute() called before any accumulate()')
-    acc = self.counts * 100. / float(self.num_images)
+    acc = self.counts * 100.0 / float(self.num_images)
     pos = {i: self._ious.index(i) for i in self._ious}
     box_acc = acc[0] if self.multi_contour_eval else acc[1]
     keys = [str(i) for i in self.iou_threshold_list]
     out = {
-        'maxboxacc': {k: float(box_acc[pos[i]].max()) for k, i in zip(keys, self.iou_threshold_list)},
-        'best_threshold': {k: float(self.thresholds[box_acc[pos[i]].argmax()])
-                           for k, i in zip(keys, self.iou_threshold_list)},
-        'maxboxacc_v1': float(acc[1][pos[50]].max()),
-        'gt_known_loc': {k: float(acc[2][pos[i], self.loc_index])
-                         for k, i in zip(keys, self.iou_threshold_list)},
-        'loc_threshold': float(self.thresholds[self.loc_index]),
-        'num_images': int(self.num_images),
-        'multi_contour_eval': self.multi_contour_eval,
+      'maxboxacc': {k: float(box_acc[pos[i]].max()) for k, i in zip(keys, self.iou_threshold_list)},
+      'best_threshold': {
+        k: float(self.thresholds[box_acc[pos[i]].argmax()])
+        for k, i in zip(keys, self.iou_threshold_list)
+      },
+      'maxboxacc_v1': float(acc[1][pos[50]].max()),
+      'gt_known_loc': {
+        k: float(acc[2][pos[i], self.loc_index]) for k, i in zip(keys, self.iou_threshold_list)
+      },
+      'loc_threshold': float(self.thresholds[self.loc_index]),
+      'num_images': int(self.num_images),
+      'multi_contour_eval': self.multi_contour_eval,
     }
     out['maxboxacc_v2'] = float(np.average([out['maxboxacc'][k] for k in keys]))
-    curves = {'thresholds': self.thresholds.tolist(),
-              'box_acc': {k: box_acc[pos[i]].tolist() for k, i in zip(keys, self.iou_threshold_list)},
-              'gt_known': {k: acc[2][pos[i]].tolist() for k, i in zip(keys, self.iou_threshold_list)}}
+    curves = {
+      'thresholds': self.thresholds.tolist(),
+      'box_acc': {k: box_acc[pos[i]].tolist() for k, i in zip(keys, self.iou_threshold_list)},
+      'gt_known': {k: acc[2][pos[i]].tolist() for k, i in zip(keys, self.iou_threshold_list)},
+    }
     if self.num_with_pred:
-      out['top1_loc'] = {k: float(acc[3][pos[i], self.loc_index])
-                         for k, i in zip(keys, self.iou_threshold_list)}
+      out['top1_loc'] = {
+        k: float(acc[3][pos[i], self.loc_index]) for k, i in zip(keys, self.iou_threshold_list)
+      }
       curves['top1'] = {k: acc[3][pos[i]].tolist() for k, i in zip(keys, self.iou_threshold_list)}
     out['curves'] = curves
     return out

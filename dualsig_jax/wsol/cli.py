@@ -6,6 +6,7 @@ reference's ``resize_bbox``), and/or builds GT masks (instances > 0.5 after near
 region minus instances = 255) read from ``--mask_root``. Prints the metrics as JSON and writes
 them to ``--output_json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,10 @@ def _mask_file(mask_root, dataset_name, path):
   for cand in (os.path.join(mask_root, path), os.path.join(mask_root, dataset_name, path)):
     if os.path.isfile(cand):
       return cand
-  raise ValueError(f'mask file {path!r} not found under {mask_root!r} '
-                   f'(nor under {os.path.join(mask_root, dataset_name)!r})')
+  raise ValueError(
+    f'mask file {path!r} not found under {mask_root!r} '
+    f'(nor under {os.path.join(mask_root, dataset_name)!r})'
+  )
 
 
 def _read_mask(file, size):
@@ -83,28 +86,44 @@ def load_gt_mask(mask_root, dataset_name, mask_paths, ignore_path, size):
 
   Args: size (w, h) of the score map.
   """
-  inst = np.stack([_read_mask(_mask_file(mask_root, dataset_name, p), size)
-                   for p in mask_paths]).any(axis=0)
+  inst = np.stack(
+    [_read_mask(_mask_file(mask_root, dataset_name, p), size) for p in mask_paths]
+  ).any(axis=0)
   ignore = np.zeros_like(inst)
   if ignore_path:
     ignore = _read_mask(_mask_file(mask_root, dataset_name, ignore_path), size) & ~inst
   return inst.astype(np.uint8) + 255 * ignore.astype(np.uint8)
 
 
-def evaluate_wsol(scoremap_root, metadata_root, dataset_name, split, mask_root=None,
-                  cam_curve_interval=0.001, iou_threshold_list=(30, 50, 70),
-                  multi_contour_eval=True, loc_threshold=0.2, num_workers=None,
-                  progress=True) -> dict:
+def evaluate_wsol(
+  scoremap_root,
+  metadata_root,
+  dataset_name,
+  split,
+  mask_root=None,
+  cam_curve_interval=0.001,
+  iou_threshold_list=(30, 50, 70),
+  multi_contour_eval=True,
+  loc_threshold=0.2,
+  num_workers=None,
+  progress=True,
+) -> dict:
   """Evaluates saved maps. Returns the JSON-able result dict (see module docstring)."""
   from dualsig_jax.data.metadata import load_metadata  # the shared metadata reader
+
   meta = load_metadata(metadata_root, dataset_name, split, require_labels=False)
   ids = meta.image_ids
   box_eval = mask_eval = None
   if meta.boxes:
     if not meta.sizes:
       raise ValueError(f'{dataset_name}/{split}: boxes need image_sizes.txt to be rescaled')
-    box_eval = BoxEvaluator(iou_threshold_list, cam_curve_interval, multi_contour_eval,
-                            loc_threshold, num_workers=num_workers)
+    box_eval = BoxEvaluator(
+      iou_threshold_list,
+      cam_curve_interval,
+      multi_contour_eval,
+      loc_threshold,
+      num_workers=num_workers,
+    )
   if meta.masks:
     if mask_root is None:
       raise ValueError(f'{dataset_name}/{split} has mask localization: pass --mask_root')
@@ -113,6 +132,7 @@ def evaluate_wsol(scoremap_root, metadata_root, dataset_name, split, mask_root=N
     raise ValueError(f'{dataset_name}/{split}: no localization.txt / localization_mask.txt')
 
   from tqdm import tqdm
+
   pending = []  # (map, image_id) with one shared shape
 
   def flush():
@@ -121,17 +141,23 @@ def evaluate_wsol(scoremap_root, metadata_root, dataset_name, split, mask_root=N
     maps = np.stack([m for m, _ in pending])
     h, w = maps.shape[1:]
     if box_eval is not None:
-      boxes = [np.array([resize_box(b, meta.sizes[i], (w, h)) for b in meta.boxes[i]],
-                        dtype=np.int64).reshape(-1, 4) for _, i in pending]
+      boxes = [
+        np.array(
+          [resize_box(b, meta.sizes[i], (w, h)) for b in meta.boxes[i]], dtype=np.int64
+        ).reshape(-1, 4)
+        for _, i in pending
+      ]
       box_eval.accumulate(maps, boxes)
     if mask_eval is not None:
-      masks = np.stack([load_gt_mask(mask_root, dataset_name, *meta.masks[i], (w, h))
-                        for _, i in pending])
+      masks = np.stack(
+        [load_gt_mask(mask_root, dataset_name, *meta.masks[i], (w, h)) for _, i in pending]
+      )
       mask_eval.accumulate(maps, masks)
     pending.clear()
 
-  for image_id in tqdm(ids, desc=f'wsol {dataset_name}/{split}', disable=not progress,
-                       file=sys.stderr):
+  for image_id in tqdm(
+    ids, desc=f'wsol {dataset_name}/{split}', disable=not progress, file=sys.stderr
+  ):
     m = load_scoremap(os.path.join(scoremap_root, image_id + '.npy'))
     if box_eval is not None and image_id not in meta.boxes:
       raise ValueError(f'{image_id}: no box in localization.txt')
@@ -143,9 +169,20 @@ def evaluate_wsol(scoremap_root, metadata_root, dataset_name, split, mask_root=N
   result = {}
   if box_eval is not None:
     r = box_eval.compute()
-    result.update({k: r[k] for k in ('maxboxacc', 'maxboxacc_v2', 'maxboxacc_v1',
-                                     'gt_known_loc', 'best_threshold', 'loc_threshold',
-                                     'multi_contour_eval')})
+    result.update(
+      {
+        k: r[k]
+        for k in (
+          'maxboxacc',
+          'maxboxacc_v2',
+          'maxboxacc_v1',
+          'gt_known_loc',
+          'best_threshold',
+          'loc_threshold',
+          'multi_contour_eval',
+        )
+      }
+    )
   if mask_eval is not None:
     result['pxap'] = mask_eval.compute()['pxap']
   result['num_images'] = len(ids)
@@ -153,8 +190,11 @@ def evaluate_wsol(scoremap_root, metadata_root, dataset_name, split, mask_root=N
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(prog='python -m dualsig_jax.wsol', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog='python -m dualsig_jax.wsol',
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument('--scoremap_root', required=True)
   p.add_argument('--metadata_root', required=True)
   p.add_argument('--dataset_name', required=True)
@@ -164,16 +204,29 @@ def main(argv=None):
   p.add_argument('--iou_threshold_list', type=int, nargs='+', default=[30, 50, 70])
   p.add_argument('--multi_contour_eval', type=str2bool, nargs='?', const=True, default=True)
   p.add_argument('--loc_threshold', type=float, default=0.2)
-  p.add_argument('--num_workers', type=int, default=None,
-                 help='processes for box evaluation (default: all cores; 0: in-process)')
+  p.add_argument(
+    '--num_workers',
+    type=int,
+    default=None,
+    help='processes for box evaluation (default: all cores; 0: in-process)',
+  )
   p.add_argument('--output_json', default=None)
   p.add_argument('--no_progress', action='store_true')
   args = p.parse_args(argv)
   try:
-    result = evaluate_wsol(args.scoremap_root, args.metadata_root, args.dataset_name,
-                           args.split, args.mask_root, args.cam_curve_interval,
-                           args.iou_threshold_list, args.multi_contour_eval,
-                           args.loc_threshold, args.num_workers, not args.no_progress)
+    result = evaluate_wsol(
+      args.scoremap_root,
+      args.metadata_root,
+      args.dataset_name,
+      args.split,
+      args.mask_root,
+      args.cam_curve_interval,
+      args.iou_threshold_list,
+      args.multi_contour_eval,
+      args.loc_threshold,
+      args.num_workers,
+      not args.no_progress,
+    )
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

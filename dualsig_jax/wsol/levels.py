@@ -25,13 +25,20 @@ Why this is much faster and still exact:
 - Bounding boxes and areas of all contours of all levels are computed in a few vectorized numpy
   reductions instead of ~1000 Python-level ``boundingRect``/``contourArea`` calls per level.
 """
+
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
-__all__ = ['quantize', 'threshold_cutoffs', 'despeckle', 'level_contours', 'box_iou',
-           'image_box_ious']
+__all__ = [
+  'quantize',
+  'threshold_cutoffs',
+  'despeckle',
+  'level_contours',
+  'box_iou',
+  'image_box_ious',
+]
 
 
 def quantize(scoremap: np.ndarray) -> np.ndarray:
@@ -72,15 +79,21 @@ def _window(offsets):
 
 def _ring(pixels, conn):
   """Offsets of the ``conn``-neighbours of a set of pixel offsets, the set itself excluded."""
-  steps = ([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)] if conn == 8
-           else [(-1, 0), (1, 0), (0, -1), (0, 1)])
+  steps = (
+    [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)]
+    if conn == 8
+    else [(-1, 0), (1, 0), (0, -1), (0, 1)]
+  )
   return sorted({(y + a, x + b) for y, x in pixels for a, b in steps} - set(pixels))
 
 
 def _small_sets(size, conn):
   """All ``conn``-connected pixel sets of 1..size pixels, as offsets from their raster-first pixel."""
-  steps = ([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)] if conn == 8
-           else [(-1, 0), (1, 0), (0, -1), (0, 1)])
+  steps = (
+    [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)]
+    if conn == 8
+    else [(-1, 0), (1, 0), (0, -1), (0, 1)]
+  )
   found, frontier = set(), {((0, 0),)}
   for _ in range(size):
     found |= frontier
@@ -99,9 +112,11 @@ def _small_sets(size, conn):
 # Components (8-connected) and holes (4-connected) of at most _SPECKLE pixels, with the window of
 # their surrounding ring. _SPECKLE_AREA bounds their contours' cv2.contourArea.
 _SPECKLE, _SPECKLE_AREA = 3, 6.0
-_SETS = sorted([(True, px, _window(_ring(px, 8))) for px in _small_sets(_SPECKLE, 8)]
-               + [(False, px, _window(_ring(px, 4))) for px in _small_sets(_SPECKLE, 4)],
-               key=lambda s: len(s[1]))
+_SETS = sorted(
+  [(True, px, _window(_ring(px, 8))) for px in _small_sets(_SPECKLE, 8)]
+  + [(False, px, _window(_ring(px, 4))) for px in _small_sets(_SPECKLE, 4)],
+  key=lambda s: len(s[1]),
+)
 _NOISY = 2000  # see despeckle: how many small speckles make larger ones worth removing
 
 
@@ -144,8 +159,9 @@ def despeckle(q: np.ndarray, noisy: int = _NOISY):
     # Anchors whose whole set lies inside the image (sets reaching outside cannot exist).
     ys = slice(max(0, -min(dys)), height - max(0, max(dys)))
     xs = slice(max(0, -min(dxs)), width - max(0, max(dxs)))
-    at = [(slice(ys.start + dy, ys.stop + dy), slice(xs.start + dx, xs.stop + dx))
-          for dy, dx in pixels]
+    at = [
+      (slice(ys.start + dy, ys.stop + dy), slice(xs.start + dx, xs.stop + dx)) for dy, dx in pixels
+    ]
     ring = ring[ys, xs]
     if fg:
       lo, hi = ring, np.minimum.reduce([q[a] for a in at])
@@ -168,8 +184,11 @@ def despeckle(q: np.ndarray, noisy: int = _NOISY):
     y0, y1 = py + min(dys) - g, py + max(dys) + g
     los.append(lo)
     his.append(hi)
-    boxes.append(np.stack([x0, y0, np.minimum(x1 + 1, width - 1),
-                           np.minimum(y1 + 1, height - 1)], axis=1).astype(np.int64))
+    boxes.append(
+      np.stack(
+        [x0, y0, np.minimum(x1 + 1, width - 1), np.minimum(y1 + 1, height - 1)], axis=1
+      ).astype(np.int64)
+    )
   qc = np.minimum(np.maximum(q, c1), c0).astype(np.uint8)
   if not los:
     return qc, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64)
@@ -247,9 +266,9 @@ def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
   """
   a = np.asarray(boxes_a, dtype=np.int64)[:, None, :]
   b = np.asarray(boxes_b, dtype=np.int64)[None, :, :]
-  inter = (np.maximum(0, np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1)
-           * np.maximum(0, np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
-                        + 1))
+  inter = np.maximum(
+    0, np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1
+  ) * np.maximum(0, np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1)
   area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
   area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
   denom = area_a + area_b - inter
@@ -286,7 +305,8 @@ def image_box_ious(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.nd
   # RETR_LIST: the order only matters for ties of the largest area, and those levels are
   # traced again below in the reference's RETR_TREE order.
   multi, largest, largest_first, seg_max, ties, counts = _level_ious(
-      *level_contours(qc, levels, cv2.RETR_LIST), gt_boxes)
+    *level_contours(qc, levels, cv2.RETR_LIST), gt_boxes
+  )
   # Levels whose largest contour might be a removed speckle (area <= _SPECKLE_AREA) or
   # whose tie-break might depend on them: trace the original level set.
   has_fg = int(q.max()) > levels
@@ -305,8 +325,11 @@ def image_box_ious(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.nd
   if len(redo):
     r = _level_ious(*level_contours(q, levels[redo]), gt_boxes)
     multi[redo], largest[redo], largest_first[redo] = r[0], r[1], r[2]
-  return {'multi': multi[inverse], 'largest': largest[inverse],
-          'largest_first': largest_first[inverse]}
+  return {
+    'multi': multi[inverse],
+    'largest': largest[inverse],
+    'largest_first': largest_first[inverse],
+  }
 
 
 def _level_ious(boxes, areas, counts, gt_boxes):

@@ -1,4 +1,5 @@
 """Streaming PxAP (pixel average precision with ignore regions), wsolevaluation protocol."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -81,5 +82,9 @@ class MaskEvaluator:
       raise ValueError('MaskEvaluator.compute() called before any accumulate()')
     precision, recall, non_zero = self.curve()
     auc = (precision[1:] * np.diff(recall))[non_zero[1:]].sum() * 100
-    return {'pxap': float(auc), 'precision': np.nan_to_num(precision).tolist(),
-            'recall': recall.tolist(), 'num_images': int(self.num_images)}
+    return {
+      'pxap': float(auc),
+      'precision': np.nan_to_num(precision).tolist(),
+      'recall': recall.tolist(),
+      'num_images': int(self.num_images),
+    }

@@ -1,4 +1,5 @@
 """Figures for WSOL results (matplotlib Agg, PNG): box accuracy vs CAM threshold, PxAP PR curve."""
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,9 @@ def plot_box_curves(results: dict, path: str, *, curve: str = 'box_acc', title: 
     raise ValueError('plot_box_curves needs at least one head')
   first = next(iter(results.values()))
   if curve not in first['curves']:
-    raise ValueError(f'unknown curve {curve!r}; valid: {sorted(k for k in first["curves"] if k != "thresholds")}')
+    raise ValueError(
+      f'unknown curve {curve!r}; valid: {sorted(k for k in first["curves"] if k != "thresholds")}'
+    )
   ious = list(first['curves'][curve])
   fig, axes = plt.subplots(1, len(ious), figsize=(4.5 * len(ious), 3.6), squeeze=False)
   for ax, iou in zip(axes[0], ious):

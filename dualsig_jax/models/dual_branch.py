@@ -1,0 +1,422 @@
+"""Turn any Flax classifier into the paper's dual-branch model (frozen softmax head + sigmoid head).
+
+The paper's method does not depend on the backbone: keep the trained classifier, add a copy of its
+head (the sigmoid head), freeze the rest, train the copy with class-balanced BCE. ``dual_branch``
+does this for a user's model split into a feature module and a head module, and gives it the
+contract of this package's models, so ``dualsig_jax.train.state.train_step`` (``stage='dual'``),
+``dualsig_jax.train.optim.make_optimizer(arch=None)`` and ``dualsig_jax.cam.compute_cams`` work on
+it unchanged:
+
+* ``apply(variables, x [B, H, W, 3], train=False)`` ->
+  ``{'features': [B, h, w, C], 'softmax_logits': [B, K], 'sigmoid_logits': [B, K]}`` float32;
+* ``apply(variables, features, method='head')`` -> the pure head of both branches;
+* params ``{'backbone': <the feature module's>, 'fc': <softmax head>, 'fc2': <sigmoid head>}``.
+
+Head kinds (``head_kind``): ``'linear'`` GAP then the head (a Dense); ``'conv'`` the head (a 1x1
+conv) on the map, then GAP; ``'mlp'`` GAP then the head (any module on ``[B, C]``); ``'map'`` the
+head takes the map ``[B, h, w, C]`` and pools itself. Plain CAM needs ``'linear'`` or ``'conv'``;
+the gradient methods (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM) work with every kind.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+HEAD_KINDS = ('linear', 'conv', 'mlp', 'map')
+FC2_INITS = ('fresh', 'clone')
+_BRANCH_PARAMS = {'softmax': 'fc', 'sigmoid': 'fc2', 'fc': 'fc', 'fc2': 'fc2'}
+# Keyword names a module may use for its train / inference switch; True means "pass not train".
+_TRAIN_KWARGS = {'train': False, 'training': False, 'deterministic': True,
+                 'use_running_average': True}  # fmt: skip
+
+
+def _train_kwargs(module: nn.Module, method: str, train_arg: str | None, train: bool) -> dict:
+  """The keyword that tells ``module.<method>`` train vs inference (``{}`` if it takes none)."""
+  if train_arg is None:
+    return {}
+  if train_arg != 'auto':
+    return {train_arg: (not train) if _TRAIN_KWARGS.get(train_arg) else train}
+  params = inspect.signature(getattr(type(module), method)).parameters
+  for name, inverted in _TRAIN_KWARGS.items():
+    if name in params:
+      return {name: (not train) if inverted else train}
+  return {}
+
+
+def infer_head_kind(head: nn.Module) -> str:
+  """``'linear'`` for ``nn.Dense``, ``'conv'`` for a 1x1 ``nn.Conv``, else ``'mlp'``."""
+  if isinstance(head, nn.Dense):
+    return 'linear'
+  if isinstance(head, nn.Conv):
+    ks = (head.kernel_size,) if isinstance(head.kernel_size, int) else tuple(head.kernel_size)
+    if all(int(k) == 1 for k in ks):
+      return 'conv'
+    raise ValueError(
+      f'a conv head must be 1x1 for CAM, got kernel_size {head.kernel_size}; pass '
+      "head_kind='map' to use it as an arbitrary head (gradient methods only)"
+    )
+  return 'mlp'
+
+
+class DualBranch(nn.Module):
+  """Dual-branch wrapper; build it with :func:`dual_branch` (see there for the arguments)."""
+
+  backbone: nn.Module
+  head_factory: Callable[[], nn.Module]
+  head_kind: str = 'linear'
+  frozen_backbone: bool = True
+  features_method: str = '__call__'
+  train_arg: str | None = 'auto'
+
+  def setup(self):
+    if self.head_kind not in HEAD_KINDS:
+      raise ValueError(f'unknown head_kind {self.head_kind!r}; valid: {HEAD_KINDS}')
+    # Detached copies, so the attribute names (not the user's names) become the param keys.
+    self.fc = self.head_factory().clone(parent=None, name=None)
+    self.fc2 = self.head_factory().clone(parent=None, name=None)
+
+  def _features(self, x, train):
+    kw = _train_kwargs(self.backbone, self.features_method, self.train_arg, train)
+    f = getattr(self.backbone, self.features_method)(x, **kw)
+    if f.ndim != 4:
+      raise ValueError(f'the feature module must return [B, h, w, C], got shape {f.shape}')
+    return f
+
+  def _branch(self, layer: nn.Module, f: jax.Array, train: bool) -> jax.Array:
+    kw = _train_kwargs(layer, '__call__', self.train_arg, train)
+    if self.head_kind == 'conv':
+      out = layer(f, **kw)
+      if out.ndim != 4:
+        raise ValueError(f"head_kind='conv' needs a head returning [B, h, w, K], got {out.shape}")
+      out = jnp.mean(out, axis=(1, 2))
+    elif self.head_kind == 'map':
+      out = layer(f, **kw)
+    else:
+      out = layer(jnp.mean(f, axis=(1, 2)), **kw)
+    if out.ndim != 2:
+      raise ValueError(f'the head must give logits [B, K], got shape {out.shape}')
+    return out.astype(jnp.float32)
+
+  def head(self, features: jax.Array) -> dict[str, jax.Array]:
+    """Pure head on ``features [B, h, w, C]`` -> ``{'softmax_logits', 'sigmoid_logits'}``
+    ``[B, K]`` float32. No stop-gradient, inference mode (no dropout): CAM methods
+    differentiate through this."""
+    return {
+      'softmax_logits': self._branch(self.fc, features, False),
+      'sigmoid_logits': self._branch(self.fc2, features, False),
+    }
+
+  def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """``x [B, H, W, 3]`` -> ``{'features' [B, h, w, C], 'softmax_logits' [B, K],
+    'sigmoid_logits' [B, K]}`` float32. ``train`` goes to the user's modules (BatchNorm batch
+    statistics, dropout); with ``frozen_backbone`` nothing upstream of ``fc2`` gets a gradient.
+    """
+    f = self._features(x, train)
+    if self.frozen_backbone:
+      f = jax.lax.stop_gradient(f)
+    soft = self._branch(self.fc, f, train)
+    if self.frozen_backbone:
+      soft = jax.lax.stop_gradient(soft)
+    return {
+      'features': f.astype(jnp.float32),
+      'softmax_logits': soft,
+      'sigmoid_logits': self._branch(self.fc2, f, train),
+    }
+
+
+def dual_branch(
+  features: nn.Module,
+  head: nn.Module | Callable[[], nn.Module],
+  *,
+  frozen_backbone: bool = True,
+  head_kind: str | None = None,
+  features_method: str = '__call__',
+  train_arg: str | None = 'auto',
+) -> DualBranch:
+  """Wrap a user's feature module and head into a dual-branch (softmax + sigmoid head) model.
+
+  Args:
+    features: module mapping images ``[B, H, W, 3]`` to a feature map ``[B, h, w, C]`` (the
+      CAM target layer); its params go under ``'backbone'``.
+    head: the classifier head as a module or a zero-argument factory of one. Two copies are made,
+      ``'fc'`` (softmax) and ``'fc2'`` (sigmoid); what they receive depends on ``head_kind``.
+    frozen_backbone: ``True`` (dual stage): stop-gradient on the features and on the softmax
+      logits, so only ``fc2`` can learn. ``False``: everything is differentiable (vanilla stage).
+    head_kind: ``'linear'`` (GAP -> head), ``'conv'`` (head on the map, e.g. a 1x1 conv -> GAP),
+      ``'mlp'`` (GAP -> any head) or ``'map'`` (the head pools the map itself). ``None`` infers
+      it: ``nn.Dense`` -> linear, 1x1 ``nn.Conv`` -> conv, anything else -> mlp.
+    features_method: the method of ``features`` to call, e.g. ``'features'`` to reuse a whole
+      model that has a ``features`` method (modules it never calls get no params).
+    train_arg: keyword carrying ``train`` to the user's modules: ``'auto'`` picks the first of
+      ``train``, ``training``, ``deterministic``, ``use_running_average`` in the signature
+      (the last two inverted), a name forces it, ``None`` passes nothing.
+  Returns:
+    a :class:`DualBranch`; initialise it with ``model.init`` or load a trained single-head model
+    with :func:`from_single_head`.
+
+  Example (a model ``Net`` whose ``__call__`` is ``Head(name='head')(Features(name='features')
+  (x, train))``, with GAP -> Dense -> ReLU -> Dense inside ``Head``)::
+
+    model = dual_branch(Features(), Head(num_classes=10))              # head_kind 'mlp'
+    variables = from_single_head(model, net_variables, head_key='head', features_key='features')
+    out = model.apply(variables, images)  # features, softmax_logits, sigmoid_logits
+    # train: make_optimizer(variables['params'], arch=None, stage='dual', ...) + train_step
+    fns = cam_fns(model)                   # apply_fn, head_fn, head_weights_fn
+    maps, _ = compute_cams(variables=variables, images=images, method='gradcam',
+                           branch='sigmoid', **fns)
+  """
+  if not isinstance(features, nn.Module):
+    raise ValueError(f'features must be a flax.linen Module, got {type(features).__name__}')
+  if isinstance(head, nn.Module):
+    template = head
+
+    def factory() -> nn.Module:
+      return template.clone(parent=None, name=None)
+  elif callable(head):
+    factory = head
+    template = head()
+    if not isinstance(template, nn.Module):
+      raise ValueError(f'head() must return a flax.linen Module, got {type(template).__name__}')
+  else:
+    raise ValueError(f'head must be a Module or a factory of one, got {type(head).__name__}')
+  if head_kind is None:
+    head_kind = infer_head_kind(template)
+  if head_kind not in HEAD_KINDS:
+    raise ValueError(f'unknown head_kind {head_kind!r}; valid: {HEAD_KINDS}')
+  if not callable(getattr(type(features), features_method, None)):
+    raise ValueError(f'{type(features).__name__} has no method {features_method!r}')
+  return DualBranch(
+    backbone=features.clone(parent=None, name=None),
+    head_factory=factory,
+    head_kind=head_kind,
+    frozen_backbone=bool(frozen_backbone),
+    features_method=features_method,
+    train_arg=train_arg,
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Variables: loading a single-head model, initialising the sigmoid head.
+
+
+def _plain(tree):
+  """Nested plain dicts (FrozenDict and other mappings converted); leaves untouched."""
+  if isinstance(tree, Mapping):
+    return {k: _plain(v) for k, v in tree.items()}
+  return tree
+
+
+def _key_path(key: str | Sequence[str]) -> tuple[str, ...]:
+  return (key,) if isinstance(key, str) else tuple(key)
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def fresh_head_params(head_params, rng: jax.Array | int = 0):
+  """The reference's fresh init of a head with the structure of ``head_params``.
+
+  Every 2-D ``kernel`` (a Dense) ~ normal(0, 0.01), every conv ``kernel`` (>= 3-D, HWIO)
+  xavier-uniform, every ``bias`` 0, any ``scale`` 1 and other leaves 0. float32.
+  """
+  key = jax.random.key(rng) if isinstance(rng, int) else rng
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(_plain(head_params))
+  keys = jax.random.split(key, max(len(leaves), 1))
+  out = []
+  for k, (path, leaf) in zip(keys, leaves):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    shape = jnp.shape(leaf)
+    if name == 'kernel' and len(shape) == 2:
+      out.append(0.01 * jax.random.normal(k, shape, jnp.float32))
+    elif name == 'kernel' and len(shape) >= 3:
+      out.append(nn.initializers.xavier_uniform()(k, shape, jnp.float32))
+    elif name == 'scale':
+      out.append(jnp.ones(shape, jnp.float32))
+    else:
+      out.append(jnp.zeros(shape, jnp.float32))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def init_sigmoid_head(variables, *, mode: str = 'fresh', rng: jax.Array | int = 0) -> dict:
+  """New variables whose ``fc2`` params are ``fresh_head_params`` of ``fc`` (``'fresh'``, what
+  the reference's published command trains from) or a copy of ``fc`` (``'clone'``, the paper's
+  text). ``fc``'s entries in other collections (e.g. batch_stats) are copied to ``fc2``."""
+  if mode not in FC2_INITS:
+    raise ValueError(f'unknown fc2 init {mode!r}; valid: {FC2_INITS}')
+  out = _plain(variables)
+  for col, tree in out.items():
+    if 'fc' not in tree:
+      continue
+    if col == 'params' and mode == 'fresh':
+      tree['fc2'] = fresh_head_params(tree['fc'], rng)
+    else:
+      tree['fc2'] = jax.tree.map(lambda a: jnp.array(a, copy=True), tree['fc'])
+  return out
+
+
+def from_single_head(
+  model: DualBranch,
+  variables,
+  *,
+  head_key: str | Sequence[str],
+  features_key: str | Sequence[str] | None = None,
+  fc2: str = 'fresh',
+  rng: jax.Array | int = 0,
+  input_shape: tuple[int, ...] | None = (1, 64, 64, 3),
+) -> dict:
+  """Variables of ``model`` from a trained single-head model's ``variables``.
+
+  Args:
+    model: the :func:`dual_branch` model.
+    variables: the user's ``{'params': ..., 'batch_stats': ...}`` (any collections).
+    head_key: key (or key path) of the head's subtree in each collection, e.g. ``'head'``.
+    features_key: key (or key path) of the feature module's subtree; ``None`` = every top-level
+      entry except ``head_key`` (a model whose layers sit at its top level).
+    fc2: ``'fresh'`` (every Linear normal(0, 0.01), a conv xavier-uniform, biases 0: the
+      reference's published run) or ``'clone'`` (a copy of the softmax head, the paper's text).
+    rng: key or int seed for ``fc2='fresh'``.
+    input_shape: an image shape for checking the result against ``model``'s own parameter
+      shapes (abstractly, nothing is computed); ``None`` skips the check.
+  Returns:
+    ``{collection: {'backbone': ..., 'fc': ..., 'fc2': ...}}`` (plain dicts; collections with
+    no entry for the features or head get none), with ``'params'`` and ``'batch_stats'`` always
+    present.
+  """
+  head_path = _key_path(head_key)
+  out: dict = {'params': {}, 'batch_stats': {}}
+  for col, tree in _plain(variables).items():
+    try:
+      head = _get(tree, head_path)
+    except (KeyError, TypeError):
+      head = None
+    if col == 'params' and head is None:
+      raise ValueError(f'head_key {head_key!r} not in the params; top-level keys: {sorted(tree)}')
+    if features_key is None:
+      feats = {k: v for k, v in tree.items() if k != head_path[0]}
+      if len(head_path) > 1:
+        raise ValueError('features_key=None needs a top-level head_key, got a path')
+    else:
+      try:
+        feats = _get(tree, _key_path(features_key))
+      except (KeyError, TypeError):
+        if col == 'params':
+          raise ValueError(
+            f'features_key {features_key!r} not in the params; top-level keys: {sorted(tree)}'
+          ) from None
+        feats = {}
+    entry = {}
+    if feats:
+      entry['backbone'] = feats
+    if head is not None:
+      entry['fc'] = head
+    out.setdefault(col, {}).update(entry)
+  out = init_sigmoid_head(out, mode=fc2, rng=rng)
+  if input_shape is not None:
+    _check_against(model, out, input_shape)
+  return out
+
+
+def _check_against(model: DualBranch, variables: dict, input_shape) -> None:
+  """Raise ValueError listing where ``variables`` and ``model``'s own init disagree."""
+  key = jax.random.key(0)
+  want = jax.eval_shape(
+    lambda: model.init({'params': key, 'dropout': key}, jnp.zeros(input_shape), train=False)
+  )
+  want = {c: t for c, t in _plain(want).items() if c in ('params', 'batch_stats')}
+  have = {c: variables.get(c, {}) for c in want}
+  flat_w = {jax.tree_util.keystr(p): jnp.shape(v) for p, v in _flat(want)}
+  flat_h = {jax.tree_util.keystr(p): jnp.shape(v) for p, v in _flat(have)}
+  problems = [f'missing {k} {s}' for k, s in flat_w.items() if k not in flat_h]
+  problems += [f'unexpected {k} {s}' for k, s in flat_h.items() if k not in flat_w]
+  problems += [
+    f'{k}: shape {flat_h[k]}, model wants {s}'
+    for k, s in flat_w.items()
+    if k in flat_h and tuple(flat_h[k]) != tuple(s)
+  ]
+  if problems:
+    more = f' (+{len(problems) - 8} more)' if len(problems) > 8 else ''
+    raise ValueError(
+      'the loaded variables do not fit the dual-branch model (check head_key / features_key '
+      f'and input_shape): {"; ".join(problems[:8])}{more}'
+    )
+
+
+def _flat(tree):
+  return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# CAM adapters.
+
+
+def head_weights(variables, branch: str, head_kind: str) -> tuple[jax.Array, jax.Array]:
+  """CAM weights ``(w [C, K], b [K])`` float32 of a ``'linear'`` or ``'conv'`` (1x1) head.
+
+  The head's subtree must hold exactly one ``kernel`` (a bias is optional). Other head kinds
+  raise ``ValueError``: plain CAM reads the class weights of a linear head.
+  """
+  name = _BRANCH_PARAMS.get(branch)
+  if name is None:
+    raise ValueError(f'unknown branch {branch!r}; valid: softmax, sigmoid')
+  if head_kind not in ('linear', 'conv'):
+    raise ValueError(
+      f"plain CAM needs a linear head (head_kind 'linear' or 'conv'), this model's head_kind is "
+      f"{head_kind!r}; use a gradient method instead: gradcam, gradcam++, xgradcam, layercam"
+    )
+  leaves = _flat(_plain(variables['params'][name]))
+  by_name: dict[str, list] = {}
+  for path, leaf in leaves:
+    by_name.setdefault(str(getattr(path[-1], 'key', path[-1])), []).append(leaf)
+  kernels, biases = by_name.get('kernel', []), by_name.get('bias', [])
+  if len(kernels) != 1 or len(biases) > 1 or len(leaves) != len(kernels) + len(biases):
+    names = [jax.tree_util.keystr(p) for p, _ in leaves]
+    raise ValueError(f'a {head_kind} head must hold one kernel (+ bias), {name} holds {names}')
+  kernel = jnp.asarray(kernels[0], jnp.float32)
+  if head_kind == 'conv' and (kernel.ndim != 4 or kernel.shape[:2] != (1, 1)):
+    raise ValueError(f'a conv head for CAM must be 1x1, got kernel shape {kernel.shape}')
+  w = kernel.reshape(-1, kernel.shape[-1])
+  b = jnp.asarray(biases[0], jnp.float32) if biases else jnp.zeros(w.shape[-1], jnp.float32)
+  return w, b
+
+
+def cam_fns(model: DualBranch) -> dict[str, Callable]:
+  """Adapters for ``dualsig_jax.cam.compute_cams`` / ``compute_cams_multi``: ``apply_fn(variables,
+  images [B, H, W, 3])`` (inference mode), ``head_fn(variables, features [B, h, w, C])`` and
+  ``head_weights_fn(variables, branch) -> (w [C, K], b [K])`` (linear and 1x1-conv heads; other
+  kinds raise ``ValueError``). Call once and reuse: jit caches on the functions' identity."""
+  if not isinstance(model, DualBranch):
+    raise ValueError(f'cam_fns needs a DualBranch model, got {type(model).__name__}')
+  kind = model.head_kind
+
+  def apply_fn(variables, images):
+    return model.apply(variables, images, train=False)
+
+  def head_fn(variables, features):
+    return model.apply(variables, features, method='head')
+
+  def head_weights_fn(variables, branch):
+    return head_weights(variables, branch, kind)
+
+  return {'apply_fn': apply_fn, 'head_fn': head_fn, 'head_weights_fn': head_weights_fn}
+
+
+__all__ = [
+  'FC2_INITS',
+  'HEAD_KINDS',
+  'DualBranch',
+  'cam_fns',
+  'dual_branch',
+  'fresh_head_params',
+  'from_single_head',
+  'head_weights',
+  'infer_head_kind',
+  'init_sigmoid_head',
+]

@@ -1,0 +1,32 @@
+"""Every fixed vocabulary of the project, declared once (no heavy imports: configs read it).
+
+Modules that own a concept import its names from here: the model table checks `ARCHS` and
+`FAMILIES`, the CAM library `CAM_METHODS` and `BRANCHES`, the config schema all of them.
+"""
+
+# Model name table keys (dualsig_jax.models.MODELS) and the two model families of the
+# reference: `cam` = wsol_cam/ (GAP + linear head, used for plain CAM), `standard` = wsol/
+# (torchvision layouts, VGG16 with its MLP classifier, used for every gradient method).
+ARCHS = ('vgg16', 'resnet50', 'inception_v3', 'vgg_tiny', 'resnet_tiny')
+PAPER_ARCHS = ('vgg16', 'resnet50', 'inception_v3')
+FAMILIES = ('cam', 'standard')
+
+# Compute dtypes a config may name (parameters are always float32).
+DTYPES = ('float32', 'bfloat16')
+
+CAM_METHODS = ('cam', 'gradcam', 'gradcam++', 'xgradcam', 'layercam')
+GRADIENT_METHODS = CAM_METHODS[1:]
+# Heads of a dual-branch model: 'softmax' = fc (classifies), 'sigmoid' = fc2 (explains).
+BRANCHES = ('softmax', 'sigmoid')
+
+STAGES = ('vanilla', 'dual')
+SOURCES = ('folder', 'tfds')
+
+# ImageNet normalisation used by every backbone (torchvision / wsolevaluation).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The synthetic WSOL benchmark (SYNTH) that the main job generates.
+SYNTHETIC = dict(
+  num_classes=10, image_size=112, num_train=3000, num_val=500, num_test=1000, seed=0
+)
