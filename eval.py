@@ -4,8 +4,7 @@ runs/synthetic. Logic lives in dualsig_jax.evaluate."""
 from absl import app, flags
 from ml_collections import config_flags
 
-from dualsig_jax import evaluate, experiment
-from dualsig_jax.train import sharding
+from dualsig_jax import entry
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Config file (configs/*.py[:arg]).', lock_config=True
@@ -17,10 +16,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  entry.check_config_or_exit(_CONFIG.value, _WORKDIR.value, for_eval=True)
+  from dualsig_jax import evaluate, experiment  # after the preflight: these import JAX
+  from dualsig_jax.train import sharding
+
   experiment.setup_logging()
   sharding.maybe_initialize_distributed()
   evaluate.evaluate(_CONFIG.value, _WORKDIR.value, split=_SPLIT.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=entry.parse_flags)

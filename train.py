@@ -4,7 +4,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from dualsig_jax import experiment
+from dualsig_jax import entry
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Config file (configs/*.py[:arg]).', lock_config=True
@@ -16,9 +16,12 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  entry.check_config_or_exit(_CONFIG.value, _WORKDIR.value)
+  from dualsig_jax import experiment  # after the preflight: this imports JAX
+
   experiment.setup_logging()
   experiment.run(_CONFIG.value, _WORKDIR.value, evaluate=not _NO_EVAL.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=entry.parse_flags)

@@ -7,9 +7,16 @@ PIL + torch below (same operations as Resize/RandomCrop/RandomHorizontalFlip/ToT
 Normalize). Images: SYNTH renders at ImageNet-like sizes (~340-480 px), generated once.
 
   python bench/bench_loader.py [--workers 2 --batch_size 32 --batches 40 --num_images 640]
+
+``--mode headroom`` instead measures how many images/s one loader worker delivers (train and
+eval transforms, ``num_workers`` 0/1/2 on 500x375 JPEGs) and what each stage costs on one core
+(decode, reduced-size decode, resize, crop, normalise); see ``bench/loader_headroom.py``:
+
+  python bench/bench_loader.py --mode headroom [--headroom_size 500x375 --num_images 512]
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -104,8 +111,9 @@ def _time(it, args, size):
   return n / (time.perf_counter() - t0)
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--mode', default='compare', choices=('compare', 'headroom'))
   parser.add_argument('--workers', type=int, default=2)
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--batches', type=int, default=40)
@@ -116,8 +124,22 @@ def main():
   parser.add_argument(
     '--data_dir', default=os.path.join(tempfile.gettempdir(), 'dualsig_bench_loader')
   )
-  args = parser.parse_args()
+  headroom = parser.add_argument_group('--mode headroom')
+  headroom.add_argument('--headroom_size', default='500x375', help='JPEG size WxH')
+  headroom.add_argument(
+    '--headroom_workers', default='0,1,2', type=lambda s: [int(v) for v in s.split(',')]
+  )
+  headroom.add_argument('--stage_images', type=int, default=64, help='images per stage timing')
+  headroom.add_argument('--stage_repeats', type=int, default=5)
+  headroom.add_argument('--resize_size', type=int, default=256)
+  headroom.add_argument('--crop_size', type=int, default=224)
+  headroom.add_argument('--eval_size', type=int, default=224)
+  headroom.add_argument('--out', help='write the headroom results as JSON here')
+  args = parser.parse_args(argv)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if args.mode == 'headroom':
+    return _headroom(args)
 
   import grain
   import jax
@@ -182,6 +204,31 @@ def main():
     f'ratio grain/torch:        {np.median(ours) / np.median(ref):8.2f} '
     f'(per-repeat ratios {min(pairs):.2f}-{max(pairs):.2f})'
   )
+
+
+def _headroom(args):
+  import grain
+  import PIL
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import loader_headroom
+
+  print(
+    f'machine: {platform.platform()}, {platform.processor() or platform.machine()}, '
+    f'{os.cpu_count()} CPUs; python {sys.version.split()[0]}, numpy {np.__version__}, '
+    f'pillow {PIL.__version__}, grain {getattr(grain, "__version__", "?")}'
+  )
+  print(
+    f'setup: {args.num_images} JPEGs {args.headroom_size}; train: resize {args.resize_size} -> '
+    f'crop {args.crop_size} -> flip -> normalise; eval: resize {args.eval_size} -> normalise; '
+    f'batch {args.batch_size}; train: {args.batches} timed batches after {args.warmup} '
+    f'warm-up, eval: the split after {args.warmup} warm-up batches; median of {args.repeats}'
+  )
+  result = loader_headroom.run(args)
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(result, f, indent=2)
+  return result
 
 
 if __name__ == '__main__':

@@ -207,7 +207,9 @@ def _check_range(config, name, *, low=None, high=None, low_open=False, integer=F
   if bad:
     lo = '' if low is None else ('> ' if low_open else '>= ') + f'{low}'
     hi = '' if high is None else f'<= {high}'
-    raise ValueError(f'config.{name}={value!r} is out of range (must be {" and ".join(filter(None, (lo, hi)))})')
+    raise ValueError(
+      f'config.{name}={value!r} is out of range (must be {" and ".join(filter(None, (lo, hi)))})'
+    )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -248,8 +250,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_range(config, 'log_every_steps', low=1, integer=True)
   if config.input.crop_size > config.input.resize_size:
     raise ValueError('config.input.crop_size must be <= config.input.resize_size')
-  if 'cam' in config.eval.methods and config.model.family == 'standard' and (
-    config.model.arch.startswith('vgg')
+  if (
+    'cam' in config.eval.methods
+    and config.model.family == 'standard'
+    and (config.model.arch.startswith('vgg'))
   ):
     raise ValueError(
       f'config.eval.methods has "cam", but the sigmoid head of {config.model.arch} (standard) is '

@@ -27,6 +27,4 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The synthetic WSOL benchmark (SYNTH) that the main job generates.
-SYNTHETIC = dict(
-  num_classes=10, image_size=112, num_train=3000, num_val=500, num_test=1000, seed=0
-)
+SYNTHETIC = dict(num_classes=10, image_size=112, num_train=3000, num_val=300, num_test=600, seed=0)

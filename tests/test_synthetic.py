@@ -74,28 +74,113 @@ def test_bad_params():
     synthetic.generate('/tmp/unused', image_size=8)
 
 
-def test_ensure_synthetic_idempotent_and_redoes_interrupted(tmp_path):
-  cfg = ConfigDict(
+def _cfg(root, metadata_root='', **syn):
+  return ConfigDict(
     dict(
-      data_root=str(tmp_path / 'd'),
-      metadata_root='',
-      synthetic=dict(SMALL, num_train=20, num_val=0, num_test=10),
+      dataset_name='SYNTH',
+      data_root=str(root),
+      metadata_root=metadata_root,
+      synthetic=dict(SMALL, num_train=20, num_val=0, num_test=10, generate=True, **syn),
     )
   )
+
+
+def _tree(root):
+  return sorted(
+    os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
+  )
+
+
+def test_ensure_synthetic_idempotent_and_regenerates_on_new_params(tmp_path):
+  cfg = _cfg(tmp_path / 'd')
   synthetic.ensure_synthetic(cfg)
-  marker = tmp_path / 'd' / '.complete'
   img = tmp_path / 'd' / 'images/train/00000.jpg'
   stamp = img.stat().st_mtime_ns
   synthetic.ensure_synthetic(cfg)  # Complete: nothing rewritten.
   assert img.stat().st_mtime_ns == stamp
-  marker.unlink()  # As if interrupted before the marker: regenerate from scratch.
-  os.remove(tmp_path / 'd' / 'images/test/00003.jpg')
-  synthetic.ensure_synthetic(cfg)
-  assert marker.exists() and (tmp_path / 'd' / 'images/test/00003.jpg').exists()
-  cfg.synthetic.num_test = 12  # Other parameters: regenerate.
+  assert sorted(os.listdir(tmp_path)) == ['d']  # No temporary folders left next to it.
+  cfg.synthetic.num_test = 12  # Other parameters: the generated set is replaced.
   cfg.metadata_root = str(tmp_path / 'meta')
   synthetic.ensure_synthetic(cfg)
   assert len(load_metadata(cfg.metadata_root, 'SYNTH', 'test')) == 12
+  assert len(load_metadata(str(tmp_path / 'd' / 'metadata'), 'SYNTH', 'test')) == 12
+  assert sorted(os.listdir(tmp_path)) == ['d', 'meta']
+
+
+def test_ensure_synthetic_into_existing_empty_folder(tmp_path):
+  (tmp_path / 'd').mkdir()
+  synthetic.ensure_synthetic(_cfg(tmp_path / 'd'))
+  assert (tmp_path / 'd' / '.complete').exists()
+
+
+@pytest.mark.parametrize('marker', [False, True])
+def test_ensure_synthetic_never_deletes_user_files(tmp_path, marker):
+  """A folder holding anything but a complete generated set is refused and left as it was."""
+  root = tmp_path / 'd'
+  if marker:  # A generated set with other parameters, plus a file the user added.
+    synthetic.ensure_synthetic(_cfg(root))
+    (root / 'notes.txt').write_text('mine')
+    cfg = _cfg(root, num_test=12)
+  else:  # The user's own images, no marker.
+    for sub in ('images', 'masks'):
+      (root / sub).mkdir(parents=True)
+      (root / sub / 'precious.jpg').write_text('x')
+    cfg = _cfg(root)
+  before = _tree(root)
+  with pytest.raises(FileExistsError, match='not a complete generated SYNTH set') as e:
+    synthetic.ensure_synthetic(cfg)
+  assert str(root) in str(e.value)
+  assert ('notes.txt' if marker else 'images') in str(e.value)
+  assert _tree(root) == before and sorted(os.listdir(tmp_path)) == ['d']
+
+
+def test_ensure_synthetic_refuses_to_replace_foreign_metadata_copy(tmp_path):
+  (tmp_path / 'meta' / 'SYNTH').mkdir(parents=True)
+  (tmp_path / 'meta' / 'SYNTH' / 'mine.txt').write_text('x')
+  with pytest.raises(FileExistsError, match='mine.txt'):
+    synthetic.ensure_synthetic(_cfg(tmp_path / 'd', metadata_root=str(tmp_path / 'meta')))
+  assert _tree(tmp_path / 'meta') == ['SYNTH/mine.txt']
+
+
+def test_interrupted_generation_leaves_the_target_untouched(tmp_path, monkeypatch):
+  def boom(*args, **kw):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(synthetic, '_write_metadata', boom)
+  with pytest.raises(KeyboardInterrupt):
+    synthetic.ensure_synthetic(_cfg(tmp_path / 'd'))
+  assert os.listdir(tmp_path) == []  # Neither a half-written set nor its temporary folder.
+  # A run killed outright leaves its temporary folder: the next run removes it.
+  stale = tmp_path / '.d.generating-12345'
+  (stale / 'images').mkdir(parents=True)
+  monkeypatch.undo()
+  synthetic.ensure_synthetic(_cfg(tmp_path / 'd'))
+  assert sorted(os.listdir(tmp_path)) == ['d']
+
+
+def test_generate_false_needs_an_existing_set_and_keeps_user_files(tmp_path):
+  """generate=False: the loaders use what is there and never write; a missing set is an error
+  that says how to generate it."""
+  from dualsig_jax.data import loaders
+
+  root = tmp_path / 'user'
+  for sub in ('images', 'masks'):
+    (root / sub).mkdir(parents=True)
+    (root / sub / 'precious.jpg').write_text('x')
+  cfg = _cfg(root, generate=False)
+  cfg.update(dict(source='folder', train_split='train', eval_size=48, num_workers=0))
+  before = _tree(root)
+  with pytest.raises(FileNotFoundError, match='synthetic.generate=True') as e:
+    loaders.make_eval_loader(cfg, 'test', batch_size=4)
+  assert 'python -m dualsig_jax.data.synthetic' in str(e.value)
+  with pytest.raises(FileNotFoundError, match='synthetic.generate=True'):
+    loaders.steps_per_epoch(cfg, 4)
+  assert _tree(root) == before
+  # generate=True on the same folder: refused, still nothing deleted.
+  cfg.synthetic.generate = True
+  with pytest.raises(FileExistsError):
+    loaders.make_eval_loader(cfg, 'test', batch_size=4)
+  assert _tree(root) == before
 
 
 def test_cli_tiny_preset(tmp_path, capsys):

@@ -72,9 +72,19 @@ def test_cross_entropy_matches_torch():
   )
 
 
-def test_step_decay_schedule():
-  s = optim.step_decay_schedule(0.1, decay_rate=0.1, decay_every_steps=10)
+def test_steplr_schedule():
+  s = optim.step_decay_schedule(0.1, decay_rate=0.1, frequency=2, steps_per_epoch=5, rule='steplr')
   assert [round(float(s(i)), 8) for i in (0, 9, 10, 25)] == [0.1, 0.1, 0.01, 0.001]
+
+
+def test_reference_schedule_decays_at_the_start_of_epoch_frequency():
+  """main.py:493/572 of the reference: x0.1 at the start of 1-based epoch E when E % f == 0."""
+  spe = 4
+  s = optim.step_decay_schedule(1.0, decay_rate=0.1, frequency=3, steps_per_epoch=spe)
+  per_epoch = [round(float(s(e * spe + spe - 1)), 10) for e in range(10)]
+  assert per_epoch == [1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001]
+  # The published ImageNet run: 3 epochs, frequency 3: the third epoch at lr / 10.
+  assert [float(s(e * spe)) for e in range(3)] == [1.0, 1.0, 0.1]
 
 
 @pytest.mark.parametrize(

@@ -279,6 +279,13 @@ def linear_head_fns(param_paths: dict | None = None, *, bias: bool = True):
     node = variables['params']
     for key in paths[branch]:
       node = node[key]
+    if 'kernel' not in node:
+      # e.g. an MLP head {'0': {...}, '3': {...}}: silently skipping it would hide the branch.
+      where = 'params/' + '/'.join(map(str, paths[branch]))
+      err = M.linear_head_required(
+        f'the {branch} head at {where} is not one Dense layer (it holds {sorted(node)})'
+      )
+      raise ValueError(f'{err} with a head_fn that applies the whole head') from None
     w = node['kernel']
     return w, (node['bias'] if bias else jnp.zeros(w.shape[-1], w.dtype))
 

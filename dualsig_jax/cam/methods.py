@@ -22,6 +22,17 @@ _XGRADCAM_EPS = 1e-7  # pytorch-grad-cam XGradCAM
 _SCALE_EPS = 1e-7  # pytorch-grad-cam scale_cam_image
 
 
+def linear_head_required(what: str) -> ValueError:
+  """The error for ``method='cam'`` on a head that is not one linear layer.
+
+  Plain CAM reads class weights straight off a linear head; through an MLP (the reference's
+  standard VGG16) only gradient methods give maps. ``what`` names the head, e.g. ``'the
+  sigmoid head of vgg16 (standard) is an MLP (classifier_2: 25088-4096-4096-200)'``.
+  """
+  names = ', '.join(GRADIENT_METHODS[:-1]) + ' or ' + GRADIENT_METHODS[-1]
+  return ValueError(f'{what}; CAM needs a linear head: use {names}')
+
+
 def check_method(method: str) -> str:
   """Return ``method`` or raise ``ValueError`` listing the valid names."""
   if method not in METHODS:

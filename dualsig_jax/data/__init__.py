@@ -16,6 +16,8 @@ _EXPORTS = {
   'load_metadata': 'metadata',
   'Metadata': 'metadata',
   'MetadataError': 'metadata',
+  'resolve_metadata_root': 'metadata',
+  'check_labels': 'metadata',
   'make_train_loader': 'loaders',
   'make_eval_loader': 'loaders',
   'steps_per_epoch': 'loaders',

@@ -9,13 +9,20 @@ Files (one record per line, comma separated, as in clovaai/wsolevaluation):
                        first line of an image)
   localization_mask.txt  the OpenImages mask format, for sets that have boxes *and* masks (SYNTH).
 
-Every malformed line raises :class:`MetadataError` naming ``file:line``. The reader is strict
-on purpose: a silently dropped image changes the evaluation denominators.
+Every malformed line raises :class:`MetadataError` naming ``file:line``, and so do
+conflicting duplicates (an id given two labels or two sizes: both lines are named) and boxes
+outside their image. The reader is strict on purpose: a silently dropped image changes the
+evaluation denominators.
+
+The metadata shipped with the package (the top-level ``metadata/`` folder of the repository,
+installed as the package data ``dualsig_jax/metadata``) is found by
+:func:`resolve_metadata_root`, whatever the working directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 import numpy as np
@@ -24,6 +31,8 @@ import numpy as np
 NUM_CLASSES = {'CUB': 200, 'ILSVRC': 1000, 'CARS': 196, 'OpenImages': 100}
 # Datasets whose localization.txt holds masks instead of boxes.
 MASK_DATASETS = ('OpenImages',)
+# input.metadata_root values that mean "the metadata shipped with the package".
+SHIPPED_NAMES = ('', 'metadata', 'metadata/')
 
 
 class MetadataError(ValueError):
@@ -45,6 +54,9 @@ class Metadata:
       to the mask root; empty when the split has no masks.
     where: image id -> ``'<abs path of image_ids.txt>:<line>'`` for error messages.
     dataset_name, split, root: what was loaded, and the split's metadata directory.
+    label_where: image id -> ``'<abs path of class_labels.txt>:<line>'`` of its label.
+    declared_num_classes: class count declared by the source when labels are not listed up
+      front (TFDS: the label feature's ``num_classes``), else None.
   """
 
   image_ids: list[str]
@@ -56,6 +68,8 @@ class Metadata:
   dataset_name: str = ''
   split: str = ''
   root: str = ''
+  label_where: dict[str, str] = dataclasses.field(default_factory=dict)
+  declared_num_classes: int | None = None
 
   def __len__(self) -> int:
     return len(self.image_ids)
@@ -80,14 +94,99 @@ def check_relative_path(path: str, where: str) -> str:
 
 
 def safe_join(root: str, path: str, where: str) -> str:
-  """``root/path``, refusing paths that escape ``root`` (also through symlinked folders)."""
+  """``root/path`` for a metadata path (refused if absolute or with ``..``, see
+  :func:`check_relative_path`).
+
+  Symlinks under ``root`` are followed on purpose: a data root assembled from links (images on
+  another disk, a shared dataset folder) is a common layout, and every link there was placed by
+  the user. Only the metadata text, which may come from elsewhere, is distrusted.
+  """
   check_relative_path(path, where)
-  full = os.path.join(root, path)
-  real_root = os.path.realpath(root)
-  real = os.path.realpath(full)
-  if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
-    raise MetadataError(f'{where}: path {path!r} resolves outside the data root {root!r}')
-  return full
+  return os.path.join(root, path)
+
+
+def shipped_metadata_root() -> str:
+  """Absolute path of the wsolevaluation metadata shipped with the package.
+
+  Installed (``pip install .``): the package data folder ``dualsig_jax/metadata``. Source
+  checkout (or an editable install made before the metadata was package data): the repository's
+  top-level ``metadata/`` folder.
+  """
+  spec = importlib.util.find_spec('dualsig_jax.metadata')
+  for loc in (spec.submodule_search_locations or []) if spec else []:
+    if os.path.isdir(loc):
+      return os.path.abspath(loc)
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if os.path.isfile(os.path.join(repo, 'pyproject.toml')) and os.path.isdir(
+    os.path.join(repo, 'metadata')
+  ):
+    return os.path.join(repo, 'metadata')
+  raise FileNotFoundError(
+    'the wsolevaluation metadata shipped with dualsig_jax is missing from this installation '
+    '(expected the package data folder dualsig_jax/metadata); reinstall with `pip install .`'
+  )
+
+
+def resolve_metadata_root(metadata_root: str) -> str:
+  """``input.metadata_root`` -> the folder to read.
+
+  ``''`` or ``'metadata'`` mean the metadata shipped with the package (found whatever the
+  working directory, also after a non-editable install). Any other path is the user's, used as
+  given (a relative path is relative to the working directory; write ``./metadata`` for a
+  folder named ``metadata`` there) and must exist.
+
+  Raises:
+    FileNotFoundError naming the path and the working directory.
+  """
+  if metadata_root is None or metadata_root in SHIPPED_NAMES:
+    return shipped_metadata_root()
+  if not os.path.isdir(metadata_root):
+    raise FileNotFoundError(
+      f'input.metadata_root {metadata_root!r} does not exist (relative paths are resolved '
+      f"against the working directory {os.getcwd()}); use 'metadata' (or '') for the metadata "
+      'shipped with dualsig_jax'
+    )
+  return metadata_root
+
+
+def check_labels(metadata: Metadata, num_classes: int) -> None:
+  """Refuses a split whose labels do not fit a model with ``num_classes`` outputs.
+
+  A label >= num_classes makes the one-hot target all zeros and the loss NaN a step later, so
+  this runs before training (the loaders call it when given ``num_classes``).
+
+  Args:
+    metadata: a split's metadata (folder source: its labels; TFDS: its declared class count).
+    num_classes: the model's class count (``config.model.num_classes``).
+
+  Raises:
+    MetadataError naming ``class_labels.txt:line`` of the first label (in file order) outside
+    ``[0, num_classes)`` and the largest label; for TFDS, the dataset's class count.
+  """
+  if int(num_classes) < 1:
+    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+  fix = 'set --config.model.num_classes={} (or more) or fix the labels'
+  bad = [i for i, label in metadata.labels.items() if label >= num_classes]
+  if bad:
+
+    def line(i):
+      where = metadata.label_where.get(i, '')
+      return int(where.rsplit(':', 1)[1]) if ':' in where else 0
+
+    first = min(bad, key=line)
+    largest = max(metadata.labels.values())
+    where = metadata.label_where.get(first, f'{metadata.dataset_name}[{metadata.split}]')
+    raise MetadataError(
+      f'{where}: label {metadata.labels[first]} of {first!r} does not fit '
+      f'model.num_classes={num_classes} (labels must lie in [0, {num_classes}); largest label '
+      f'{largest} in this split, {len(bad)} labels too large): ' + fix.format(largest + 1)
+    )
+  declared = metadata.declared_num_classes
+  if declared is not None and declared > num_classes:
+    raise MetadataError(
+      f'tfds {metadata.dataset_name}[{metadata.split}] has {declared} classes (its label '
+      f'feature) but model.num_classes={num_classes}: ' + fix.format(declared)
+    )
 
 
 def _read_lines(path: str):
@@ -169,9 +268,10 @@ def load_metadata(
   if not image_ids:
     raise MetadataError(f'{ids_file}: no image ids')
 
-  labels = {}
+  labels, label_where = {}, {}
   labels_file = os.path.join(root, 'class_labels.txt')
   if os.path.isfile(labels_file):
+    abs_labels = os.path.abspath(labels_file)
     for num, fields in _read_lines(labels_file):
       _expect(fields, 2, labels_file, num, 'path,label')
       (label,) = _ints(fields[1:], labels_file, num, 'label')
@@ -180,7 +280,8 @@ def load_metadata(
           f'{labels_file}:{num}: label {label} out of range '
           f'[0, {num_classes if num_classes is not None else "inf"})'
         )
-      labels[fields[0]] = label
+      _no_conflict(labels, label_where, fields[0], label, f'{abs_labels}:{num}', 'label')
+      labels[fields[0]], label_where[fields[0]] = label, f'{abs_labels}:{num}'
   if require_labels:
     for image_id in image_ids:
       if image_id not in labels:
@@ -188,15 +289,17 @@ def load_metadata(
           f'{where[image_id]}: image id {image_id!r} has no label in {labels_file}'
         )
 
-  sizes = {}
+  sizes, size_where = {}, {}
   sizes_file = os.path.join(root, 'image_sizes.txt')
   if os.path.isfile(sizes_file):
+    abs_sizes = os.path.abspath(sizes_file)
     for num, fields in _read_lines(sizes_file):
       _expect(fields, 3, sizes_file, num, 'path,w,h')
       w, h = _ints(fields[1:], sizes_file, num, 'width,height')
       if w <= 0 or h <= 0:
         raise MetadataError(f'{sizes_file}:{num}: non-positive size {w}x{h}')
-      sizes[fields[0]] = (w, h)
+      _no_conflict(sizes, size_where, fields[0], (w, h), f'{abs_sizes}:{num}', 'size')
+      sizes[fields[0]], size_where[fields[0]] = (w, h), f'{abs_sizes}:{num}'
     for image_id in image_ids:
       if image_id not in sizes:
         raise MetadataError(f'{where[image_id]}: image id {image_id!r} has no size in {sizes_file}')
@@ -229,7 +332,17 @@ def load_metadata(
     dataset_name=dataset_name,
     split=split,
     root=root,
+    label_where={i: label_where[i] for i in image_ids if i in label_where},
   )
+
+
+def _no_conflict(values, value_where, image_id, value, here, what):
+  """Refuses a second, different ``what`` for ``image_id`` (an identical repeat is harmless)."""
+  if image_id in values and values[image_id] != value:
+    raise MetadataError(
+      f'{here}: conflicting {what} for image id {image_id!r}: {value} here, '
+      f'{values[image_id]} at {value_where[image_id]}'
+    )
 
 
 def _read_boxes(path, sizes, sizes_file, where, image_ids):
@@ -245,6 +358,14 @@ def _read_boxes(path, sizes, sizes_file, where, image_ids):
         f'{path}:{num}: invalid box (x0,y0,x1,y1)=({x0},{y0},{x1},{y1}); '
         'need 0 <= x0 <= x1 and 0 <= y0 <= y1'
       )
+    if fields[0] in sizes:
+      w, h = sizes[fields[0]]
+      # wsolevaluation boxes are (x, y, x + width, y + height): x1 == image width is inside.
+      if x1 > w or y1 > h:
+        raise MetadataError(
+          f'{path}:{num}: box (x0,y0,x1,y1)=({x0},{y0},{x1},{y1}) lies outside the image '
+          f'{fields[0]!r} of size {w}x{h} ({sizes_file}); need x1 <= width and y1 <= height'
+        )
     lists.setdefault(fields[0], []).append((x0, y0, x1, y1))
   for image_id in image_ids:
     if image_id not in lists:

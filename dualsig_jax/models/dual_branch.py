@@ -369,7 +369,7 @@ def head_weights(variables, branch: str, head_kind: str) -> tuple[jax.Array, jax
   if head_kind not in ('linear', 'conv'):
     raise ValueError(
       f"plain CAM needs a linear head (head_kind 'linear' or 'conv'), this model's head_kind is "
-      f"{head_kind!r}; use a gradient method instead: gradcam, gradcam++, xgradcam, layercam"
+      f'{head_kind!r}; use a gradient method instead: gradcam, gradcam++, xgradcam, layercam'
     )
   leaves = _flat(_plain(variables['params'][name]))
   by_name: dict[str, list] = {}

@@ -21,7 +21,7 @@ from dualsig_jax.models.layers import (
   ConvReLUStack,
   DualHeadMixin,
   avg_pool_3x3_same,
-  head_kernel_init,
+  conv_head_init,
   max_pool,
   torch_batchnorm,
   torch_conv,
@@ -80,10 +80,12 @@ class InceptionA(_Block):
 
 
 class InceptionB(_Block):
-  """wsolevaluation's InceptionB with configurable stride/padding (CAM uses 1 / 1)."""
+  """InceptionB with configurable stride/padding: wsolevaluation's CAM variant uses 1 / 1
+  (its pool branch always pads by 1), torchvision's 2 / 0 with an unpadded pool."""
 
   stride: int = 1
   padding: int = 1
+  pool_padding: int = 1
 
   @nn.compact
   def __call__(self, x):
@@ -91,7 +93,7 @@ class InceptionB(_Block):
     bd = self.conv('branch3x3dbl_1', 64, 1)(x)
     bd = self.conv('branch3x3dbl_2', 96, 3, padding=1)(bd)
     bd = self.conv('branch3x3dbl_3', 96, 3, self.stride, self.padding)(bd)
-    bp = max_pool(x, 3, self.stride, 1)
+    bp = max_pool(x, 3, self.stride, self.pool_padding)
     return jnp.concatenate([b3, bd, bp], axis=-1)
 
 
@@ -122,7 +124,7 @@ class InceptionCam(DualHeadMixin, nn.Module):
 
   num_classes: int
   large_feature_map: bool = False
-  dual: bool = True
+  frozen_backbone: bool = True
   dtype: Any = jnp.float32
   dropout_rate: float = 0.5
   conv_head = True
@@ -134,7 +136,7 @@ class InceptionCam(DualHeadMixin, nn.Module):
       padding='VALID',
       dtype=self.dtype,
       param_dtype=jnp.float32,
-      kernel_init=head_kernel_init,
+      kernel_init=conv_head_init,  # the reference's xavier_uniform, bias 0
       bias_init=nn.initializers.zeros,
     )
     self.fc = head()
@@ -142,7 +144,7 @@ class InceptionCam(DualHeadMixin, nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    fb = (not train) or self.dual
+    fb = not train  # BatchNorm mode (frozen_backbone only stops gradients)
     d = self.dtype
     x = x.astype(d)
     x = BasicConv2d(32, 3, 2, 1, fb, d, name='Conv2d_1a_3x3')(x)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from dualsig_jax.models.layers import (
   DualHeadMixin,
-  head_kernel_init,
+  linear_head_init,
   max_pool,
   torch_batchnorm,
   torch_conv,
@@ -87,8 +87,10 @@ class ResNetCam(DualHeadMixin, nn.Module):
   """ResNet-CAM: stem -> layer1..4 -> GAP -> fc / fc2.
 
   ``__call__(x [B,H,W,3] float32, train=False)`` -> dict with ``features`` ``[B,h,w,4*planes[3]]``,
-  ``softmax_logits`` / ``sigmoid_logits`` ``[B,K]`` (float32). BatchNorm uses batch
-  statistics only when ``train`` and not ``dual`` (the dual stage freezes the backbone).
+  ``softmax_logits`` / ``sigmoid_logits`` ``[B,K]`` (float32). BatchNorm normalises with the
+  batch statistics when ``train`` (also with ``frozen_backbone``, as the reference's dual stage
+  does after ``model.train()``; the caller then discards the updated running statistics) and
+  with the running statistics otherwise. The standard family's ResNet50 is this model too.
   """
 
   num_classes: int
@@ -96,7 +98,7 @@ class ResNetCam(DualHeadMixin, nn.Module):
   planes: tuple = (64, 128, 256, 512)
   stem_width: int = 64
   large_feature_map: bool = False
-  dual: bool = True
+  frozen_backbone: bool = True
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -104,7 +106,7 @@ class ResNetCam(DualHeadMixin, nn.Module):
       self.num_classes,
       dtype=self.dtype,
       param_dtype=jnp.float32,
-      kernel_init=head_kernel_init,
+      kernel_init=linear_head_init,  # the reference's N(0, 0.01), bias 0
       bias_init=nn.initializers.zeros,
     )
     self.fc = dense()
@@ -112,7 +114,7 @@ class ResNetCam(DualHeadMixin, nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    frozen = (not train) or self.dual
+    frozen = not train  # BatchNorm mode: running statistics unless training
     x = torch_conv(
       self.stem_width, 7, stride=2, padding=3, use_bias=False, dtype=self.dtype, name='conv1'
     )(x.astype(self.dtype))

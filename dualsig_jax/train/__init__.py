@@ -1,21 +1,32 @@
-"""Training of both stages: `train_stage(config, workdir, stage)`; pieces in submodules."""
+"""Training of both stages: `train_stage(config, workdir, stage)`; pieces in submodules.
 
-from dualsig_jax.train.loop import (
-  build_stage_model,
-  checkpoint_dir,
-  evaluate_accuracy,
-  latest_variables,
-  train_stage,
-)
-from dualsig_jax.train.state import TrainState, predict_step, train_step
+  stage.py        what a stage trains and where its weights come from
+  loop.py         the step loop of one stage (data, sharded jit step, logging, checkpoints)
+  state.py        TrainState and the pure train / predict steps
+  optim.py        SGD with the reference's parameter groups and lr schedule
+  losses.py       softmax CE and class-balanced BCE
+  checkpoints.py  every checkpoint format (Orbax stages, converted weights)
+  sharding.py     mesh, shardings, jax.distributed
 
-__all__ = [
-  'train_stage',
-  'evaluate_accuracy',
-  'latest_variables',
-  'build_stage_model',
-  'checkpoint_dir',
-  'TrainState',
-  'train_step',
-  'predict_step',
-]
+Exports resolve lazily, so that importing `dualsig_jax.train.stage` (as evaluation does)
+does not import the training loop.
+"""
+
+import importlib
+
+_EXPORTS = {
+  'train_stage': 'loop',
+  'build_stage_model': 'stage',
+  'checkpoint_dir': 'stage',
+  'restore_variables': 'checkpoints',
+  'TrainState': 'state',
+  'train_step': 'state',
+  'predict_step': 'state',
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -59,3 +59,30 @@ def restore(mgr: ocp.CheckpointManager, step: int, target_state, data_iter=None)
       f"match this experiment's model ({e})"
     ) from e
   return out['state'], out['meta']
+
+
+def restore_variables(path: str) -> tuple[dict, dict]:
+  """{'params', 'batch_stats'} of any checkpoint kind, and what it records of its model.
+
+  `path` is a stage's checkpoint folder (`<workdir>/<stage>/checkpoints`, newest step) or a
+  folder written by the converter (`python -m dualsig_jax.convert`). The record (arch, family,
+  num_classes, large_feature_map, where known) is {} for checkpoints that predate it.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'no checkpoint at {path}')
+  mgr = manager(path, max_to_keep=10)
+  step = mgr.latest_step()
+  if step is None:
+    # Weights converted from PyTorch: DIR/variables (+ the converter's record).
+    from dualsig_jax import convert
+
+    info_fn = getattr(convert, 'read_checkpoint_info', None)
+    info = info_fn(path) if info_fn is not None else {}
+    return convert.load_variables(path), dict(info or {})
+  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  try:
+    info = read_meta(mgr, step)
+  except Exception:  # a checkpoint without the JSON record: nothing to check against
+    info = {}
+  variables = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
+  return variables, info

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import optax
 
-from dualsig_jax import models
+from dualsig_jax import models, vocab
 
 Labels = Any
 
@@ -22,7 +22,7 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(getattr(k, 'key', getattr(k, 'name', str(k))) for k in path)
 
 
-def param_labels(params, *, arch: str, stage: str, unfreeze: str = 'fc2') -> Labels:
+def param_labels(params, *, arch: str | None, stage: str, unfreeze: str = 'fc2') -> Labels:
   """Labels each parameter leaf 'feature' | 'classifier' | 'frozen'.
 
   vanilla: everything but `fc2` trains (fc2 has no loss in this stage, so it is frozen).
@@ -37,15 +37,29 @@ def param_labels(params, *, arch: str, stage: str, unfreeze: str = 'fc2') -> Lab
       return 'frozen'
     if stage == 'dual' and unfreeze == 'fc2' and head != 'fc2':
       return 'frozen'
+    if arch is None or arch not in vocab.ARCHS:
+      # A user's model (models.dual_branch): no reference name rules, the lr as given.
+      return 'feature'
     return models.lr_group(arch, names)
 
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def step_decay_schedule(lr: float, *, decay_rate: float, decay_every_steps: int):
-  """lr x decay_rate ** floor(step / decay_every_steps) (torch StepLR stepped per epoch)."""
-  decay_every_steps = max(int(decay_every_steps), 1)
-  return lambda step: lr * decay_rate ** (step // decay_every_steps)
+def step_decay_schedule(
+  lr: float, *, decay_rate: float, frequency: int, steps_per_epoch: int, rule: str = 'reference'
+):
+  """Per-epoch step decay as a function of the 0-based step; e = step // steps_per_epoch.
+
+  rule 'reference': lr x rate ** floor((e + 1) / frequency), the reference's
+    `adjust_learning_rate(epoch + 1)` (x rate at the start of 1-based epoch E whenever
+    E % frequency == 0: with frequency 3 the third epoch already runs at lr / 10).
+  rule 'steplr': lr x rate ** floor(e / frequency) (torch StepLR stepped once per epoch).
+  """
+  if rule not in ('reference', 'steplr'):
+    raise ValueError(f"unknown lr_schedule {rule!r}; valid: ['reference', 'steplr']")
+  spe, f = max(int(steps_per_epoch), 1), max(int(frequency), 1)
+  shift = 1 if rule == 'reference' else 0
+  return lambda step: lr * decay_rate ** ((step // spe + shift) // f)
 
 
 def _sgd(schedule, o: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -72,12 +86,15 @@ def make_optimizer(
     params) and {'feature': fn, 'classifier': fn} learning-rate schedules for logging.
   """
   o = optim_cfg
-  decay_steps = o.lr_decay_frequency * steps_per_epoch
   schedules = {
-    'feature': step_decay_schedule(o.lr, decay_rate=o.lr_decay_rate, decay_every_steps=decay_steps),
-    'classifier': step_decay_schedule(
-      o.lr * o.lr_classifier_ratio, decay_rate=o.lr_decay_rate, decay_every_steps=decay_steps
-    ),
+    group: step_decay_schedule(
+      lr,
+      decay_rate=o.lr_decay_rate,
+      frequency=o.lr_decay_frequency,
+      steps_per_epoch=steps_per_epoch,
+      rule=o.lr_schedule,
+    )
+    for group, lr in (('feature', o.lr), ('classifier', o.lr * o.lr_classifier_ratio))
   }
   labels = param_labels(params, arch=arch, stage=stage, unfreeze=unfreeze)
   tx = optax.multi_transform(

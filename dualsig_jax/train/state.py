@@ -45,20 +45,27 @@ def loss_fn(
   model,
   stage: str,
   train_mode: bool,
+  keep_batch_stats: bool,
   pos_weight: float,
   gamma: float,
   temp: float,
 ):
   """Loss of one batch. vanilla: CE on the softmax head. dual: class-balanced BCE on the
   sigmoid head plus the softmax CE, which the reference logs too (it has no gradient when the
-  backbone and fc are stop-gradient'ed)."""
+  backbone and fc are stop-gradient'ed).
+
+  train_mode: BatchNorm normalises with the batch's statistics (over the global batch: the
+    batch axis is sharded, so XLA reduces across devices) and dropout is on.
+  keep_batch_stats: the updated running statistics are kept (vanilla) or dropped (the
+    reference's dual stage, whose frozen BatchNorm never tracks statistics).
+  """
   variables = {'params': params, 'batch_stats': state.batch_stats}
   rng = jax.random.fold_in(state.rng, state.step)
   if train_mode:
     out, updates = model.apply(
       variables, batch['image'], train=True, mutable=['batch_stats'], rngs={'dropout': rng}
     )
-    new_stats = updates['batch_stats']
+    new_stats = updates['batch_stats'] if keep_batch_stats else state.batch_stats
   else:
     out = model.apply(variables, batch['image'], train=False)
     new_stats = state.batch_stats

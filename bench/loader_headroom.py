@@ -1,0 +1,239 @@
+"""Input-pipeline headroom (``python bench/bench_loader.py --mode headroom``).
+
+How many images/s one worker process of the project's grain loaders delivers at 224 px, for
+the train transform (JPEG decode, resize 256, random crop 224, flip, normalise) and the eval
+transform (decode, resize 224, normalise), and which stage bounds it:
+
+1. Stage costs, one core, in-process: decode (PIL = the loaders' ``load_rgb``; PIL with
+   ``draft`` reduced-size decoding; OpenCV; ``simplejpeg`` if installed), resize, crop + flip,
+   normalise. Median ms per image.
+2. The loaders themselves (``make_train_loader`` / ``make_eval_loader``) with ``num_workers``
+   0, 1, 2 on the same files; images/s and images/s per worker.
+
+Images: SYNTH renders (textured objects on clutter, pixel noise) resized to ``--headroom_size``
+(default 500x375, the most common ImageNet / CUB shape) and saved as quality-90 JPEGs with
+ILSVRC-style metadata (one box each) in a cache folder.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import time
+
+import numpy as np
+
+METADATA_NAME = 'ILSVRC'  # 1000 classes, boxes only: the eval loader reads no masks.
+
+
+def make_images(root: str, num_images: int, size: tuple[int, int]) -> str:
+  """Writes ``num_images`` JPEGs of ``size`` (w, h) and metadata under ``root``; cached.
+
+  Returns the folder used as both ``data_root`` and (``/metadata``) ``metadata_root``.
+  """
+  import cv2
+
+  from dualsig_jax.data import synthetic
+
+  w, h = size
+  out = os.path.join(root, f'headroom_{w}x{h}_{num_images}')
+  marker = os.path.join(out, '.complete')
+  if os.path.exists(marker):
+    return out
+  os.makedirs(os.path.join(out, 'images'), exist_ok=True)
+  ids, labels, sizes, boxes = [], [], [], []
+  for i in range(num_images):
+    rng = np.random.default_rng([7, i])
+    label = i % synthetic.MAX_CLASSES
+    img, mask = synthetic.render(label, synthetic.MAX_CLASSES, max(w, h), rng)
+    img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+    image_id = f'images/{i:05d}.jpg'
+    cv2.imwrite(os.path.join(out, image_id), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+    ys, xs = np.nonzero(mask) if mask.any() else (np.array([0, h - 1]), np.array([0, w - 1]))
+    ids.append(image_id)
+    labels.append(f'{image_id},{label}')
+    sizes.append(f'{image_id},{w},{h}')
+    boxes.append(f'{image_id},{xs.min()},{ys.min()},{xs.max()},{ys.max()}')
+  for split in ('train', 'val'):
+    d = os.path.join(out, 'metadata', METADATA_NAME, split)
+    os.makedirs(d, exist_ok=True)
+    for name, lines in (
+      ('image_ids.txt', ids),
+      ('class_labels.txt', labels),
+      ('image_sizes.txt', sizes),
+      ('localization.txt', boxes),
+    ):
+      with open(os.path.join(d, name), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+  open(marker, 'w').close()
+  return out
+
+
+def _median_ms(fn, items, repeats: int) -> float:
+  """Median over ``repeats`` of the mean ms per item of ``fn(item)`` over ``items``."""
+  runs = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for item in items:
+      fn(item)
+    runs.append((time.perf_counter() - t0) * 1e3 / len(items))
+  return statistics.median(runs)
+
+
+def stage_costs(folder: str, args) -> dict:
+  """ms per image of each stage on one core (this process), plus draft mode's pixel error."""
+  import cv2
+  from PIL import Image
+
+  from dualsig_jax.data import transforms as T
+
+  paths = [os.path.join(folder, 'images', f) for f in sorted(os.listdir(folder + '/images'))]
+  paths = paths[: args.stage_images]
+  blobs = [open(p, 'rb').read() for p in paths]
+  r, c, e = args.resize_size, args.crop_size, args.eval_size
+  cv2.setNumThreads(1)  # one core, like one loader worker
+
+  def pil_decode(blob, draft=None):
+    img = Image.open(io.BytesIO(blob))
+    if draft is not None:
+      img.draft('RGB', draft)  # JPEG DCT scaling by 1/2, 1/4 or 1/8 while staying >= draft
+    img.load()
+    return img.convert('RGB') if img.mode != 'RGB' else img
+
+  images = [pil_decode(b) for b in blobs]
+  resized = [im.resize((r, r), Image.BILINEAR) for im in images]
+  crops = [np.asarray(im.crop((0, 0, c, c))) for im in resized]
+  rng = np.random.default_rng(0)
+  rep = args.stage_repeats
+  ms = {
+    'decode PIL (load_rgb)': _median_ms(T.load_rgb, paths, rep),
+    'decode PIL from memory': _median_ms(pil_decode, blobs, rep),
+    f'decode PIL draft({r})': _median_ms(lambda b: pil_decode(b, (r, r)), blobs, rep),
+    'decode OpenCV': _median_ms(
+      lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), blobs, rep
+    ),
+    f'resize {r}x{r} (PIL bilinear)': _median_ms(
+      lambda im: im.resize((r, r), Image.BILINEAR), images, rep
+    ),
+    f'crop {c} + flip': _median_ms(
+      lambda im: np.asarray(im.crop((8, 8, 8 + c, 8 + c)).transpose(Image.FLIP_LEFT_RIGHT)),
+      resized,
+      rep,
+    ),
+    'normalise (float32)': _median_ms(T.normalize, crops, rep),
+    f'train: train_crop (resize+crop+flip)': _median_ms(
+      lambda im: T.train_crop(im, rng, r, c), images, rep
+    ),
+    f'eval: eval_transform (resize {e} + normalise)': _median_ms(
+      lambda im: T.eval_transform(im, e), images, rep
+    ),
+  }
+  try:
+    import simplejpeg
+
+    ms['decode simplejpeg'] = _median_ms(lambda b: simplejpeg.decode_jpeg(b, 'RGB'), blobs, rep)
+    ms['decode simplejpeg fastdct+fastupsample'] = _median_ms(
+      lambda b: simplejpeg.decode_jpeg(b, 'RGB', fastdct=True, fastupsample=True), blobs, rep
+    )
+  except ImportError:
+    pass
+  # Draft mode changes pixels where it engages (DCT-domain downscaling, then the resize);
+  # measure how much, on the train crop (same crop window and flip for both).
+  diffs, engaged = [], 0
+  for blob in blobs:
+    full = pil_decode(blob)
+    small = pil_decode(blob, (r, r))
+    engaged += small.size != full.size
+    a = np.asarray(full.resize((r, r), Image.BILINEAR), np.float32)
+    b = np.asarray(small.resize((r, r), Image.BILINEAR), np.float32)
+    diffs.append(float(np.abs(a - b).mean()))
+  kb = statistics.mean(len(b) for b in blobs) / 1024
+  return dict(
+    ms_per_image=ms,
+    draft_engaged=f'{engaged}/{len(blobs)}',
+    draft_mean_abs_diff=statistics.mean(diffs),
+    mean_file_kb=kb,
+  )
+
+
+def loader_rates(folder: str, args) -> list[dict]:
+  """images/s of the project's train and eval loaders for each worker count."""
+  from ml_collections import ConfigDict
+
+  from dualsig_jax.data import loaders
+
+  rows = []
+  for workers in args.headroom_workers:
+    cfg = ConfigDict(
+      dict(
+        source='folder',
+        dataset_name=METADATA_NAME,
+        data_root=folder,
+        metadata_root=os.path.join(folder, 'metadata'),
+        train_split='train',
+        resize_size=args.resize_size,
+        crop_size=args.crop_size,
+        eval_size=args.eval_size,
+        num_workers=workers,
+        skip_bad_images=False,
+      )
+    )
+    for mode in ('train', 'eval'):
+      rates = []
+      for _ in range(args.repeats):
+        if mode == 'train':
+          loader = loaders.make_train_loader(
+            cfg,
+            seed=0,
+            num_epochs=None,
+            process_index=0,
+            process_count=1,
+            batch_size=args.batch_size,
+          )
+        else:
+          loader = loaders.make_eval_loader(cfg, 'val', batch_size=args.batch_size)
+        rates.append(_loader_rate(iter(loader), mode, args))
+        del loader
+      rate = statistics.median(rates)
+      rows.append(
+        dict(mode=mode, workers=workers, img_s=rate, img_s_per_worker=rate / max(workers, 1))
+      )
+      print(f'  {mode} loader, {workers} workers: {rate:.1f} img/s (median of {len(rates)})')
+  return rows
+
+
+def _loader_rate(it, mode: str, args) -> float:
+  """Batches after ``args.warmup`` untimed ones (worker start-up); eval: to the split's end."""
+  for _ in range(args.warmup):
+    next(it)
+  n, t0 = 0, time.perf_counter()
+  limit = args.batches if mode == 'train' else None
+  for i, batch in enumerate(it):
+    n += batch['image'].shape[0]
+    if limit is not None and i + 1 >= limit:
+      break
+  return n / (time.perf_counter() - t0)
+
+
+def run(args) -> dict:
+  w, h = (int(v) for v in args.headroom_size.lower().split('x'))
+  folder = make_images(args.data_dir, args.num_images, (w, h))
+  costs = stage_costs(folder, args)
+  print(
+    f'stage costs, one core, {args.stage_images} JPEGs {w}x{h} '
+    f'(mean {costs["mean_file_kb"]:.0f} KB), median of {args.stage_repeats}:'
+  )
+  for name, ms in costs['ms_per_image'].items():
+    print(f'  {name:48s} {ms:7.3f} ms/image  ({1e3 / ms:7.0f} /s)')
+  print(
+    f'  draft engaged on {costs["draft_engaged"]} images; mean |pixel diff| after the resize '
+    f'vs full decode: {costs["draft_mean_abs_diff"]:.2f} (0..255)'
+  )
+  rows = loader_rates(folder, args)
+  print('| loader | workers | img/s | img/s per worker |')
+  print('|---|---|---|---|')
+  for r in rows:
+    print(f'| {r["mode"]} | {r["workers"]} | {r["img_s"]:.1f} | {r["img_s_per_worker"]:.1f} |')
+  return dict(image_size=[w, h], stage=costs, loaders=rows)

@@ -1,0 +1,176 @@
+"""What a stage trains and where its weights come from.
+
+A stage ('vanilla' or 'dual') is defined by its config section (`config.vanilla`,
+`config.dual`): optimizer settings, its starting checkpoint, and for the dual stage how the
+frozen backbone runs. This module builds the stage's model, finds its checkpoint folders and
+assembles its starting variables; the loop (`train/loop.py`) only runs steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dualsig_jax import models
+from dualsig_jax.train import checkpoints
+
+# Config dtype name -> compute dtype (the names are vocab.DTYPES).
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+  """How a stage trains.
+
+  section: the stage's config section (optimizer fields, init_checkpoint).
+  frozen_backbone: only the sigmoid head trains (stop-gradient upstream of it).
+  train_mode: the forward pass runs in training mode (BatchNorm on batch statistics, dropout).
+  keep_batch_stats: the BatchNorm running statistics are updated (vanilla only: the reference's
+    dual stage normalises with batch statistics but never moves the running ones).
+  unfreeze: 'fc2' or 'all' (which parameters the optimizer updates).
+  """
+
+  stage: str
+  section: ml_collections.ConfigDict
+  frozen_backbone: bool
+  train_mode: bool
+  keep_batch_stats: bool
+  unfreeze: str
+
+
+def stage_settings(config: ml_collections.ConfigDict, stage: str) -> StageSettings:
+  if stage == 'vanilla':
+    return StageSettings(stage, config.vanilla, False, True, True, 'all')
+  if stage != 'dual':
+    raise ValueError(f"unknown stage {stage!r}; valid: ['vanilla', 'dual']")
+  d = config.dual
+  frozen = d.unfreeze == 'fc2'
+  return StageSettings(
+    stage,
+    d,
+    frozen_backbone=frozen,
+    train_mode=(not frozen) or d.backbone_mode == 'train',
+    keep_batch_stats=not frozen,
+    unfreeze=d.unfreeze,
+  )
+
+
+def build_stage_model(config: ml_collections.ConfigDict, stage: str = 'dual'):
+  """The Flax model of a stage (`dual` is also the evaluation model: both heads)."""
+  s = stage_settings(config, stage)
+  return models.build_model(
+    config.model.arch,
+    config.model.num_classes,
+    family=config.model.family,
+    large_feature_map=config.model.large_feature_map,
+    dtype=COMPUTE_DTYPES[config.model.dtype],
+    frozen_backbone=s.frozen_backbone,
+    dropout_rate=config.model.dropout_rate,
+  )
+
+
+def checkpoint_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, 'checkpoints')
+
+
+def vanilla_source(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the dual stage (and eval's vanilla accuracy) reads the vanilla classifier."""
+  return config.dual.init_checkpoint or checkpoint_dir(workdir, 'vanilla')
+
+
+def model_record(config: ml_collections.ConfigDict, stage: str) -> dict:
+  """What a checkpoint records of the model that wrote it (checked on load and resume)."""
+  return dict(
+    stage=stage,
+    arch=config.model.arch,
+    family=config.model.family,
+    num_classes=int(config.model.num_classes),
+    large_feature_map=bool(config.model.large_feature_map),
+    experiment=config.experiment,
+  )
+
+
+def check_source_matches(info: dict, config: ml_collections.ConfigDict, where: str) -> None:
+  """Refuses starting weights recorded with another arch, family, class count or feature-map
+  size. ResNet50/InceptionV3 have the same keys with and without `large_feature_map`, so the
+  record is the only way to catch that mismatch; old checkpoints without a record pass."""
+  want = model_record(config, 'dual')
+  for key in ('arch', 'family', 'num_classes', 'large_feature_map'):
+    if key in info and info[key] is not None and info[key] != want[key]:
+      raise ValueError(
+        f'{where} was written for model.{key}={info[key]!r}, but this config has '
+        f'model.{key}={want[key]!r}; use the matching checkpoint or set '
+        f'--config.model.{key}={info[key]!r}'
+      )
+
+
+def _names(path) -> str:
+  return '/'.join(str(getattr(k, 'key', k)) for k in path)
+
+
+def overlay_variables(fresh: dict, loaded: dict, *, where: str) -> tuple[dict, list[str]]:
+  """Takes every leaf of `loaded` into `fresh`; returns (variables, names left at their init).
+
+  A loaded leaf that the model does not have, or whose shape differs, is an error naming it.
+  """
+  fresh_flat = {_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(fresh)[0]}
+  loaded_flat = {_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  for name, v in loaded_flat.items():
+    if name not in fresh_flat:
+      raise ValueError(f'{where}: unexpected parameter {name!r} (not in the model)')
+    if tuple(np.shape(v)) != tuple(np.shape(fresh_flat[name])):
+      raise ValueError(
+        f'{where}: parameter {name!r} has shape {np.shape(v)}, the model '
+        f'expects {np.shape(fresh_flat[name])}'
+      )
+
+  def pick(path, v):
+    return jnp.asarray(loaded_flat.get(_names(path), v))
+
+  merged = jax.tree_util.tree_map_with_path(pick, fresh)
+  return merged, sorted(set(fresh_flat) - set(loaded_flat))
+
+
+def fresh_variables(config: ml_collections.ConfigDict, model) -> dict:
+  """Randomly initialised variables of the stage's model (also the restore target's shape)."""
+  return models.init_variables(model, jax.random.PRNGKey(config.seed), config.input.crop_size)
+
+
+def initial_variables(config: ml_collections.ConfigDict, workdir: str, stage: str, model):
+  """Starting weights of a stage, and a note on where they came from."""
+  fresh = fresh_variables(config, model)
+  if stage == 'vanilla':
+    src = config.vanilla.init_checkpoint
+    if not src:
+      return fresh, 'random initialisation'
+    loaded, info = checkpoints.restore_variables(src)
+    check_source_matches(info, config, src)
+    merged, left = overlay_variables(fresh, loaded, where=src)
+    return merged, f'{src} (initialised here: {left})'
+  src = vanilla_source(config, workdir)
+  if not os.path.isdir(src):
+    raise FileNotFoundError(
+      f'stage "dual" starts from a vanilla checkpoint, but {src} does not exist; set '
+      f'--config.dual.init_checkpoint=DIR or run the vanilla stage first'
+    )
+  loaded, info = checkpoints.restore_variables(src)
+  check_source_matches(info, config, src)
+  merged, left = overlay_variables(fresh, loaded, where=src)
+  missing = [n for n in left if not n.startswith('params/fc2/')]
+  if missing:
+    raise ValueError(f'{src}: the vanilla checkpoint lacks {missing}')
+  mode = config.dual.head_init
+  merged = models.clone_head(
+    merged,
+    mode=mode,
+    rng=jax.random.PRNGKey(config.seed + 1),
+    arch=config.model.arch,
+    family=config.model.family,
+  )
+  how = 'cloned from fc' if mode == 'clone' else "freshly initialised (the reference's init)"
+  return merged, f'{src} with fc2 {how}'
