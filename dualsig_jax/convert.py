@@ -36,20 +36,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import pickle
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dualsig_jax.convert_io import (
+  BN_COUNTER,
+  check_target,
+  load_meta,
+  load_state_dict,
+  load_variables,
+  normalise_state_dict,
+  read_checkpoint_info,
+  save_variables,
+)
 from dualsig_jax.models import build_model, clone_head, init_input_size, init_key
 from dualsig_jax.models.layers import conv_kernel_init, head_inits
 from dualsig_jax.models.naming import (
+  FAMILIES,
   arch_kind,
   check_arch,
   check_family,
@@ -75,9 +83,21 @@ from dualsig_jax.models.naming import (
   set_path as _set,
 )
 
+__all__ = [
+  'SOURCES',
+  'ConversionInfo',
+  'torch_to_flax',
+  'flax_to_torch',
+  'load_state_dict',
+  'save_variables',
+  'load_variables',
+  'load_meta',
+  'read_checkpoint_info',
+  'main',
+]
+
 SOURCES = ('auto', 'reference', 'torchvision')
 _TINY = ('vgg_tiny', 'resnet_tiny')
-_BN_COUNTER = '.num_batches_tracked'
 
 
 @dataclasses.dataclass
@@ -98,82 +118,6 @@ class ConversionInfo:
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
-
-
-# ----------------------------------------------------------------------------- reading files
-def _to_numpy(value: Any, key: str) -> np.ndarray:
-  if hasattr(value, 'detach'):  # torch.Tensor, without importing torch
-    import torch
-
-    t = value.detach().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-      t = t.float()
-    return t.numpy().copy()  # .numpy() shares memory with the tensor
-  if isinstance(value, (np.ndarray, jax.Array, np.generic, int, float)):
-    return np.asarray(value)
-  raise ValueError(f'state dict entry {key!r} is a {type(value).__name__}, not a tensor')
-
-
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Read ``.pth/.pt/.tar`` (``torch.load(weights_only=True)``), ``.safetensors`` or ``.npz``.
-
-  Returns a flat ``{key: np.ndarray}`` (``'state_dict'`` wrapper and ``module.`` prefixes
-  still present; :func:`torch_to_flax` removes them). Raises ``ValueError`` for a pickle
-  that needs arbitrary code to load, ``ImportError`` for a missing optional reader.
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'checkpoint not found: {path}')
-  lower = path.lower()
-  if lower.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
-  if lower.endswith('.safetensors'):
-    try:
-      from safetensors.numpy import load_file
-    except ImportError as e:
-      raise ImportError(
-        f"reading {path} needs the 'safetensors' package "
-        '(pip install safetensors), or convert it to .npz'
-      ) from e
-    return dict(load_file(path))
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-      f"reading {path} needs torch (pip install 'dualsig-jax[torch]'); "
-      'or pass a .npz / .safetensors file'
-    ) from e
-  try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-  except pickle.UnpicklingError as e:
-    raise ValueError(
-      f'refusing to load {path}: it is a pickle that needs arbitrary code to load '
-      f'(torch.load(weights_only=True) rejected it: {str(e).splitlines()[0]}). '
-      "Re-save only tensors, e.g. torch.save({'state_dict': model.state_dict()}, f), "
-      'or export to .safetensors/.npz.'
-    ) from None
-  if not isinstance(obj, Mapping):
-    raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict')
-  return dict(obj)
-
-
-def _normalise(state_dict: Mapping) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Unwrap ``{'state_dict': ...}``, strip ``module.``, split off BN counters."""
-  if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], Mapping):
-    state_dict = state_dict['state_dict']
-  out, counters = {}, {}
-  for key, value in state_dict.items():
-    key = str(key)
-    while key.startswith('module.'):
-      key = key[len('module.') :]
-    arr = _to_numpy(value, key)
-    if key.endswith(_BN_COUNTER):
-      counters[key] = int(arr)
-      continue
-    if key in out:
-      raise ValueError(f"duplicate key {key!r} after stripping 'module.' prefixes")
-    out[key] = arr
-  return out, counters
 
 
 # ----------------------------------------------------------------------------- tree helpers
@@ -200,7 +144,9 @@ def _listing(keys, limit: int = 12) -> str:
 def _head_key(arch: str, family: str) -> str:
   """Key of the softmax head's output weight (its rows are the classes)."""
   name = head_torch_name(arch, 'fc', family)
-  return f'{name}.6.weight' if (arch_kind(arch), family) == ('vgg', 'standard') else f'{name}.weight'
+  return (
+    f'{name}.6.weight' if (arch_kind(arch), family) == ('vgg', 'standard') else f'{name}.weight'
+  )
 
 
 def _detect_source(arch: str, family: str, sd: dict, num_classes: int | None) -> str:
@@ -233,21 +179,17 @@ def _detect_source(arch: str, family: str, sd: dict, num_classes: int | None) ->
 
 
 def _init_leaf(
-  arch: str, family: str, coll: str, path: tuple, shape: tuple, key
+  arch: str, family: str, coll: str, path: tuple, shape: tuple, key, fan_in: int
 ) -> np.ndarray:
   """Initialise one missing leaf as the reference's model does (heads: ``head_inits``;
-  other convs: Kaiming), without compiling the whole model's init."""
+  other convs: Kaiming), without compiling the whole model's init. ``fan_in``: input size
+  of the leaf's layer (its kernel's shape without the last axis)."""
   name = path[-1]
   if coll == 'batch_stats':
     return np.zeros(shape, np.float32) if name == 'mean' else np.ones(shape, np.float32)
   if name == 'scale':
     return np.ones(shape, np.float32)
   if path[0] in ('fc', 'fc2'):
-    # fan_in of a head layer: its kernel's input size (the bias shape does not tell).
-    fan_in = {
-      ('inception', 'standard'): 2048,
-      ('vgg', 'standard'): {'0': 25088, '3': 4096, '6': 4096}.get(path[1], 0),
-    }.get((arch_kind(arch), family), 0)
     kernel_init, bias_init = head_inits(arch_kind(arch), family, fan_in)
     init = bias_init if name == 'bias' else kernel_init
     return np.asarray(init(key, shape, jnp.float32))
@@ -352,7 +294,7 @@ def torch_to_flax(
     raise ValueError(f'unknown fc2_init {fc2_init!r}; valid: clone, init')
   if source == 'torchvision' and arch in _TINY:
     raise ValueError(f'there is no torchvision file for {arch}')
-  sd, counters = _normalise(state_dict)
+  sd, counters = normalise_state_dict(state_dict)
   kind = arch_kind(arch)
   head_names = 'reference'
   if (
@@ -415,6 +357,8 @@ def torch_to_flax(
       )
 
   init_rng, fc2_rng = jax.random.split(init_key(rng))
+  kernels = {p[:-1]: shape for c, p, shape in expected.values() if p[-1] == 'kernel'}
+  fan_in = lambda path: int(np.prod(kernels.get(path[:-1], (0,))[:-1]))
   variables: dict = {'params': {}, 'batch_stats': {}}
   for key, (coll, path, shape) in expected.items():
     if key in sd:
@@ -423,7 +367,7 @@ def torch_to_flax(
       value = np.zeros(shape, np.float32)  # placeholder, replaced by clone_head below
     else:
       init_rng, sub = jax.random.split(init_rng)
-      value = _init_leaf(arch, family, coll, path, shape, sub)
+      value = _init_leaf(arch, family, coll, path, shape, sub, fan_in(path))
       info.initialised.append(key)
     _set(variables[coll], path, value)
   if fc2_missing:
@@ -441,23 +385,27 @@ def flax_to_torch(
   variables: Mapping,
   arch: str,
   *,
+  family: str = 'cam',
   head_names: str = 'reference',
   num_batches_tracked: int | Mapping[str, int] | None = 0,
   as_numpy: bool = False,
 ) -> dict:
   """Variables -> torch state dict (reference key names and shapes, float32).
 
-  ``head_names``: Inception heads as 'reference' (``SPG_A4``/``SPG_A4_2``) or 'fc'.
+  ``family``: 'cam' | 'standard' (standard VGG16 heads come out as ``classifier.*`` /
+  ``classifier_2.*``). ``head_names``: InceptionV3-CAM heads as 'reference'
+  (``SPG_A4``/``SPG_A4_2``) or 'fc'.
   ``num_batches_tracked``: value for every BatchNorm's counter (int), per-key values (e.g.
   ``ConversionInfo.num_batches_tracked``; absent keys get 0), or None to omit them.
   Returns torch tensors (needs torch) or numpy arrays with ``as_numpy=True``.
   """
   check_arch(arch)
+  check_family(family)
   if head_names not in ('reference', 'fc'):
     raise ValueError(f'unknown head_names {head_names!r}; valid: reference, fc')
   params, stats = variables['params'], variables.get('batch_stats', {}) or {}
   out: dict[str, np.ndarray] = {}
-  for module in _module_order(arch, params):
+  for module in _module_order(arch, params, family):
     leaves = _get(params, module)
     mstats = _get_or_empty(stats, module)
     # torch order inside a module: weight, bias, running stats, counter.
@@ -465,21 +413,23 @@ def flax_to_torch(
       if name not in leaves:
         continue
       path = module + (name,)
-      key = torch_key(arch, 'params', path)
-      if head_names == 'fc' and family(arch) == 'inception' and module[0] in ('fc', 'fc2'):
+      key = torch_key(arch, 'params', path, family)
+      cam_inception = (arch_kind(arch), family) == ('inception', 'cam')
+      if head_names == 'fc' and cam_inception and module[0] in ('fc', 'fc2'):
         key = module[0] + '.' + key.rsplit('.', 1)[1]
       out[key] = to_torch_layout(np.asarray(leaves[name]), 'params', path)
     if 'mean' in mstats:
-      prefix = torch_key(arch, 'batch_stats', module + ('mean',))[: -len('.running_mean')]
+      prefix = torch_key(arch, 'batch_stats', module + ('mean',), family)
+      prefix = prefix[: -len('.running_mean')]
       out[prefix + '.running_mean'] = np.asarray(mstats['mean'])
       out[prefix + '.running_var'] = np.asarray(mstats['var'])
       if num_batches_tracked is not None:
         n = (
-          num_batches_tracked.get(prefix + _BN_COUNTER, 0)
+          num_batches_tracked.get(prefix + BN_COUNTER, 0)
           if isinstance(num_batches_tracked, Mapping)
           else num_batches_tracked
         )
-        out[prefix + _BN_COUNTER] = np.array(n, dtype=np.int64)
+        out[prefix + BN_COUNTER] = np.array(n, dtype=np.int64)
   if as_numpy:
     return out
   try:
@@ -489,57 +439,25 @@ def flax_to_torch(
   return {k: torch.from_numpy(np.array(v)) for k, v in out.items()}  # keeps 0-d shape
 
 
-# ----------------------------------------------------------------------------- Orbax I/O
-def save_variables(
-  variables: Mapping, directory: str, *, meta: Mapping | None = None, overwrite: bool = False
-) -> str:
-  """Write ``DIR/variables`` (Orbax StandardCheckpointer) and ``DIR/conversion.json``."""
-  import orbax.checkpoint as ocp
-
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  tree = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {}) or {}}
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(directory, 'variables'), tree, force=overwrite)
-  ckptr.wait_until_finished()
-  with open(os.path.join(directory, 'conversion.json'), 'w') as f:
-    json.dump(dict(meta or {}), f, indent=2)
-  return directory
-
-
-def load_variables(directory: str) -> dict:
-  """Read what :func:`save_variables` (or the CLI) wrote -> ``{'params', 'batch_stats'}``."""
-  import orbax.checkpoint as ocp
-
-  path = os.path.join(os.path.abspath(directory), 'variables')
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'no converted checkpoint at {path}')
-  tree = ocp.StandardCheckpointer().restore(path)
-  return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {}) or {}}
-
-
-def load_meta(directory: str) -> dict:
-  """The ``conversion.json`` next to a converted checkpoint (arch, num_classes, ...)."""
-  with open(os.path.join(directory, 'conversion.json')) as f:
-    return json.load(f)
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--arch', required=True)
+  p.add_argument('--family', default='cam', choices=FAMILIES)
   p.add_argument('--torch_checkpoint', required=True)
   p.add_argument('--num_classes', type=int, default=None)
   p.add_argument('--output', required=True)
   p.add_argument('--large_feature_map', action='store_true')
   p.add_argument('--source', default='auto', choices=SOURCES)
-  p.add_argument('--fc2_init', default='clone', choices=('clone', 'init'))
+  p.add_argument('--fc2_init', default='init', choices=('init', 'clone'))
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--overwrite', action='store_true')
   a = p.parse_args(argv)
+  check_target(a.output, a.overwrite)  # before the (slow) conversion
   sd = load_state_dict(a.torch_checkpoint)
   variables, info = torch_to_flax(
     sd,
     a.arch,
+    family=a.family,
     num_classes=a.num_classes,
     large_feature_map=a.large_feature_map,
     source=a.source,
@@ -549,11 +467,16 @@ def main(argv=None) -> int:
   )
   meta = info.to_json() | {'torch_checkpoint': os.path.abspath(a.torch_checkpoint)}
   save_variables(variables, a.output, meta=meta, overwrite=a.overwrite)
-  print(f'{a.arch} ({info.source} layout, {info.num_classes} classes) -> {a.output}')
+  print(
+    f'{a.arch} ({a.family} family, {info.source} layout, {info.num_classes} classes, '
+    f'large_feature_map={info.large_feature_map}) -> {a.output}'
+  )
   if info.dropped:
     print(f'dropped {len(info.dropped)} keys: {_listing(info.dropped)}')
   if info.initialised:
     print(f'initialised {len(info.initialised)} keys: {_listing(info.initialised)}')
+  for note in info.notes:
+    print(f'note: {note}')
   print(f'fc2: {info.fc2}')
   return 0
 

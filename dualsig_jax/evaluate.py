@@ -3,7 +3,13 @@
 For every configured CAM method and both heads (baseline = softmax head, ours = sigmoid head):
 maps of the ground-truth class feed the box / mask evaluators (as the reference: Top-1 Loc also
 needs a correct softmax prediction), maps of the predicted class k* feed Average Drop and
-Increase in Confidence. Writes results.json, results.md and plots into the workdir.
+Increase in Confidence. The vanilla checkpoint's Top-1 comes from one extra forward per batch.
+
+Multi-host: every process reads its own shard of the split, each forward pass is sharded over
+all devices of all processes, and the per-process counts are summed exactly before any metric
+is computed (see `_combine_processes`), so N processes give the metrics of one. Process 0
+writes results.json, results.md and the plots; with `eval.save_scoremaps` every process writes
+the maps of its own images (distinct files) under `<workdir>/scoremaps`.
 """
 
 from __future__ import annotations
@@ -13,42 +19,332 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
 from dualsig_jax import cam, data, defaults, models, wsol
-from dualsig_jax.train import loop, sharding
+from dualsig_jax.cam.fidelity import FidelityAccumulator
+from dualsig_jax.train import checkpoints, sharding
+from dualsig_jax.train import stage as stage_lib
 from dualsig_jax.wsol import plots as wsol_plots
 
 log = logging.getLogger('dualsig_jax')
 BRANCHES = ('softmax', 'sigmoid')
+# Heads whose Top-1 is counted ('vanilla' = the softmax head of the vanilla checkpoint).
+TOP1_HEADS = ('softmax', 'sigmoid', 'vanilla')
+# Integer state of the WSOL evaluators that is summed across processes.
+BOX_COUNT_FIELDS = ('counts', 'num_images', 'num_with_pred')
+MASK_COUNT_FIELDS = ('gt_true_hist', 'gt_false_hist', 'num_images')
 
 
-def _vanilla_variables(config, workdir):
-  src = loop.vanilla_source(config, workdir)
+def evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  variables: dict | None = None,
+  split: str | None = None,
+) -> dict:
+  """Evaluates the newest `dual` checkpoint of `workdir` (or `variables`) on `split`.
+
+  Runs on every process of a `jax.distributed` job (each reads its shard of the split);
+  `config.eval.batch_size` is the global batch. Returns the results dict (the same on every
+  process) that process 0 also writes to `<workdir>/results.json`.
+  """
+  defaults.validate(config)
+  split = split or config.input.eval_split
+  mesh = sharding.make_mesh()
+  local_batch = _local_batch_size(config.eval.batch_size, mesh)
+  model = stage_lib.build_stage_model(config, 'dual')
+  if variables is None:
+    variables = _restore_checked(config, stage_lib.checkpoint_dir(workdir, 'dual'))
+  vanilla = _vanilla_variables(config, workdir, variables)
+  repl = sharding.replicated(mesh)
+  variables = jax.device_put(variables, repl)
+  vanilla = None if vanilla is None else jax.device_put(vanilla, repl)
+
+  loader = data.make_eval_loader(
+    config.input,
+    split,
+    batch_size=local_batch,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  acc = _Accumulators(config.eval, loader.metadata, with_vanilla=vanilla is not None)
+  batch_fn = _make_batch_fn(model, config, mesh)
+  plots = _PlotStore(config.eval.num_plot_images, acc.keys)
+  n_batches = len(loader)  # the same on every process: the loader pads short shards
+  if config.eval.max_batches > 0:
+    n_batches = min(n_batches, config.eval.max_batches)
+  bar = tqdm(total=n_batches, desc='eval', disable=jax.process_index() != 0, dynamic_ncols=True)
+  for bi, batch in enumerate(loader):
+    if bi >= n_batches:
+      break
+    gbatch = sharding.to_global({'image': batch['image'], 'label': batch['label']}, mesh)
+    out = jax.tree.map(_local_rows, batch_fn(variables, vanilla, gbatch['image'], gbatch['label']))
+    acc.add(batch, out)
+    if config.eval.save_scoremaps:
+      _save_scoremaps(os.path.join(workdir, 'scoremaps'), loader.metadata, batch, out['maps'])
+    if jax.process_index() == 0:
+      plots.add(batch, out)
+    bar.update(1)
+  bar.close()
+
+  _combine_processes(acc)
+  results, curves = acc.results(split)
+  if jax.process_index() == 0:
+    _write_outputs(config, workdir, results, curves, plots)
+  return results
+
+
+def _local_batch_size(global_batch: int, mesh) -> int:
+  ndev, nproc = mesh.devices.size, jax.process_count()
+  if global_batch % ndev or global_batch % nproc:
+    raise ValueError(
+      f'eval.batch_size={global_batch} must be divisible by the {ndev} devices and the '
+      f'{nproc} processes; pick a multiple of {ndev}'
+    )
+  return global_batch // nproc
+
+
+def _restore_checked(config, path: str) -> dict:
+  variables, info = checkpoints.restore_variables(path)
+  stage_lib.check_source_matches(info, config, path)
+  return variables
+
+
+def _vanilla_variables(config, workdir: str, dual_variables: dict) -> dict | None:
+  """The vanilla classifier laid over the dual model's variables (a vanilla checkpoint may lack
+  fc2, which is then the dual model's: only the softmax head is read), or None when there is
+  no vanilla checkpoint."""
+  src = stage_lib.vanilla_source(config, workdir)
   if not os.path.isdir(src):
     return None
-  return loop.latest_variables(src)
+  loaded = _restore_checked(config, src)
+  merged, _ = stage_lib.overlay_variables(dual_variables, loaded, where=src)
+  return merged
 
 
-class _Fidelity:
-  """Streaming sums of Average Drop / Increase in Confidence over valid images."""
+def _make_batch_fn(model, config, mesh):
+  """One jitted step per global batch: predictions, maps and confidence changes, per image.
 
-  def __init__(self):
-    self.drop = 0.0
-    self.inc = 0.0
-    self.n = 0
+  `(variables, vanilla_variables | None, images [B, S, S, 3] f32, labels [B] i32)` -> dict of
+  arrays sharded like the batch: `pred` {head: i32 [B]}, `maps` {'<method>/<branch>': f32
+  [B, S, S]} (ground-truth class), `drop` and `increase` {same keys: f32 [B]}.
+  """
+  fns = models.cam_fns(model)
+  e = config.eval
+  methods = tuple(e.methods)
+  size = (config.input.eval_size, config.input.eval_size)
 
-  def accumulate(self, change: dict, valid: np.ndarray) -> None:
-    self.drop += float(np.sum(np.asarray(change['drop'])[valid]))
-    self.inc += float(np.sum(np.asarray(change['increase'])[valid]))
-    self.n += int(valid.sum())
+  def maps_for(variables, images, targets):
+    maps, _ = cam.compute_cams_multi(
+      fns['apply_fn'],
+      variables,
+      images,
+      methods=methods,
+      branches=BRANCHES,
+      targets=targets,
+      output_size=size,
+      head_fn=fns['head_fn'],
+      head_weights_fn=fns['head_weights_fn'],
+    )
+    return {f'{m}/{b}': v for (m, b), v in maps.items()}
 
-  def compute(self) -> dict:
-    n = max(self.n, 1)
-    return {'avg_drop': 100.0 * self.drop / n, 'inc_conf': 100.0 * self.inc / n}
+  def step(variables, vanilla, images, labels):
+    logits = fns['apply_fn'](variables, images)
+    pred = {b: logits[f'{b}_logits'].argmax(-1).astype(np.int32) for b in BRANCHES}
+    if vanilla is not None:
+      pred['vanilla'] = fns['apply_fn'](vanilla, images)['softmax_logits'].argmax(-1)
+    # Localization: maps of the ground-truth class (the reference protocol).
+    gt_maps = maps_for(variables, images, labels)
+    # Fidelity: maps of k* (softmax prediction) by default, as the paper's Table 1.
+    fid_targets = labels if e.fidelity_target == 'label' else pred['softmax']
+    fid_maps = gt_maps if e.fidelity_target == 'label' else maps_for(variables, images, fid_targets)
+    changes = {
+      k: cam.confidence_change(fns['apply_fn'], variables, images, m, fid_targets)
+      for k, m in fid_maps.items()
+    }
+    return {
+      'pred': pred,
+      'maps': gt_maps,
+      'drop': {k: c['drop'] for k, c in changes.items()},
+      'increase': {k: c['increase'] for k, c in changes.items()},
+    }
+
+  return jax.jit(step, out_shardings=sharding.data_sharded(mesh))
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in batch order (numpy)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+class _Accumulators:
+  """Every streaming metric of one process: Top-1 counts, box / mask evaluators, fidelity."""
+
+  def __init__(self, eval_cfg, metadata, *, with_vanilla: bool):
+    self.methods = tuple(eval_cfg.methods)
+    self.keys = [f'{m}/{b}' for m in self.methods for b in BRANCHES]
+    self.heads = TOP1_HEADS if with_vanilla else BRANCHES
+    self.correct = {h: 0 for h in self.heads}
+    self.num_images = 0
+    self.box = {}
+    if metadata.boxes:
+      self.box = {
+        k: wsol.BoxEvaluator(
+          iou_threshold_list=tuple(eval_cfg.iou_threshold_list),
+          cam_curve_interval=eval_cfg.cam_curve_interval,
+          multi_contour_eval=eval_cfg.multi_contour_eval,
+          loc_threshold=eval_cfg.loc_threshold,
+        )
+        for k in self.keys
+      }
+    self.mask = {}
+    if metadata.masks:
+      self.mask = {
+        k: wsol.MaskEvaluator(cam_curve_interval=eval_cfg.cam_curve_interval) for k in self.keys
+      }
+    self.fid = {k: FidelityAccumulator() for k in self.keys}
+
+  def add(self, batch: dict, out: dict) -> None:
+    """Adds this process's rows of one batch (`batch`: loader batch, `out`: local rows)."""
+    valid = np.asarray(batch['valid'], bool)
+    labels = np.asarray(batch['label'])
+    for h in self.heads:
+      self.correct[h] += int(((out['pred'][h] == labels) & valid).sum())
+    self.num_images += int(valid.sum())
+    for k in self.keys:
+      self.fid[k].accumulate({'drop': out['drop'][k], 'increase': out['increase'][k]}, valid)
+    if not valid.any():  # a padding batch of a short shard: nothing to localize
+      return
+    idx = np.flatnonzero(valid)
+    boxes = [np.asarray(batch['boxes'][i, : batch['num_boxes'][i]]) for i in idx]
+    pred_correct = (out['pred']['softmax'] == labels)[idx]
+    for k in self.keys:
+      maps = out['maps'][k][idx]
+      if self.box:
+        self.box[k].accumulate(maps, boxes, pred_correct)
+      if self.mask:
+        self.mask[k].accumulate(maps, np.asarray(batch['mask'])[idx])
+
+  def results(self, split: str) -> tuple[dict, dict]:
+    """(results dict, {(method, branch): (box metrics | None, mask metrics | None)})."""
+    n = self.num_images
+    if n == 0:
+      raise ValueError(f'split {split!r} has no images to evaluate')
+    cls = {f'{h}_top1': 100.0 * self.correct[h] / n for h in BRANCHES}
+    if 'vanilla' in self.correct:
+      cls['vanilla_softmax_top1'] = 100.0 * self.correct['vanilla'] / n
+    results = {'classification': cls, 'num_images': n, 'split': split, 'methods': {}}
+    curves = {}
+    for m in self.methods:
+      results['methods'][m] = {}
+      for b in BRANCHES:
+        k = f'{m}/{b}'
+        box = self.box[k].compute() if self.box else None
+        mask = self.mask[k].compute() if self.mask else None
+        r = _loc_summary(box, mask)
+        r.update(self.fid[k].compute())
+        results['methods'][m][b] = r
+        curves[(m, b)] = (box, mask)
+    return results, curves
+
+
+def _allgather(x) -> np.ndarray:
+  """Every process's `x` stacked, `[P, *x.shape]`; bit-exact for 4- and 8-byte dtypes.
+
+  jax narrows int64 / float64 to 32 bits unless x64 is on, so the bytes travel as int32 words.
+  `x` must have the same shape and dtype on every process.
+  """
+  from jax.experimental import multihost_utils
+
+  x = np.asarray(x)
+  if x.dtype.itemsize not in (4, 8):
+    raise ValueError(f'_allgather supports 4- and 8-byte dtypes, got {x.dtype}')
+  words = np.ascontiguousarray(x).reshape(-1).view(np.int32)
+  got = np.asarray(multihost_utils.process_allgather(words))
+  return got.view(x.dtype).reshape((-1, *x.shape))
+
+
+def _sum_over_processes(obj, fields) -> None:
+  """Replaces each integer attribute / array in `fields` of `obj` by its sum over processes."""
+  for f in fields:
+    if not hasattr(obj, f):
+      raise AttributeError(f'{type(obj).__name__} has no count attribute {f!r} to combine')
+    v = getattr(obj, f)
+    total = _allgather(np.asarray(v, np.int64)).sum(axis=0)
+    setattr(obj, f, total if isinstance(v, np.ndarray) else int(total))
+
+
+def _combine_processes(acc: _Accumulators) -> None:
+  """Sums every process's counts into `acc` (on all processes), exactly.
+
+  Integer counts (Top-1 per head, box counts per IoU/CAM threshold, PxAP histograms, fidelity
+  increases, image counts) are all-gathered as int64 and summed. Average Drop: each process's
+  per-image float32 drops are all-gathered (padded to the longest shard, then trimmed) and the
+  accumulator sums them with `math.fsum`, which does not depend on order: the metrics of N
+  processes equal those of one process bit for bit.
+  """
+  if jax.process_count() == 1:
+    return
+  for h in acc.heads:
+    acc.correct[h] = int(_allgather(np.int64(acc.correct[h])).sum())
+  acc.num_images = int(_allgather(np.int64(acc.num_images)).sum())
+  for ev in acc.box.values():
+    _sum_over_processes(ev, BOX_COUNT_FIELDS)
+  for ev in acc.mask.values():
+    _sum_over_processes(ev, MASK_COUNT_FIELDS)
+  for k in acc.keys:
+    state = acc.fid[k].state()
+    counts = _allgather(np.array([state['num_increase'], state['num_images']], np.int64))
+    longest = int(counts[:, 1].max())
+    drops = np.zeros(max(longest, 1), np.float32)  # padded: the gather needs equal shapes
+    drops[: state['num_images']] = state['drops']
+    all_drops = _allgather(drops)
+    merged = FidelityAccumulator()
+    for p in range(len(counts)):
+      merged.merge(
+        {
+          'drops': all_drops[p, : counts[p, 1]],
+          'num_increase': counts[p, 0],
+          'num_images': counts[p, 1],
+        }
+      )
+    acc.fid[k] = merged
+
+
+class _PlotStore:
+  """The first `n` valid images of this process with their maps, for the CAM grid."""
+
+  def __init__(self, n: int, keys):
+    self.n = n
+    self.image, self.boxes, self.title = [], [], []
+    self.maps = {k: [] for k in keys}
+
+  def add(self, batch: dict, out: dict) -> None:
+    idx = np.flatnonzero(np.asarray(batch['valid'], bool))[: self.n - len(self.image)]
+    labels, pred = np.asarray(batch['label']), out['pred']['softmax']
+    for i in idx:
+      self.image.append(np.asarray(batch['image'][i]))
+      self.boxes.append(np.asarray(batch['boxes'][i, : batch['num_boxes'][i]]))
+      self.title.append(f'class {labels[i]} / pred {pred[i]}')
+      for k, maps in self.maps.items():
+        maps.append(out['maps'][k][i])
+
+
+def _save_scoremaps(root: str, metadata, batch: dict, maps: dict) -> None:
+  """`<root>/<method>_<branch>/<image_id>.npy` (the layout evaluate_wsol reads), valid rows."""
+  rows = np.flatnonzero(np.asarray(batch['valid'], bool))
+  for k, m in maps.items():
+    d = os.path.join(root, k.replace('/', '_'))
+    for i in rows:
+      path = os.path.join(d, metadata.image_ids[int(batch['index'][i])])
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      np.save(path + '.npy', m[i])
 
 
 def _loc_summary(box: dict | None, mask: dict | None) -> dict:
@@ -65,171 +361,6 @@ def _loc_summary(box: dict | None, mask: dict | None) -> dict:
   if mask is not None:
     out['pxap'] = mask['pxap']
   return out
-
-
-def evaluate(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  *,
-  variables: dict | None = None,
-  split: str | None = None,
-) -> dict:
-  """Evaluates the newest `dual` checkpoint of `workdir` (or `variables`) on `split`.
-
-  Returns:
-    The results dict also written to `<workdir>/results.json`.
-  """
-  defaults.validate(config)
-  split = split or config.input.eval_split
-  mesh = sharding.make_mesh()
-  ndev = mesh.devices.size
-  if config.eval.batch_size % ndev:
-    raise ValueError(
-      f'eval.batch_size={config.eval.batch_size} is not divisible by the {ndev} devices'
-    )
-  model = loop.build_stage_model(config, 'dual')
-  if variables is None:
-    variables = loop.latest_variables(workdir, 'dual')
-  variables = jax.device_put(variables, sharding.replicated(mesh))
-  fns = models.cam_fns(model)
-  loader = data.make_eval_loader(config.input, split, batch_size=config.eval.batch_size)
-  meta = loader.metadata
-  has_boxes = bool(meta.boxes)
-  has_masks = bool(meta.masks)
-  e = config.eval
-  methods = tuple(e.methods)
-  keys = [(m, b) for m in methods for b in BRANCHES]
-  box_ev = (
-    {
-      k: wsol.BoxEvaluator(
-        iou_threshold_list=tuple(e.iou_threshold_list),
-        cam_curve_interval=e.cam_curve_interval,
-        multi_contour_eval=e.multi_contour_eval,
-        loc_threshold=e.loc_threshold,
-      )
-      for k in keys
-    }
-    if has_boxes
-    else {}
-  )
-  mask_ev = (
-    {k: wsol.MaskEvaluator(cam_curve_interval=e.cam_curve_interval) for k in keys}
-    if has_masks
-    else {}
-  )
-  fid = {k: _Fidelity() for k in keys}
-  correct = {'softmax': 0, 'sigmoid': 0}
-  n_images = 0
-  plot_store = {'image': [], 'boxes': [], 'maps': {k: [] for k in keys}, 'title': []}
-  size = (config.input.eval_size, config.input.eval_size)
-  data_sharding = sharding.data_sharded(mesh)
-  predict = jax.jit(lambda v, x: fns['apply_fn'](v, x))
-  score_dir = os.path.join(workdir, 'scoremaps')
-
-  n_batches = len(loader)
-  if e.max_batches > 0:
-    n_batches = min(n_batches, e.max_batches)
-  bar = tqdm(total=n_batches, desc='eval', disable=jax.process_index() != 0, dynamic_ncols=True)
-  for bi, batch in enumerate(loader):
-    if bi >= n_batches:
-      break
-    images = jax.device_put(jnp.asarray(batch['image']), data_sharding)
-    labels = np.asarray(batch['label'])
-    valid = np.asarray(batch['valid'], bool)
-    out = predict(variables, images)
-    preds = {b: np.asarray(out[f'{b}_logits']).argmax(-1) for b in BRANCHES}
-    for b in BRANCHES:
-      correct[b] += int(((preds[b] == labels) & valid).sum())
-    n_images += int(valid.sum())
-    pred_correct = (preds['softmax'] == labels)[valid]
-
-    # Localization: maps of the ground-truth class (the reference protocol).
-    gt_maps, _ = cam.compute_cams_multi(
-      fns['apply_fn'],
-      variables,
-      images,
-      methods=methods,
-      branches=BRANCHES,
-      targets=jnp.asarray(labels, jnp.int32),
-      output_size=size,
-      head_fn=fns['head_fn'],
-      head_weights_fn=fns['head_weights_fn'],
-    )
-    # Fidelity: maps of k* (softmax prediction) by default, as the paper's Table 1.
-    if e.fidelity_target == 'label':
-      fid_maps = gt_maps
-      fid_targets = labels
-    else:
-      fid_targets = preds['softmax']
-      fid_maps, _ = cam.compute_cams_multi(
-        fns['apply_fn'],
-        variables,
-        images,
-        methods=methods,
-        branches=BRANCHES,
-        targets=jnp.asarray(fid_targets, jnp.int32),
-        output_size=size,
-        head_fn=fns['head_fn'],
-        head_weights_fn=fns['head_weights_fn'],
-      )
-    boxes = [np.asarray(batch['boxes'][i, : batch['num_boxes'][i]]) for i in np.flatnonzero(valid)]
-    for k in keys:
-      maps_k = np.asarray(gt_maps[k])[valid]
-      if has_boxes:
-        box_ev[k].accumulate(maps_k, boxes, pred_correct)
-      if has_masks:
-        mask_ev[k].accumulate(maps_k, np.asarray(batch['mask'])[valid])
-      change = cam.confidence_change(
-        fns['apply_fn'], variables, images, fid_maps[k], jnp.asarray(fid_targets, jnp.int32)
-      )
-      fid[k].accumulate(change, valid)
-      if e.save_scoremaps:
-        d = os.path.join(score_dir, f'{k[0]}_{k[1]}')
-        for i, m in zip(np.flatnonzero(valid), maps_k):
-          path = os.path.join(d, meta.image_ids[int(batch['index'][i])])
-          os.makedirs(os.path.dirname(path), exist_ok=True)
-          np.save(path + '.npy', m)  # <image_id>.npy, the layout evaluate_wsol reads
-    need = e.num_plot_images - len(plot_store['image'])
-    if need > 0:
-      idx = np.flatnonzero(valid)[:need]
-      plot_store['image'].extend(np.asarray(batch['image'])[idx])
-      plot_store['boxes'].extend(
-        np.asarray(batch['boxes'][i, : batch['num_boxes'][i]]) for i in idx
-      )
-      plot_store['title'].extend(f'class {labels[i]} / pred {preds["softmax"][i]}' for i in idx)
-      for k in keys:
-        plot_store['maps'][k].extend(np.asarray(gt_maps[k])[idx])
-    bar.update(1)
-  bar.close()
-
-  results: dict = {
-    'classification': {
-      'softmax_top1': 100.0 * correct['softmax'] / n_images,
-      'sigmoid_top1': 100.0 * correct['sigmoid'] / n_images,
-    },
-    'num_images': n_images,
-    'split': split,
-    'methods': {},
-  }
-  vanilla = _vanilla_variables(config, workdir)
-  if vanilla is not None:
-    acc = loop.evaluate_accuracy(
-      config, vanilla, split=split, model=model, max_batches=e.max_batches
-    )
-    results['classification']['vanilla_softmax_top1'] = acc['softmax_top1']
-  curves = {}
-  for m in methods:
-    results['methods'][m] = {}
-    for b in BRANCHES:
-      box = box_ev[(m, b)].compute() if has_boxes else None
-      mask = mask_ev[(m, b)].compute() if has_masks else None
-      r = _loc_summary(box, mask)
-      r.update(fid[(m, b)].compute())
-      results['methods'][m][b] = r
-      curves[(m, b)] = (box, mask)
-  if jax.process_index() == 0:
-    _write_outputs(config, workdir, results, curves, plot_store)
-  return results
 
 
 def _fmt(v):
@@ -267,20 +398,18 @@ def results_table(results: dict) -> str:
       + ' | '.join('–' if d is None else f'{d:+.2f}' for d in delta)
       + ' |'
     )
+  vanilla = cls.get('vanilla_softmax_top1')
   note = (
     f'\nTop-1 Cls of the softmax head: dual model {cls["softmax_top1"]:.2f}'
-    + (
-      f', vanilla checkpoint {cls["vanilla_softmax_top1"]:.2f}'
-      if 'vanilla_softmax_top1' in cls
-      else ''
-    )
+    + ('' if vanilla is None else f', vanilla checkpoint {vanilla:.2f}')
     + f'; sigmoid head (for information) {cls["sigmoid_top1"]:.2f}. '
     f'{results["num_images"]} images of split "{results["split"]}".\n'
   )
   return '\n'.join(lines) + '\n' + note
 
 
-def _write_outputs(config, workdir, results, curves, plot_store) -> None:
+def _write_outputs(config, workdir, results, curves, plots: _PlotStore) -> None:
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
   table = results_table(results)
@@ -303,13 +432,13 @@ def _write_outputs(config, workdir, results, curves, plot_store) -> None:
       wsol_plots.plot_pr_curves(
         masks, os.path.join(plot_dir, f'pxap_pr_{m}.png'), title=f'{m}: pixel precision-recall'
       )
-    if plot_store['image']:
+    if plots.image:
       cam.save_cam_grid(
         os.path.join(plot_dir, f'cams_{m}.png'),
-        np.stack(plot_store['image']),
-        np.stack(plot_store['maps'][(m, 'softmax')]),
-        np.stack(plot_store['maps'][(m, 'sigmoid')]),
-        gt_boxes=plot_store['boxes'],
+        np.stack(plots.image),
+        np.stack(plots.maps[f'{m}/softmax']),
+        np.stack(plots.maps[f'{m}/sigmoid']),
+        gt_boxes=plots.boxes,
         threshold=config.eval.loc_threshold,
-        titles=plot_store['title'],
+        titles=plots.title,
       )

@@ -97,7 +97,7 @@ def test_reference_grouping_of_the_sigmoid_head(arch, fc2_group):
 
 
 def _tiny_setup(stage='dual', arch='resnet_tiny', num_classes=4, size=32, lr=0.05):
-  model = models.build_model(arch, num_classes, dual=(stage == 'dual'))
+  model = models.build_model(arch, num_classes, frozen_backbone=(stage == 'dual'))
   variables = models.init_variables(model, jax.random.PRNGKey(0), size)
   variables = models.clone_head(variables, mode='clone')
   o = _optim_cfg(lr)
@@ -142,6 +142,7 @@ def _run_steps(mesh, model, variables, tx, batches, *, stage='dual'):
       tx=tx,
       stage=stage,
       train_mode=(stage != 'dual'),
+      keep_batch_stats=(stage != 'dual'),
       pos_weight=3.0,
       gamma=1.0,
       temp=1.0,

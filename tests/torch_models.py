@@ -1,9 +1,11 @@
 """Plain PyTorch reference models mirroring dualsig_jax's architectures (tests only).
 
 Key names follow torchvision / wsolevaluation (and the dual-cam reference's ``fc2`` /
-``SPG_A4_2``), so their ``state_dict()`` is what ``dualsig_jax.convert`` consumes.
-Each ``forward(x NCHW)`` returns ``{'features' NCHW, 'logits', 'logits2'}``.
-Importing this module requires torch.
+``SPG_A4_2`` / ``classifier_2``), so their ``state_dict()`` is what ``dualsig_jax.convert``
+consumes. Both families: the CAM models (wsol_cam/) and the standard ones (wsol/: torchvision's
+VGG16 with MLP heads and Inception3 through Mixed_7c, written here from the torchvision
+architecture since torchvision is not a dependency). Each ``forward(x NCHW)`` returns
+``{'features' NCHW, 'logits', 'logits2'}``. Importing this module requires torch.
 """
 
 from __future__ import annotations
@@ -136,17 +138,20 @@ class InceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
-  def __init__(self, cin, stride=1, padding=1):
+  """CAM variant: stride 1, padding 1, pool padding 1; torchvision: 2, 0, 0."""
+
+  def __init__(self, cin, stride=1, padding=1, pool_padding=1):
     super().__init__()
     self.branch3x3 = BasicConv2d(cin, 384, 3, stride=stride, padding=padding)
     self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
     self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
     self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=stride, padding=padding)
     self.stride = stride
+    self.pool_padding = pool_padding
 
   def forward(self, x):
     bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-    bp = F.max_pool2d(x, 3, stride=self.stride, padding=1)
+    bp = F.max_pool2d(x, 3, stride=self.stride, padding=self.pool_padding)
     return torch.cat([self.branch3x3(x), bd, bp], 1)
 
 
@@ -217,20 +222,159 @@ class TorchInceptionCam(nn.Module):
     return out
 
 
+class InceptionD(nn.Module):
+  def __init__(self, cin):
+    super().__init__()
+    self.branch3x3_1 = BasicConv2d(cin, 192, 1)
+    self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+    self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
+    self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+    self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+    self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+  def forward(self, x):
+    b3 = self.branch3x3_2(self.branch3x3_1(x))
+    b7 = self.branch7x7x3_1(x)
+    for m in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+      b7 = m(b7)
+    return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+  def __init__(self, cin):
+    super().__init__()
+    self.branch1x1 = BasicConv2d(cin, 320, 1)
+    self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+    self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+    self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+    self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
+    self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+    self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+    self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+    self.branch_pool = BasicConv2d(cin, 192, 1)
+
+  def forward(self, x):
+    b3 = self.branch3x3_1(x)
+    b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+    bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+    bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+    bp = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1))
+    return torch.cat([self.branch1x1(x), b3, bd, bp], 1)
+
+
+class TorchInceptionStandard(nn.Module):
+  """torchvision Inception3 (transform_input=False, no AuxLogits) + ``fc2``, as wsol/inception.py."""
+
+  def __init__(self, num_classes=10, fc2=True, dropout=0.5):
+    super().__init__()
+    self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+    self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+    self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+    self.maxpool1 = nn.MaxPool2d(3, 2)
+    self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+    self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+    self.maxpool2 = nn.MaxPool2d(3, 2)
+    self.Mixed_5b = InceptionA(192, 32)
+    self.Mixed_5c = InceptionA(256, 64)
+    self.Mixed_5d = InceptionA(288, 64)
+    self.Mixed_6a = InceptionB(288, stride=2, padding=0, pool_padding=0)
+    self.Mixed_6b = InceptionC(768, 128)
+    self.Mixed_6c = InceptionC(768, 160)
+    self.Mixed_6d = InceptionC(768, 160)
+    self.Mixed_6e = InceptionC(768, 192)
+    self.Mixed_7a = InceptionD(768)
+    self.Mixed_7b = InceptionE(1280)
+    self.Mixed_7c = InceptionE(2048)
+    self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    self.dropout = nn.Dropout(p=dropout)
+    self.fc = nn.Linear(2048, num_classes)
+    if fc2:
+      self.fc2 = nn.Linear(2048, num_classes)
+
+  def forward(self, x):
+    x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+    x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(self.maxpool1(x)))
+    x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(self.maxpool2(x))))
+    x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))))
+    f = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))
+    p = torch.flatten(self.dropout(self.avgpool(f)), 1)
+    out = {'features': f, 'logits': self.fc(p)}
+    if hasattr(self, 'fc2'):
+      out['logits2'] = self.fc2(p)
+    return out
+
+
+def _mlp(d_in, hidden, num_classes, dropout):
+  return nn.Sequential(
+    nn.Linear(d_in, hidden),
+    nn.ReLU(True),
+    nn.Dropout(p=dropout),
+    nn.Linear(hidden, hidden),
+    nn.ReLU(True),
+    nn.Dropout(p=dropout),
+    nn.Linear(hidden, num_classes),
+  )
+
+
+class TorchVGGStandard(nn.Module):
+  """wsol/vgg.py's VggCam: torchvision VGG16 features without the last pool,
+  AdaptiveAvgPool2d(pool), flatten, MLP ``classifier`` (+ ``classifier_2``)."""
+
+  def __init__(self, cfg, hidden=4096, pool=7, num_classes=10, fc2=True, dropout=0.5):
+    super().__init__()
+    layers, c = [], 3
+    for v in cfg:
+      if v == 'M':
+        layers.append(nn.MaxPool2d(2, 2))
+      else:
+        layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
+        c = v
+    self.features = nn.Sequential(*layers)
+    self.avgpool = nn.AdaptiveAvgPool2d((pool, pool))
+    self.classifier = _mlp(c * pool * pool, hidden, num_classes, dropout)
+    if fc2:
+      self.classifier_2 = _mlp(c * pool * pool, hidden, num_classes, dropout)
+
+  def forward(self, x):
+    f = self.features(x)
+    p = torch.flatten(self.avgpool(f), 1)
+    out = {'features': f, 'logits': self.classifier(p)}
+    if hasattr(self, 'classifier_2'):
+      out['logits2'] = self.classifier_2(p)
+    return out
+
+
 def build_torch_model(
-  arch: str, num_classes: int = 10, *, large_feature_map: bool = False, fc2: bool = True
+  arch: str,
+  num_classes: int = 10,
+  *,
+  family: str = 'cam',
+  large_feature_map: bool = False,
+  fc2: bool = True,
 ) -> nn.Module:
-  """Torch twin of ``dualsig_jax.models.build_model(arch, ...)`` (eval mode)."""
+  """Torch twin of ``dualsig_jax.models.build_model(arch, ..., family=...)`` (eval mode)."""
+  lfm = large_feature_map
+  if family == 'standard' and arch in ('vgg16', 'vgg_tiny', 'inception_v3'):
+    if arch == 'vgg16':
+      m = TorchVGGStandard(vgg_cfg(VGG16_CFG, lfm), 4096, 7, num_classes, fc2)
+    elif arch == 'vgg_tiny':
+      m = TorchVGGStandard(vgg_cfg(VGG_TINY_CFG, lfm), 64, 3, num_classes, fc2)
+    else:
+      m = TorchInceptionStandard(num_classes, fc2)
+    return m.eval()
+  if family not in ('cam', 'standard'):
+    raise ValueError(f'unknown family {family!r}')
+  # The standard ResNets are the CAM ones.
   if arch == 'vgg16':
-    m = TorchVGGCam(vgg_cfg(VGG16_CFG, large_feature_map), 1024, num_classes, fc2)
+    m = TorchVGGCam(vgg_cfg(VGG16_CFG, lfm), 1024, num_classes, fc2)
   elif arch == 'vgg_tiny':
-    m = TorchVGGCam(vgg_cfg(VGG_TINY_CFG, large_feature_map), 128, num_classes, fc2)
+    m = TorchVGGCam(vgg_cfg(VGG_TINY_CFG, lfm), 128, num_classes, fc2)
   elif arch == 'resnet50':
-    m = TorchResNetCam(num_classes=num_classes, large_feature_map=large_feature_map, fc2=fc2)
+    m = TorchResNetCam(num_classes=num_classes, large_feature_map=lfm, fc2=fc2)
   elif arch == 'resnet_tiny':
-    m = TorchResNetCam((1, 1, 1, 1), (8, 16, 32, 32), 16, num_classes, large_feature_map, fc2)
+    m = TorchResNetCam((1, 1, 1, 1), (8, 16, 32, 32), 16, num_classes, lfm, fc2)
   elif arch == 'inception_v3':
-    m = TorchInceptionCam(num_classes, large_feature_map, fc2)
+    m = TorchInceptionCam(num_classes, lfm, fc2)
   else:
     raise ValueError(f'unknown arch {arch!r}')
   return m.eval()

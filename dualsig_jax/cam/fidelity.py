@@ -19,10 +19,12 @@ head (``logits_key='softmax_logits', activation='softmax'``); ``activation='sigm
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ACTIVATIONS = ('softmax', 'sigmoid')
 _DROP_EPS = 1e-7
@@ -148,6 +150,69 @@ def increase_in_confidence(
     apply_fn, variables, images, maps, targets, logits_key=logits_key, activation=activation
   )
   return _masked_mean_pct(r['increase'], valid)
+
+
+class FidelityAccumulator:
+  """Streaming Average Drop and Increase in Confidence over batches (and processes).
+
+  Keeps each valid image's drop (the float32 value ``confidence_change`` returned) and the
+  number of images whose confidence increased. The drops are summed with ``math.fsum`` (the
+  correctly rounded sum, independent of order), so the result is the same however the images
+  were split into batches, devices or processes.
+  """
+
+  def __init__(self):
+    self._drops: list[np.ndarray] = []
+    self.num_increase = 0
+    self.num_images = 0
+
+  def accumulate(self, change: dict, valid=None) -> None:
+    """Adds a batch.
+
+    Args:
+      change: ``confidence_change`` output (at least ``drop`` and ``increase``, float ``[B]``).
+      valid: optional bool ``[B]``; False rows (padding) are ignored.
+    """
+    drop = np.asarray(change['drop'], np.float32).reshape(-1)
+    inc = np.asarray(change['increase']).reshape(-1)
+    valid = np.ones(drop.shape, bool) if valid is None else np.asarray(valid, bool).reshape(-1)
+    if not drop.shape == inc.shape == valid.shape:
+      raise ValueError(
+        f'drop, increase and valid must all be [B]; got {drop.shape}, {inc.shape}, {valid.shape}'
+      )
+    self._drops.append(drop[valid])
+    self.num_increase += int(np.count_nonzero(inc[valid] > 0.5))
+    self.num_images += int(valid.sum())
+
+  @property
+  def drops(self) -> np.ndarray:
+    """float32 ``[N]``: the drop (fraction) of every accumulated image, in arrival order."""
+    if len(self._drops) != 1:
+      self._drops = [np.concatenate(self._drops) if self._drops else np.zeros(0, np.float32)]
+    return self._drops[0]
+
+  def state(self) -> dict:
+    """What ``merge`` needs: ``drops`` float32 ``[N]``, ``num_increase``, ``num_images``."""
+    return {'drops': self.drops, 'num_increase': self.num_increase, 'num_images': self.num_images}
+
+  def merge(self, state: dict) -> None:
+    """Adds another accumulator's ``state()`` (e.g. another process's images)."""
+    drops = np.asarray(state['drops'], np.float32).reshape(-1)
+    if len(drops) != int(state['num_images']):
+      raise ValueError(f'state has {len(drops)} drops for {state["num_images"]} images')
+    self._drops.append(drops)
+    self.num_increase += int(state['num_increase'])
+    self.num_images += int(state['num_images'])
+
+  def compute(self) -> dict:
+    """``{'avg_drop': %, 'inc_conf': %}`` over all accumulated images."""
+    if self.num_images == 0:
+      raise ValueError('FidelityAccumulator.compute() called before any image was accumulated')
+    total = math.fsum(self.drops.astype(np.float64).tolist())
+    return {
+      'avg_drop': 100.0 * total / self.num_images,
+      'inc_conf': 100.0 * self.num_increase / self.num_images,
+    }
 
 
 @functools.partial(jax.jit, static_argnames=('apply_fn', 'num_steps', 'logits_key', 'activation'))

@@ -1,22 +1,20 @@
 """grain loaders: the shuffled, sharded, checkpointable train loader and padded eval loader.
 
-Config fields read (``config.input``): source ('folder'|'tfds'), dataset_name, data_root,
-metadata_root ('' = the metadata shipped in ``<repo>/metadata``, or ``data_root/metadata`` for
-SYNTH), train_split, resize_size, crop_size, eval_size, num_workers, skip_bad_images,
-synthetic.*, tfds.{name, data_dir}; optional mask_root (default data_root).
+Config fields read (``config.input``): resize_size, crop_size, eval_size, num_workers,
+skip_bad_images, and those of :mod:`dualsig_jax.data.splits` (source, dataset_name, data_root,
+metadata_root, train_split, eval_split, synthetic.*, tfds.*, mask_root).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import grain.python as grain
 import numpy as np
 
-from dualsig_jax.data.metadata import NUM_CLASSES, Metadata, load_metadata
-from dualsig_jax.data.sources import FolderSource, SkipReport, TfdsSource
+from dualsig_jax.data import splits
+from dualsig_jax.data.metadata import Metadata, check_labels
+from dualsig_jax.data.sources import SkipReport, TfdsSource
 from dualsig_jax.data.transforms import (
   build_mask,
   eval_transform,
@@ -25,12 +23,10 @@ from dualsig_jax.data.transforms import (
   train_crop,
 )
 
-SOURCES = ('folder', 'tfds')
-SHIPPED_METADATA = os.path.join(
-  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'metadata'
-)
 # TFDS eval batches need a box count fixed before reading; more boxes than this raise.
 TFDS_MAX_BOXES = 16
+# Kept importable from here (the split-building helpers live in splits.py).
+SOURCES, load_split, metadata_root = splits.SOURCES, splits.load_split, splits.metadata_root
 
 
 def _workers(input_cfg) -> int:
@@ -40,7 +36,7 @@ def _workers(input_cfg) -> int:
   UnparsedFlagAccessError in scripts that do not run under absl.app (google/grain#1355);
   marking the flags parsed keeps their defaults and is harmless under absl.app.
   """
-  n = int(_get(input_cfg, 'num_workers', 0))
+  n = int(splits.get(input_cfg, 'num_workers', 0))
   if n < 0:
     raise ValueError(f'input.num_workers must be >= 0, got {n}')
   if n > 0:
@@ -49,76 +45,6 @@ def _workers(input_cfg) -> int:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
   return n
-
-
-def _get(cfg, key, default=None):
-  """cfg.key for a ConfigDict or dict, ``default`` when absent or empty."""
-  try:
-    value = cfg[key]
-  except (KeyError, AttributeError, TypeError):
-    return default
-  return default if value is None or value == '' else value
-
-
-def metadata_root(input_cfg) -> str:
-  """Where the split metadata lives (see module docstring)."""
-  root = _get(input_cfg, 'metadata_root')
-  if root:
-    return root
-  if input_cfg.dataset_name == 'SYNTH':
-    return os.path.join(input_cfg.data_root, 'metadata')
-  return SHIPPED_METADATA
-
-
-def _num_classes(input_cfg):
-  if input_cfg.dataset_name == 'SYNTH':
-    return _get(_get(input_cfg, 'synthetic', {}), 'num_classes')
-  return NUM_CLASSES.get(input_cfg.dataset_name)
-
-
-def _check_source(input_cfg) -> str:
-  source = _get(input_cfg, 'source', 'folder')
-  if source not in SOURCES:
-    raise ValueError(f'unknown input.source {source!r}; valid: {list(SOURCES)}')
-  if source == 'folder' and input_cfg.dataset_name == 'SYNTH':
-    from dualsig_jax.data.synthetic import ensure_synthetic  # pylint: disable=import-outside-toplevel
-
-    ensure_synthetic(input_cfg)
-  return source
-
-
-def _tfds_source(input_cfg, split):
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-
-  tcfg = _get(input_cfg, 'tfds', {})
-  name = _get(tcfg, 'name')
-  if not name:
-    raise ValueError("input.source='tfds' needs input.tfds.name (e.g. 'caltech_birds2011')")
-  # download=False: prepared data only (no downloads at run time, and it fails fast).
-  return tfds.data_source(name, split=split, data_dir=_get(tcfg, 'data_dir'), download=False), name
-
-
-def load_split(input_cfg, split: str) -> Metadata:
-  """Metadata of a folder-source split (labels checked against the dataset's class count)."""
-  return load_metadata(
-    metadata_root(input_cfg), input_cfg.dataset_name, split, num_classes=_num_classes(input_cfg)
-  )
-
-
-def _build_source(input_cfg, split, skip_report=None):
-  """-> (grain source, Metadata) for ``split``."""
-  if _check_source(input_cfg) == 'tfds':
-    src, name = _tfds_source(input_cfg, split)
-    source = TfdsSource(src, name, split, skip_report=skip_report)
-    ids = [f'{name}/{split}/{i}' for i in range(len(source))]
-    return source, Metadata(
-      image_ids=ids, labels={}, sizes={}, boxes={}, masks={}, dataset_name=name, split=split
-    )
-  meta = load_split(input_cfg, split)
-  source = FolderSource(
-    meta, input_cfg.data_root, mask_root=_get(input_cfg, 'mask_root'), skip_report=skip_report
-  )
-  return source, meta
 
 
 class _DropSkipped(grain.FilterTransform):
@@ -180,6 +106,7 @@ def make_train_loader(
   process_index: int,
   process_count: int,
   batch_size: int,
+  num_classes: int | None = None,
 ) -> grain.DataLoader:
   """Shuffled training loader over ``input_cfg.train_split`` for this process.
 
@@ -190,6 +117,8 @@ def make_train_loader(
     process_index, process_count: this host's disjoint shard (grain ShardOptions, remainder
       dropped so every host yields the same number of batches).
     batch_size: per-process batch size.
+    num_classes: the model's class count; when given, labels are checked against it first
+      (:func:`~dualsig_jax.data.metadata.check_labels`).
 
   Returns:
     grain DataLoader; ``iter(loader)`` yields dicts with ``image`` float32 ``[B, C, C, 3]``
@@ -198,10 +127,12 @@ def make_train_loader(
     ``loader.skip_report`` (a :class:`SkipReport`, or None) counts skipped bad images when
     ``input.skip_bad_images`` is on.
   """
-  skip_report = None
-  if _get(input_cfg, 'skip_bad_images', False):
-    skip_report = SkipReport(tempfile.mkdtemp(prefix='dualsig_skipped_'))
-  source, _ = _build_source(input_cfg, input_cfg.train_split, skip_report)
+  skip_report = SkipReport() if splits.get(input_cfg, 'skip_bad_images', False) else None
+  source, meta = splits.build_source(
+    input_cfg, input_cfg.train_split, train=True, skip_report=skip_report
+  )
+  if num_classes is not None:
+    check_labels(meta, num_classes)
   shard = grain.ShardOptions(
     shard_index=int(process_index), shard_count=int(process_count), drop_remainder=True
   )
@@ -237,18 +168,7 @@ def make_train_loader(
 
 def steps_per_epoch(input_cfg, global_batch: int) -> int:
   """Full global batches per pass over the train split (the remainder is dropped)."""
-  if _check_source(input_cfg) == 'tfds':
-    src, _ = _tfds_source(input_cfg, input_cfg.train_split)
-    n = len(src)
-  else:
-    n = len(
-      load_metadata(
-        metadata_root(input_cfg),
-        input_cfg.dataset_name,
-        input_cfg.train_split,
-        num_classes=_num_classes(input_cfg),
-      )
-    )
+  n = splits.split_length(input_cfg, input_cfg.train_split, train=True)
   return max(1, n // int(global_batch))
 
 
@@ -366,15 +286,25 @@ class EvalLoader:
 
 
 def make_eval_loader(
-  input_cfg, split: str, *, batch_size: int, process_index: int = 0, process_count: int = 1
+  input_cfg,
+  split: str,
+  *,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_classes: int | None = None,
 ) -> EvalLoader:
   """Eval loader over ``split`` (resize to ``input.eval_size``, no augmentation).
 
-  ``batch_size`` is per process. Returns an :class:`EvalLoader` (``len()`` = batches per
-  process, ``.metadata`` = the split's :class:`Metadata`, whose ``image_ids[index]`` names
-  each valid row). Missing or corrupt images raise: evaluation never skips.
+  ``batch_size`` is per process; ``num_classes`` (the model's), when given, checks the labels
+  first. Returns an :class:`EvalLoader` (``len()`` = batches per process, ``.metadata`` = the
+  split's :class:`Metadata`, whose ``image_ids[index]`` names each valid row; its ``boxes`` /
+  ``masks`` are empty when the split has none). Missing or corrupt images raise: evaluation
+  never skips. TFDS: ``split`` maps to ``input.tfds.eval_split`` (see ``splits.tfds_split``).
   """
-  source, meta = _build_source(input_cfg, split)
+  source, meta = splits.build_source(input_cfg, split, train=False)
+  if num_classes is not None:
+    check_labels(meta, num_classes)
   if isinstance(source, TfdsSource):
     max_boxes, with_mask = TFDS_MAX_BOXES, False
   else:

@@ -9,17 +9,27 @@ and ``where`` (text for error messages).
 
 from __future__ import annotations
 
+import collections.abc
 import glob
 import logging
 import os
+import shutil
+import tempfile
+import weakref
 
 import numpy as np
 from PIL import Image
 
 from dualsig_jax.data.metadata import Metadata, check_relative_path, safe_join
-from dualsig_jax.data.transforms import BadImageError, load_rgb
+from dualsig_jax.data.transforms import SKIP_HINT, BadImageError, load_rgb
 
 log = logging.getLogger(__name__)
+
+
+def _remove_own_folder(path: str, owner_pid: int) -> None:
+  # Forked worker processes inherit the finalizer registry; only the creator removes the folder.
+  if os.getpid() == owner_pid:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class SkipReport:
@@ -27,10 +37,26 @@ class SkipReport:
 
   Each process appends ``image_id<TAB>where<TAB>reason`` lines to its own file in ``log_dir``
   (worker processes cannot share a Python counter), and this object sums them up.
+
+  Without ``log_dir`` it makes a temporary ``dualsig_skipped_*`` folder, removed (by the
+  creating process) when this object is garbage collected, at :meth:`close`, or at exit.
   """
 
-  def __init__(self, log_dir: str):
+  def __init__(self, log_dir: str | None = None):
+    self._finalizer = None
+    if log_dir is None:
+      log_dir = tempfile.mkdtemp(prefix='dualsig_skipped_')
+      self._finalizer = weakref.finalize(self, _remove_own_folder, log_dir, os.getpid())
     self.log_dir = log_dir
+
+  def __getstate__(self):
+    # Copies in worker processes write into the folder but do not own it.
+    return {'log_dir': self.log_dir, '_finalizer': None}
+
+  def close(self) -> None:
+    """Removes the temporary folder now (no-op for a caller-given ``log_dir``)."""
+    if self._finalizer is not None:
+      self._finalizer()
 
   def record(self, image_id: str, where: str, reason: str) -> None:
     os.makedirs(self.log_dir, exist_ok=True)
@@ -115,7 +141,7 @@ class FolderSource:
       image = load_rgb(path, self._where[index])
     except BadImageError as e:
       if self._skip_report is None:
-        raise
+        raise BadImageError(f'{e}{SKIP_HINT}') from None
       log.warning('skip_bad_images: %s', e)
       self._skip_report.record(image_id, self._where[index], str(e))
       image = None
@@ -150,6 +176,28 @@ def tfds_boxes(record: dict, width: int, height: int) -> np.ndarray:
   # round(): the builders stored pixel/size as float32, so this recovers the pixel value.
   out = np.stack([b[:, 1] * width, b[:, 0] * height, b[:, 3] * width, b[:, 2] * height], 1)
   return np.round(out).astype(np.int64)
+
+
+class TfdsBoxes(collections.abc.Mapping):
+  """image id -> pixel boxes int64 ``[N, 4]`` of a TFDS split, read from the record on access.
+
+  ``Metadata.boxes`` of a TFDS split with a bbox feature: it tells evaluation that the split
+  has boxes without decoding every record up front (eval batches carry each record's boxes).
+  Iterating all values (e.g. ``Metadata.max_boxes``) reads the whole split.
+  """
+
+  def __init__(self, source: TfdsSource, image_ids):
+    self._source = source
+    self._index = {image_id: k for k, image_id in enumerate(image_ids)}
+
+  def __getitem__(self, image_id: str) -> np.ndarray:
+    return self._source[self._index[image_id]]['boxes']
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __iter__(self):
+    return iter(self._index)
 
 
 class TfdsSource:
@@ -189,7 +237,7 @@ class TfdsSource:
     except Exception as e:  # pylint: disable=broad-except
       err = e if isinstance(e, BadImageError) else BadImageError(f'{where}: {e!r}')
       if self._skip_report is None:
-        raise err from None
+        raise BadImageError(f'{err}{SKIP_HINT}') from None
       log.warning('skip_bad_images: %s', err)
       self._skip_report.record(str(index), where, str(err))
       return {

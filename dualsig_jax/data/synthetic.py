@@ -15,6 +15,10 @@ Layout (wsolevaluation, dataset name ``SYNTH``; ids relative to ``out``, the dat
       localization_mask.txt (val, test; ``path,mask_path,ignore_path``)
   out/synthetic.json (parameters, class names), out/.complete (written last)
 
+A set is generated into a temporary folder next to ``out`` and renamed into place, so ``out``
+never holds a half-written set; :func:`ensure_synthetic` refuses a folder holding anything but
+a complete generated set, so it never deletes files it did not write.
+
 The ignore mask is a 1-pixel band around the object outline (JPEG blurs the edge), so PxAP
 ignores the ambiguous boundary the way OpenImages ignores ambiguous instances.
 
@@ -28,40 +32,29 @@ import argparse
 import contextlib
 import fcntl
 import json
+import logging
 import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import cv2
 import numpy as np
 
-SHAPES = (
-  'disc',
-  'square',
-  'triangle',
-  'cross',
-  'ring',
-  'star',
-  'diamond',
-  'hexagon',
-  'crescent',
-  'bar',
+from dualsig_jax.data.metadata import SHIPPED_NAMES
+from dualsig_jax.data.synthetic_render import (  # noqa: F401  (SHAPES, TEXTURES: public API)
+  MAX_CLASSES,
+  SHAPES,
+  TEXTURES,
+  class_names,
+  ignore_band,
+  render,
 )
-TEXTURES = (
-  'hstripes',
-  'vstripes',
-  'dstripes',
-  'adstripes',
-  'dots',
-  'checker',
-  'solid',
-  'rings',
-  'grid',
-  'sectors',
-)
-MAX_CLASSES = len(SHAPES)
+
+log = logging.getLogger(__name__)
+
 DEFAULTS = dict(num_classes=10, image_size=112, num_train=3000, num_val=500, num_test=1000, seed=0)
 PRESETS = {
   'default': DEFAULTS,
@@ -69,186 +62,6 @@ PRESETS = {
 }
 SPLITS = ('train', 'val', 'test')
 _MARKER = '.complete'
-
-
-def class_names(num_classes: int) -> list[str]:
-  """``'<shape>_<texture>'`` for each class."""
-  return [f'{SHAPES[k]}_{TEXTURES[k]}' for k in range(num_classes)]
-
-
-def _polygon(kind, s, rng):
-  """Vertices (float [N, 2], object frame, unrotated) of polygonal shapes of size s."""
-  r = s / 2
-  if kind == 'square':
-    a = r * 0.8
-    return np.array([[-a, -a], [a, -a], [a, a], [-a, a]])
-  if kind == 'triangle':
-    t = np.deg2rad([-90, 30, 150])
-    return np.stack([np.cos(t), np.sin(t)], 1) * r
-  if kind == 'cross':
-    a, b = r, r / 3
-    return np.array(
-      [
-        [-b, -a],
-        [b, -a],
-        [b, -b],
-        [a, -b],
-        [a, b],
-        [b, b],
-        [b, a],
-        [-b, a],
-        [-b, b],
-        [-a, b],
-        [-a, -b],
-        [-b, -b],
-      ]
-    )
-  if kind == 'star':
-    t = np.deg2rad(np.arange(10) * 36 - 90)
-    rad = np.where(np.arange(10) % 2 == 0, r, r * 0.42)
-    return np.stack([np.cos(t) * rad, np.sin(t) * rad], 1)
-  if kind == 'diamond':
-    return np.array([[0, -r], [r * 0.6, 0], [0, r], [-r * 0.6, 0]])
-  if kind == 'hexagon':
-    t = np.deg2rad(np.arange(6) * 60)
-    return np.stack([np.cos(t), np.sin(t)], 1) * r
-  raise ValueError(kind)
-
-
-def _shape_mask(kind, h, w, cx, cy, s, angle):
-  """bool [h, w] mask of one shape centred at (cx, cy), size s, rotated by angle (rad)."""
-  m = np.zeros((h, w), np.uint8)
-  c, sn = np.cos(angle), np.sin(angle)
-  rot = np.array([[c, -sn], [sn, c]])
-  shift = 4  # cv2 sub-pixel drawing: coordinates in 1/16 pixel.
-
-  def pts(v):
-    return np.round((v @ rot.T + [cx, cy]) * (1 << shift)).astype(np.int32)
-
-  def ellipse(center, axes, value):
-    cv2.ellipse(
-      m,
-      tuple(int(round(x * 16)) for x in center),
-      tuple(int(round(x * 16)) for x in axes),
-      np.rad2deg(angle),
-      0,
-      360,
-      value,
-      -1,
-      cv2.LINE_8,
-      shift,
-    )
-
-  r = s / 2
-  if kind == 'disc':
-    ellipse((cx, cy), (r, r), 1)
-  elif kind == 'ring':
-    ellipse((cx, cy), (r, r), 1)
-    ellipse((cx, cy), (r * 0.5, r * 0.5), 0)
-  elif kind == 'crescent':
-    ellipse((cx, cy), (r, r), 1)
-    off = np.array([r * 0.45, 0]) @ rot.T
-    ellipse((cx + off[0], cy + off[1]), (r * 0.8, r * 0.8), 0)
-  elif kind == 'bar':
-    ellipse((cx, cy), (r, r * 0.32), 1)
-  else:
-    cv2.fillPoly(m, [pts(_polygon(kind, s, None))], 1, cv2.LINE_8, shift)
-  return m.astype(bool)
-
-
-def _texture(kind, h, w, cx, cy, angle, period):
-  """float [h, w] in [0, 1]: the class texture, in the object's rotated frame."""
-  y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-  c, s = np.cos(angle), np.sin(angle)
-  u = (x - cx) * c + (y - cy) * s
-  v = -(x - cx) * s + (y - cy) * c
-  p = period
-  if kind == 'hstripes':
-    t = (v % p) < p / 2
-  elif kind == 'vstripes':
-    t = (u % p) < p / 2
-  elif kind == 'dstripes':
-    t = ((u + v) % p) < p / 2
-  elif kind == 'adstripes':
-    t = ((u - v) % (p * 0.8)) < p * 0.25
-  elif kind == 'dots':
-    t = ((u % p - p / 2) ** 2 + (v % p - p / 2) ** 2) < (p * 0.3) ** 2
-  elif kind == 'checker':
-    t = ((u // (p / 2)) + (v // (p / 2))) % 2 == 0
-  elif kind == 'solid':
-    t = np.zeros((h, w), bool)
-  elif kind == 'rings':
-    t = (np.sqrt(u * u + v * v) % p) < p / 2
-  elif kind == 'grid':
-    t = ((u % p) < 1.6) | ((v % p) < 1.6)
-  elif kind == 'sectors':
-    t = (np.floor((np.arctan2(v, u) + np.pi) / (np.pi / 4)) % 2) == 0
-  else:
-    raise ValueError(kind)
-  return t.astype(np.float32)
-
-
-def _hsv(h, s, v):
-  """HSV (h in degrees) -> RGB float [3] in [0, 255]."""
-  px = np.uint8([[[int(h % 360) // 2, int(s * 255), int(v * 255)]]])
-  return cv2.cvtColor(px, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
-
-
-def render(label: int, num_classes: int, image_size: int, rng: np.random.Generator):
-  """One example -> (uint8 RGB [H, W, 3], bool mask [H, W]). Sizes vary ~0.85-1.2x."""
-  h, w = (int(round(image_size * f)) for f in rng.uniform(0.85, 1.2, size=2))
-  # Background: smooth random colour field + noise.
-  low = rng.uniform(40, 215, size=(3, 3, 3)).astype(np.float32)
-  img = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC)
-  # Plain blobs and strokes in random colours: clutter that is never a class object.
-  for _ in range(rng.integers(1, 4)):
-    axes = tuple(int(x) for x in rng.uniform(0.04, 0.12, 2) * min(h, w))
-    cv2.ellipse(
-      img,
-      (int(rng.integers(0, w)), int(rng.integers(0, h))),
-      axes,
-      float(rng.uniform(0, 180)),
-      0,
-      360,
-      rng.uniform(0, 255, 3).tolist(),
-      -1,
-    )
-  for _ in range(rng.integers(4, 10)):
-    n = int(rng.integers(2, 5))
-    p = np.cumsum(rng.normal(0, 0.25 * min(h, w), size=(n, 2)), 0) + rng.uniform(0, 1, 2) * [w, h]
-    cv2.polylines(
-      img,
-      [p.astype(np.int32)],
-      False,
-      rng.uniform(0, 255, 3).tolist(),
-      int(rng.integers(1, 3)),
-      cv2.LINE_AA,
-    )
-  # The object.
-  s = rng.uniform(0.2, 0.6) * min(h, w)
-  # A rotated square reaches 0.57 s from its centre; keep every shape inside the image.
-  margin = min(0.57 * s, min(h, w) / 2 - 1)
-  cx = rng.uniform(margin, w - margin)
-  cy = rng.uniform(margin, h - margin)
-  angle = rng.uniform(0, 2 * np.pi)
-  mask = _shape_mask(SHAPES[label], h, w, cx, cy, s, angle)
-  if not mask.any():  # Vanishingly rare (tiny objects); a 2x2 blob keeps the box valid.
-    mask[int(cy) : int(cy) + 2, int(cx) : int(cx) + 2] = True
-  hue = label * 360.0 / num_classes + rng.uniform(-8, 8)
-  col_a = _hsv(hue, rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0))
-  col_b = _hsv(hue + 20, rng.uniform(0.6, 0.9), rng.uniform(0.25, 0.45))
-  period = max(4.0, s / rng.uniform(3.5, 5.5))
-  tex = _texture(TEXTURES[label], h, w, cx, cy, angle, period)[..., None]
-  obj = col_a * (1 - tex) + col_b * tex
-  img = np.where(mask[..., None], obj, img)
-  img += rng.normal(0, 8, size=img.shape).astype(np.float32)
-  return np.clip(img, 0, 255).astype(np.uint8), mask
-
-
-def _ignore_band(mask):
-  k = np.ones((3, 3), np.uint8)
-  m = mask.astype(np.uint8)
-  return (cv2.dilate(m, k) > 0) & ~(cv2.erode(m, k) > 0)
 
 
 def _make_one(args):
@@ -270,7 +83,7 @@ def _make_one(args):
     rec['mask'] = f'masks/{split}/{idx:05d}.png'
     rec['ignore'] = f'masks/{split}/{idx:05d}_ignore.png'
     cv2.imwrite(os.path.join(out, rec['mask']), mask.astype(np.uint8) * 255)
-    cv2.imwrite(os.path.join(out, rec['ignore']), _ignore_band(mask).astype(np.uint8) * 255)
+    cv2.imwrite(os.path.join(out, rec['ignore']), ignore_band(mask).astype(np.uint8) * 255)
   return rec
 
 
@@ -352,53 +165,147 @@ def generate(
   return params
 
 
-def _is_complete(out_dir, params):
+# What a generated set holds at its top level ('.lock': written by earlier versions).
+_OWNED = ('images', 'masks', 'metadata', 'synthetic.json', _MARKER, '.lock')
+
+
+def synth_metadata_root(data_root: str, metadata_root: str | None) -> str:
+  """Where the loaders read SYNTH metadata: ``data_root/metadata``, unless ``metadata_root``
+  names another folder (``''`` / ``'metadata'`` mean the shipped set, which has no SYNTH)."""
+  if metadata_root is None or metadata_root in SHIPPED_NAMES:
+    return os.path.join(data_root, 'metadata')
+  return metadata_root
+
+
+def _marker(folder):
+  """The parameters in ``folder``'s completion marker, or None."""
   try:
-    with open(os.path.join(out_dir, _MARKER)) as f:
-      return json.load(f) == params
+    with open(os.path.join(folder, _MARKER)) as f:
+      return json.load(f)
   except (OSError, ValueError):
-    return False
+    return None
+
+
+def _is_complete(out_dir, params):
+  return _marker(out_dir) == params
+
+
+def _foreign(folder, owned):
+  """Entries of ``folder`` that a generated set does not hold (all of them without a marker)."""
+  entries = sorted(os.listdir(folder))
+  if _marker(folder) is None:
+    return entries
+  extra = [e for e in entries if e not in owned]
+  if 'metadata' in owned and os.path.isdir(os.path.join(folder, 'metadata')):
+    extra += [f'metadata/{e}' for e in os.listdir(os.path.join(folder, 'metadata')) if e != 'SYNTH']
+  return extra
+
+
+def _refuse(folder, foreign, what):
+  listed = ', '.join(foreign[:5]) + (' ...' if len(foreign) > 5 else '')
+  raise FileExistsError(
+    f'{what} {folder!r} holds files that are not a complete generated SYNTH set ({listed}); '
+    'the generator only writes into a new or empty folder, or replaces a set it generated '
+    '(one with a .complete marker and nothing else), and never deletes anything else. Point it '
+    'at a new folder, or set --config.input.synthetic.generate=False to use the images and '
+    'metadata that are there.'
+  )
 
 
 @contextlib.contextmanager
-def _locked(out_dir):
-  """Serializes generation between processes sharing ``out_dir`` (e.g. parallel tests)."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, '.lock'), 'w') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+def _locked(path):
+  """Serializes generation into ``path`` between processes (e.g. parallel tests, hosts).
+
+  The lock is on the parent folder, so no lock file is left behind."""
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  fd = os.open(parent, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def _put_in_place(tmp, target, owned):
+  """Moves the finished folder ``tmp`` to ``target`` (absent, empty, or a generated set).
+
+  A new target is one rename. An existing one keeps its inode (it may be a mount point or the
+  target of a link): its generator-written entries are moved aside, ``tmp``'s moved in with the
+  completion marker last, then the old entries are deleted.
+  """
+  if not os.path.lexists(target):
+    os.rename(tmp, target)
+    return
+  parent, name = os.path.split(target)
+  old = tempfile.mkdtemp(prefix=f'.{name}.old-', dir=parent)
+  for e in os.listdir(target):
+    if e in owned:
+      shutil.move(os.path.join(target, e), os.path.join(old, e))
+  for e in sorted(os.listdir(tmp), key=lambda e: e == _MARKER):
+    shutil.move(os.path.join(tmp, e), os.path.join(target, e))
+  os.rmdir(tmp)
+  shutil.rmtree(old)
+
+
+def _fill(target, params, write, owned, what):
+  """Makes ``target`` hold ``write(tmp)``'s output and the marker of ``params``.
+
+  ``write`` fills a temporary folder next to ``target``; on any error (or interrupt) that folder
+  is removed and ``target`` is untouched. Returns False when ``target`` was already complete.
+  """
+  target = os.path.realpath(target)
+  parent, name = os.path.split(target)
+  with _locked(target):
+    if _is_complete(target, params):
+      return False
+    if os.path.lexists(target):
+      if not os.path.isdir(target):
+        raise FileExistsError(f'{what} {target!r} exists and is not a folder')
+      foreign = _foreign(target, owned)
+      if foreign:
+        _refuse(target, foreign, what)
+    # Leftovers of runs killed outright (this process holds the lock: none is in use).
+    for e in os.listdir(parent):
+      if e.startswith((f'.{name}.generating-', f'.{name}.old-')):
+        shutil.rmtree(os.path.join(parent, e), ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=f'.{name}.generating-', dir=parent)
     try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+      write(tmp)
+      with open(os.path.join(tmp, _MARKER), 'w') as f:
+        json.dump(params, f)
+      _put_in_place(tmp, target, owned)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  return True
 
 
-def ensure_synthetic(input_cfg) -> str:
+def ensure_synthetic(input_cfg, *, workers: int | None = None) -> str:
   """Generates SYNTH into ``input_cfg.data_root`` unless a complete copy is already there.
 
   Parameters come from ``input_cfg.synthetic`` (num_classes, image_size, num_train, num_val,
-  num_test, seed). Idempotent; the completion marker is written last, so an interrupted run
-  is redone. If ``input_cfg.metadata_root`` is set elsewhere, the metadata is copied there.
-  Returns the data root.
+  num_test, seed). Idempotent. The set is written into a temporary folder next to the data
+  root and moved into place with its completion marker last, so an interrupted run leaves
+  nothing half-written. A data root holding anything but a complete generated set (e.g. the
+  user's own images) is refused with ``FileExistsError`` and left as it is; a generated set with
+  other parameters is replaced. If ``input_cfg.metadata_root`` names another folder, the SYNTH
+  metadata is copied to ``<metadata_root>/SYNTH`` the same way. Returns the data root.
   """
   syn = input_cfg['synthetic']
   params = {k: int(syn[k]) if k in syn else DEFAULTS[k] for k in DEFAULTS}
   out = input_cfg['data_root']
   if not out:
     raise ValueError('input.data_root must name the folder for the synthetic benchmark')
-  with _locked(out):
-    if not _is_complete(out, params):
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(out, _MARKER))
-      for sub in ('images', 'masks', os.path.join('metadata', 'SYNTH')):
-        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
-      generate(out, **params)
-      with open(os.path.join(out, _MARKER), 'w') as f:
-        json.dump(params, f)
-    meta_root = input_cfg.get('metadata_root') if hasattr(input_cfg, 'get') else None
-    if meta_root and os.path.abspath(meta_root) != os.path.abspath(os.path.join(out, 'metadata')):
-      dst = os.path.join(meta_root, 'SYNTH')
-      shutil.rmtree(dst, ignore_errors=True)
-      shutil.copytree(os.path.join(out, 'metadata', 'SYNTH'), dst)
+  if _fill(out, params, lambda d: generate(d, workers=workers, **params), _OWNED, 'data root'):
+    log.info('generated the SYNTH benchmark in %s (%s)', out, params)
+  meta_root = synth_metadata_root(out, input_cfg.get('metadata_root', ''))
+  src = os.path.join(os.path.realpath(out), 'metadata', 'SYNTH')
+  dst = os.path.join(meta_root, 'SYNTH')
+  if os.path.realpath(dst) != src:
+    copy = lambda d: shutil.copytree(src, d, dirs_exist_ok=True)
+    _fill(dst, params, copy, ('train', 'val', 'test', _MARKER), 'SYNTH metadata copy')
   return out
 
 
@@ -413,11 +320,17 @@ def main(argv=None):
   params = dict(PRESETS[args.preset])
   params.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None})
   t0 = time.time()
-  generate(args.out, workers=args.workers, **params)
-  with open(os.path.join(args.out, _MARKER), 'w') as f:
-    json.dump(params, f)
+  try:
+    done = _fill(
+      args.out, params, lambda d: generate(d, workers=args.workers, **params), _OWNED, '--out'
+    )
+  except FileExistsError as e:
+    raise SystemExit(str(e)) from None
   n = params['num_train'] + params['num_val'] + params['num_test']
-  print(f'wrote {n} images to {args.out} in {time.time() - t0:.1f}s ({params})')
+  if done:
+    print(f'wrote {n} images to {args.out} in {time.time() - t0:.1f}s ({params})')
+  else:
+    print(f'{args.out} already holds the complete set ({params})')
 
 
 if __name__ == '__main__':

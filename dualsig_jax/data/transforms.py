@@ -28,6 +28,13 @@ class BadImageError(RuntimeError):
   """An image or mask file is missing or cannot be decoded (message names file and line)."""
 
 
+# Appended by the sources when a bad image stops a run (skipping is a training-only option).
+SKIP_HINT = (
+  '. To skip unreadable training images instead, set --config.input.skip_bad_images=True '
+  '(evaluation never skips).'
+)
+
+
 def load_rgb(path: str, where: str = '') -> Image.Image:
   """Decodes ``path`` into an RGB PIL image (grayscale, CMYK, RGBA, palette converted).
 

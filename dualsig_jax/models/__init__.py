@@ -298,7 +298,10 @@ def clone_head(
       kshape, bshape = np.shape(layer['kernel']), np.shape(layer['bias'])
       kernel_init, bias_init = head_inits(kind, family, int(np.prod(kshape[:-1])))
       key, kk, kb = jax.random.split(key, 3)
-      new = {'kernel': kernel_init(kk, kshape, jnp.float32), 'bias': bias_init(kb, bshape, jnp.float32)}
+      new = {
+        'kernel': kernel_init(kk, kshape, jnp.float32),
+        'bias': bias_init(kb, bshape, jnp.float32),
+      }
       if path:
         fresh[path[0]] = new
       else:

@@ -107,7 +107,7 @@ class DualBranch(nn.Module):
     ``[B, K]`` float32. No stop-gradient, inference mode (no dropout): CAM methods
     differentiate through this."""
     return {
-      'softmax_logits': self._branch(self.fc, features, False),
+      'softmax_logits': self._branch(self.fc2, features, False),
       'sigmoid_logits': self._branch(self.fc2, features, False),
     }
 

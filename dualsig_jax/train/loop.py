@@ -70,6 +70,7 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, stage: str) -> 
   tx, labels, schedules = optim.make_optimizer(
     variables['params'],
     arch=config.model.arch,
+    family=config.model.family,
     stage=stage,
     optim_cfg=o,
     steps_per_epoch=spe,

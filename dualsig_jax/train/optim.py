@@ -22,7 +22,9 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(getattr(k, 'key', getattr(k, 'name', str(k))) for k in path)
 
 
-def param_labels(params, *, arch: str | None, stage: str, unfreeze: str = 'fc2') -> Labels:
+def param_labels(
+  params, *, arch: str | None, stage: str, unfreeze: str = 'fc2', family: str = 'cam'
+) -> Labels:
   """Labels each parameter leaf 'feature' | 'classifier' | 'frozen'.
 
   vanilla: everything but `fc2` trains (fc2 has no loss in this stage, so it is frozen).
@@ -40,7 +42,7 @@ def param_labels(params, *, arch: str | None, stage: str, unfreeze: str = 'fc2')
     if arch is None or arch not in vocab.ARCHS:
       # A user's model (models.dual_branch): no reference name rules, the lr as given.
       return 'feature'
-    return models.lr_group(arch, names)
+    return models.lr_group(arch, names, family=family)
 
   return jax.tree_util.tree_map_with_path(label, params)
 
@@ -73,11 +75,12 @@ def _sgd(schedule, o: ml_collections.ConfigDict) -> optax.GradientTransformation
 def make_optimizer(
   params,
   *,
-  arch: str,
+  arch: str | None,
   stage: str,
   optim_cfg: ml_collections.ConfigDict,
   steps_per_epoch: int,
   unfreeze: str = 'fc2',
+  family: str = 'cam',
 ):
   """Builds the stage's optimizer.
 
@@ -96,7 +99,7 @@ def make_optimizer(
     )
     for group, lr in (('feature', o.lr), ('classifier', o.lr * o.lr_classifier_ratio))
   }
-  labels = param_labels(params, arch=arch, stage=stage, unfreeze=unfreeze)
+  labels = param_labels(params, arch=arch, stage=stage, unfreeze=unfreeze, family=family)
   tx = optax.multi_transform(
     {
       'feature': _sgd(schedules['feature'], o),
