@@ -135,15 +135,8 @@ class Bench:
   def jax_step(self, dtype, stage: str):
     jax, jnp, state_lib = self.env.jax, self.env.jnp, self.env.state_lib
     model = self.build(dtype, frozen=stage == 'dual')
-    cfg = types.SimpleNamespace(
-      lr=1e-3,
-      lr_classifier_ratio=10.0,
-      lr_decay_frequency=3,
-      lr_decay_rate=0.1,
-      momentum=0.9,
-      nesterov=True,
-      weight_decay=1e-4,
-    )
+    # The stage's default optimizer section (SGD-Nesterov, weight decay, lr groups).
+    cfg = self.env.defaults.base_config()[stage]
     tx, _, _ = self.env.optim.make_optimizer(
       self.variables['params'], arch=self.arch, stage=stage, optim_cfg=cfg, steps_per_epoch=100
     )
@@ -297,7 +290,7 @@ def load_env(device: str) -> types.SimpleNamespace:
   sys.path[:0] = [ROOT, HERE]
   import torch_cam_models
 
-  from dualsig_jax import cam, convert, models
+  from dualsig_jax import cam, convert, defaults, models
   from dualsig_jax.train import optim
   from dualsig_jax.train import state as state_lib
 
@@ -322,6 +315,7 @@ def load_env(device: str) -> types.SimpleNamespace:
     torch_models=torch_cam_models,
     cam=cam,
     convert=convert,
+    defaults=defaults,
     models=models,
     optim=optim,
     state_lib=state_lib,

@@ -12,7 +12,7 @@ Normalize). Images: SYNTH renders at ImageNet-like sizes (~340-480 px), generate
 eval transforms, ``num_workers`` 0/1/2 on 500x375 JPEGs) and what each stage costs on one core
 (decode, reduced-size decode, resize, crop, normalise); see ``bench/loader_headroom.py``:
 
-  python bench/bench_loader.py --mode headroom [--headroom_size 500x375 --num_images 512]
+  python bench/bench_loader.py --mode headroom [--headroom_size 500x375 --num_images 640]
 """
 
 import argparse
@@ -221,8 +221,8 @@ def _headroom(args):
   print(
     f'setup: {args.num_images} JPEGs {args.headroom_size}; train: resize {args.resize_size} -> '
     f'crop {args.crop_size} -> flip -> normalise; eval: resize {args.eval_size} -> normalise; '
-    f'batch {args.batch_size}; train: {args.batches} timed batches after {args.warmup} '
-    f'warm-up, eval: the split after {args.warmup} warm-up batches; median of {args.repeats}'
+    f'batch {args.batch_size}; loader rates from one pass over all and one over a quarter '
+    f'of the images, best of {args.repeats}'
   )
   result = loader_headroom.run(args)
   if args.out:

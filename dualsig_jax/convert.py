@@ -362,7 +362,10 @@ def torch_to_flax(
   variables: dict = {'params': {}, 'batch_stats': {}}
   for key, (coll, path, shape) in expected.items():
     if key in sd:
-      value = from_torch_layout(np.asarray(sd.pop(key), np.float32), coll, path)
+      arr = np.asarray(sd.pop(key), np.float32)
+      value = from_torch_layout(arr, coll, path)
+      if np.may_share_memory(value, arr):  # never alias the caller's tensors
+        value = value.copy()
     elif key.startswith(fc2_prefix):
       value = np.zeros(shape, np.float32)  # placeholder, replaced by clone_head below
     else:

@@ -28,7 +28,7 @@ def _to_numpy(value: Any, key: str) -> np.ndarray:
     t = value.detach().cpu()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16
       t = t.float()
-    return t.numpy().copy()  # .numpy() shares memory with the tensor
+    return t.numpy()  # shares memory with the tensor: torch_to_flax copies what it keeps
   if isinstance(value, (np.ndarray, jax.Array, np.generic, int, float)):
     return np.asarray(value)
   raise ValueError(f'state dict entry {key!r} is a {type(value).__name__}, not a tensor')

@@ -1,6 +1,7 @@
 """Shared fixtures and helpers of the data tests (test_metadata, test_loaders, test_tfds, ...).
 
-Test modules import the fixtures by name (``from data_helpers import data  # noqa: F401``).
+Test modules bind the fixtures at module level (``data = data_helpers.data``) so pytest finds
+them there.
 All image tests run on the tiny SYNTH preset (a few hundred 64-px images), generated once per
 session into pytest's base temp folder and copied per test (tests corrupt their copy).
 """

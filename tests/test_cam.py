@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dualsig_jax import cam as C
-from dualsig_jax.cam import plots
+from dualsig_jax.cam import plots, resize
 
 K = 5  # classes
 
@@ -208,7 +208,7 @@ def test_resize_matches_cv2(src, dst):
 
 def test_resize_rejects_unknown_interpolation():
   with pytest.raises(ValueError, match='valid'):
-    C.resize_matrix(7, 14, 'bicubicish')
+    resize.resize_matrix(7, 14, 'bicubicish')
 
 
 # ----------------------------------------------------------------------------- torch parity

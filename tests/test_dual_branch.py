@@ -163,7 +163,9 @@ def _dual_train(model, variables, steps=4, *, train_mode):
 
 
 def _equal(a, b):
-  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(*map(jax.tree.leaves, (a, b))))
+  return all(
+    np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(*map(jax.tree.leaves, (a, b)))
+  )
 
 
 def _check_only_fc2_moved(before, after):
@@ -271,11 +273,15 @@ def test_mlp_head_dual_stage_and_gradient_cams():
   def user_head(v, f):
     return {'softmax_logits': MLPHead(K).apply({'params': v['params']['head']}, f.mean((1, 2)))}
 
-  ref, _ = cam.compute_cams(user_apply, user, x, method='gradcam', branch='softmax', head_fn=user_head)
+  ref, _ = cam.compute_cams(
+    user_apply, user, x, method='gradcam', branch='softmax', head_fn=user_head
+  )
   np.testing.assert_allclose(maps[('gradcam', 'softmax')], ref, atol=1e-5)
 
   with pytest.raises(ValueError, match='plain CAM needs a linear head'):
-    cam.compute_cams(fns['apply_fn'], trained, x, method='cam', **{'head_weights_fn': fns['head_weights_fn']})
+    cam.compute_cams(
+      fns['apply_fn'], trained, x, method='cam', **{'head_weights_fn': fns['head_weights_fn']}
+    )
 
 
 @pytest.mark.parametrize('conv_head', [False, True], ids=['linear', 'conv1x1'])

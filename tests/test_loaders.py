@@ -6,22 +6,17 @@ import os
 import shutil
 
 import cv2
+import data_helpers
 import numpy as np
 import pytest
-from data_helpers import (  # noqa: F401
-  data,
-  edit_line,
-  image_path,
-  input_config,
-  meta_file,
-  synth_dir,
-  train_loader,
-)
+from data_helpers import image_path, input_config, train_loader
 from PIL import Image
 
-from dualsig_jax.data import loaders
-from dualsig_jax.data.metadata import MetadataError
+from dualsig_jax.data import loaders, splits
 from dualsig_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BadImageError
+
+# Fixtures shared with the other data tests (bound here so pytest finds them).
+synth_dir, data = data_helpers.synth_dir, data_helpers.data
 
 # ----------------------------------------------------------------------------- bad images
 
@@ -194,7 +189,7 @@ def test_train_batch_normalization_matches_per_image_transform(data):
         'label': np.int32(element['label']),
       }
 
-  source, _ = loaders._build_source(data, 'train')
+  source, _ = splits.build_source(data, 'train', train=True)
   shard = grain.ShardOptions(shard_index=0, shard_count=1, drop_remainder=True)
   sampler = grain.IndexSampler(
     num_records=len(source), shard_options=shard, shuffle=True, num_epochs=1, seed=5
@@ -283,8 +278,6 @@ def test_unknown_source_rejected(data):
     train_loader(data)
 
 
-
-
 def test_bad_image_error_says_how_to_skip(data):
   os.remove(image_path(data, 'train', 4))
   with pytest.raises(BadImageError, match='not found') as e:
@@ -332,13 +325,14 @@ def test_symlinked_data_root_is_followed(data, tmp_path):
 # ----------------------------------------------------------------------------- CARS layout
 
 
-def _cars(tmp_path, splits=('train', 'test'), n=3):
-  """A CARS-like metadata root whose splits share ids (00001.jpg ...), as the real one."""
+def _cars(tmp_path, prefix=('', '')):
+  """A CARS-like metadata root whose splits share ids (00001.jpg ...), as the real one, unless
+  ``prefix`` (train, test) makes them differ."""
   meta = tmp_path / 'meta'
-  for split in splits:
+  for split, pre in zip(('train', 'test'), prefix):
     d = meta / 'CARS' / split
     d.mkdir(parents=True)
-    ids = [f'{k:05d}.jpg' for k in range(1, n + 1)]
+    ids = [f'{pre}{k:05d}.jpg' for k in range(1, 4)]
     (d / 'image_ids.txt').write_text(''.join(f'{i}\n' for i in ids))
     (d / 'class_labels.txt').write_text(''.join(f'{i},{k}\n' for k, i in enumerate(ids)))
     (d / 'image_sizes.txt').write_text(''.join(f'{i},20,10\n' for i in ids))
@@ -348,10 +342,11 @@ def _cars(tmp_path, splits=('train', 'test'), n=3):
   )
 
 
-def _write_images(folder, value, n=3):
+def _write_images(folder, value, prefix=''):
   os.makedirs(folder, exist_ok=True)
-  for k in range(1, n + 1):
-    Image.new('RGB', (20, 10), (value, value, value)).save(os.path.join(folder, f'{k:05d}.jpg'))
+  for k in range(1, 4):
+    img = Image.new('RGB', (20, 10), (value, value, value))
+    img.save(os.path.join(folder, f'{prefix}{k:05d}.jpg'))
 
 
 def test_cars_split_folders(tmp_path):
@@ -375,7 +370,9 @@ def test_cars_flat_root_with_overlapping_ids_refused(tmp_path):
     loaders.steps_per_epoch(cfg, 3)
 
 
-def test_cars_flat_root_with_one_split_accepted(tmp_path):
-  cfg = _cars(tmp_path, splits=('test',))
+def test_cars_flat_root_without_shared_ids_accepted(tmp_path):
+  cfg = _cars(tmp_path, prefix=('train_', ''))
+  _write_images(cfg.data_root, 0, 'train_')
   _write_images(cfg.data_root, 255)
   assert len(list(loaders.make_eval_loader(cfg, 'test', batch_size=3))) == 1
+  assert loaders.steps_per_epoch(cfg, 3) == 1

@@ -5,10 +5,11 @@ ids that would leave the data root."""
 import os
 import tomllib
 
+import data_helpers
 import pytest
 import setuptools
+from data_helpers import append_line, edit_line, meta_file
 from ml_collections import ConfigDict
-from data_helpers import append_line, data, edit_line, meta_file, synth_dir  # noqa: F401
 
 from dualsig_jax.data import check_labels, loaders, resolve_metadata_root
 from dualsig_jax.data.metadata import MetadataError, load_metadata
@@ -17,6 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = resolve_metadata_root('')
 
 # ----------------------------------------------------------------------------- shipped metadata
+
+# Fixtures shared with the other data tests (bound here so pytest finds them).
+synth_dir, data = data_helpers.synth_dir, data_helpers.data
 
 
 def test_shipped_cub_test():
@@ -227,3 +231,18 @@ def test_mask_paths_outside_root_refused(data, bad):
   with pytest.raises(MetadataError, match='outside the data root') as e:
     loaders.make_eval_loader(data, 'test', batch_size=8)
   assert f'{path}:1' in str(e.value)
+
+
+def test_user_metadata_root_lacking_a_split_reads_the_shipped_one(tmp_path):
+  """make_metadata writes ILSVRC train into the user's folder; test still comes from the
+  shipped copy (metadata_root names the user's folder)."""
+  d = tmp_path / 'mine' / 'CUB' / 'train'
+  d.mkdir(parents=True)
+  (d / 'image_ids.txt').write_text('a/1.jpg\na/2.jpg\n')
+  (d / 'class_labels.txt').write_text('a/1.jpg,0\na/2.jpg,1\n')
+  cfg = ConfigDict(
+    dict(dataset_name='CUB', data_root=str(tmp_path), metadata_root=str(d.parent.parent))
+  )
+  assert loaders.load_split(cfg, 'train').image_ids == ['a/1.jpg', 'a/2.jpg']
+  test = loaders.load_split(cfg, 'test')
+  assert len(test) == 5794 and test.root.startswith(SHIPPED)

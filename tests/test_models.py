@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dualsig_jax.models import (
+  FAMILIES,
   MODELS,
   build_model,
   cam_fns,
@@ -13,6 +14,7 @@ from dualsig_jax.models import (
   head_weights,
   init_variables,
   lr_group,
+  torch_key,
 )
 from dualsig_jax.models.layers import max_pool
 
@@ -34,10 +36,16 @@ def _images(n=2, s=64, seed=0):
 
 def test_names_and_unknown_arch():
   assert set(MODELS) == {'vgg16', 'resnet50', 'inception_v3', 'vgg_tiny', 'resnet_tiny'}
+  assert FAMILIES == ('cam', 'standard')
+  assert all(tuple(by_family) == FAMILIES for by_family in MODELS.values())
   with pytest.raises(ValueError, match='resnet50'):
     build_model('resnet18', 10)
   with pytest.raises(ValueError, match='valid'):
     lr_group('alexnet', ('fc', 'kernel'))
+  with pytest.raises(ValueError, match="'wsol'.*valid: cam, standard"):
+    build_model('vgg16', 10, family='wsol')
+  with pytest.raises(ValueError, match='dropout_rate'):
+    build_model('inception_v3', 10, dropout_rate=1.0)
 
 
 @pytest.mark.parametrize('arch', TINY)
@@ -93,7 +101,7 @@ def test_stop_gradient_is_real(arch, tiny):
     else:
       assert all(float(jnp.abs(g).max()) == 0.0 for g in leaves), name
   # Vanilla stage: the backbone does learn.
-  vanilla = build_model(arch, 5, dual=False)
+  vanilla = build_model(arch, 5, frozen_backbone=False)
   grads = jax.jit(jax.grad(loss), static_argnums=1)(variables['params'], vanilla)
   assert float(jnp.abs(grads['fc']['kernel']).max()) > 0
   first = next(k for k in grads if k not in ('fc', 'fc2'))
@@ -118,23 +126,51 @@ def test_head_method_and_weights(arch, tiny):
     head_weights(variables, 'relu')
 
 
-def test_batchnorm_modes(tiny):
+def test_batchnorm_follows_train_only(tiny):
+  """BatchNorm: batch statistics iff train=True, in both stages (the reference's dual stage
+  calls model.train() after freezing); frozen_backbone only stops gradients."""
   _, variables = tiny['resnet_tiny']
   x = _images()
-  vanilla = build_model('resnet_tiny', 5, dual=False)
-  _, upd = vanilla.apply(variables, x, train=True, mutable=['batch_stats'])
-  changed = jax.tree_util.tree_map(
-    lambda a, b: bool(jnp.any(a != b)), upd['batch_stats'], variables['batch_stats']
+  for frozen in (False, True):
+    model = build_model('resnet_tiny', 5, frozen_backbone=frozen)
+    out_t, upd = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    out_e = model.apply(variables, x, train=False)
+    # Batch statistics differ from the fresh running ones (0 / 1), so the logits differ ...
+    assert not np.allclose(out_t['sigmoid_logits'], out_e['sigmoid_logits'], atol=1e-4)
+    # ... and the running statistics move (the dual stage's caller discards them).
+    changed = jax.tree_util.tree_map(
+      lambda a, b: bool(jnp.any(a != b)), upd['batch_stats'], variables['batch_stats']
+    )
+    assert all(jax.tree_util.tree_leaves(changed)), frozen
+    # train=False is deterministic and does not depend on the batch.
+    one = model.apply(variables, x[:1], train=False)
+    np.testing.assert_allclose(one['sigmoid_logits'], out_e['sigmoid_logits'][:1], atol=1e-5)
+
+
+def test_batchnorm_train_mode_matches_torch():
+  """train=True with frozen_backbone == the torch twin in .train() mode (batch mean and biased
+  variance), which is what the reference's dual stage computes."""
+  torch = pytest.importorskip('torch')
+  import sys
+
+  sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
+  from torch_models import build_torch_model, randomize_
+
+  from dualsig_jax.convert import torch_to_flax
+
+  torch.manual_seed(4)
+  tmodel = randomize_(build_torch_model('resnet_tiny', 5)).train()
+  variables = torch_to_flax(tmodel.state_dict(), 'resnet_tiny')
+  x = np.random.RandomState(3).randn(4, 3, 48, 48).astype(np.float32)
+  with torch.no_grad():
+    ref = tmodel(torch.from_numpy(x))
+  model = build_model('resnet_tiny', 5, frozen_backbone=True)
+  out, _ = model.apply(
+    variables, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True, mutable=['batch_stats']
   )
-  assert any(jax.tree_util.tree_leaves(changed))
-  # Dual stage: BatchNorm stays in inference mode, train=True changes nothing.
-  dual = build_model('resnet_tiny', 5, dual=True)
-  out_t, upd = dual.apply(variables, x, train=True, mutable=['batch_stats'])
-  out_e = dual.apply(variables, x, train=False)
-  np.testing.assert_array_equal(out_t['sigmoid_logits'], out_e['sigmoid_logits'])
-  jax.tree_util.tree_map(
-    np.testing.assert_array_equal, upd['batch_stats'], variables['batch_stats']
-  )
+  for ours, theirs in (('softmax_logits', 'logits'), ('sigmoid_logits', 'logits2')):
+    r = ref[theirs].numpy()
+    assert np.abs(np.asarray(out[ours]) - r).max() <= 1e-4 * np.abs(r).max(), ours
 
 
 def test_clone_head(tiny):
@@ -143,13 +179,55 @@ def test_clone_head(tiny):
   for k in ('kernel', 'bias'):
     np.testing.assert_array_equal(cloned['params']['fc2'][k], variables['params']['fc'][k])
   assert cloned['params']['features'] is variables['params']['features']
-  fresh = clone_head(variables, mode='init', rng=3)
+  fresh = clone_head(variables, mode='init', rng=3, arch='vgg_tiny')
   assert fresh['params']['fc2']['kernel'].shape == variables['params']['fc']['kernel'].shape
   assert not np.array_equal(fresh['params']['fc2']['kernel'], variables['params']['fc']['kernel'])
   with pytest.raises(ValueError, match='rng'):
-    clone_head(variables, mode='init')
+    clone_head(variables, mode='init', arch='vgg_tiny')
+  with pytest.raises(ValueError, match='arch'):
+    clone_head(variables, mode='init', rng=3)
   with pytest.raises(ValueError, match='clone'):
     clone_head(variables, mode='copy')
+
+
+def _fc(kernel_shape):
+  k = jnp.zeros(kernel_shape, jnp.float32)
+  return {'kernel': k, 'bias': jnp.full((kernel_shape[-1],), 7.0)}
+
+
+def test_clone_head_init_is_the_reference_init():
+  """mode='init' draws what the reference's fc2 starts from (N(0, 0.01) Linears, zero bias;
+  InceptionV3-CAM's 1x1 conv: xavier_uniform; standard InceptionV3: trunc_normal(0.1) and
+  torch's default bias); big layers so the statistics are tight."""
+
+  def fresh(fc, arch, family='cam'):
+    out = clone_head({'params': {'fc': fc}}, mode='init', rng=0, arch=arch, family=family)
+    return jax.tree_util.tree_map(np.asarray, out['params']['fc2'])
+
+  for arch, family in (('resnet50', 'cam'), ('vgg16', 'cam'), ('resnet50', 'standard')):
+    fc2 = fresh(_fc((2048, 500)), arch, family)
+    assert abs(fc2['kernel'].std() / 0.01 - 1) < 0.02 and abs(fc2['kernel'].mean()) < 1e-4
+    np.testing.assert_array_equal(fc2['bias'], 0.0)
+  # Standard VGG16: every Linear of the MLP, whatever the head's depth.
+  mlp = {'0': _fc((1024, 256)), '3': _fc((256, 256)), '6': _fc((256, 10))}
+  fc2 = fresh(mlp, 'vgg16', 'standard')
+  assert sorted(fc2) == ['0', '3', '6'] and fc2['6']['kernel'].shape == (256, 10)
+  assert abs(fc2['0']['kernel'].std() / 0.01 - 1) < 0.02
+  assert abs(fc2['3']['kernel'].std() / 0.01 - 1) < 0.05
+  for layer in fc2.values():
+    np.testing.assert_array_equal(layer['bias'], 0.0)
+  # InceptionV3-CAM: xavier_uniform on [1, 1, 1024, 200]: U(-a, a), a = sqrt(6 / (1024 + 200)).
+  fc2 = fresh(_fc((1, 1, 1024, 200)), 'inception_v3')
+  a = np.sqrt(6.0 / (1024 + 200))
+  w = fc2['kernel']
+  assert np.abs(w).max() <= a and np.abs(w).max() > 0.99 * a
+  assert abs(w.std() / (a / np.sqrt(3)) - 1) < 0.02
+  np.testing.assert_array_equal(fc2['bias'], 0.0)
+  # Standard InceptionV3: trunc_normal(std 0.1, +-2) and bias U(+-1/sqrt(2048)).
+  fc2 = fresh(_fc((2048, 500)), 'inception_v3', 'standard')
+  assert abs(fc2['kernel'].std() / 0.1 - 1) < 0.02
+  b = fc2['bias']
+  assert np.abs(b).max() <= 1 / np.sqrt(2048) and b.std() > 0.5 / np.sqrt(3 * 2048)
 
 
 @pytest.mark.parametrize(
@@ -173,6 +251,28 @@ def test_clone_head(tiny):
 )
 def test_lr_group(arch, path, group):
   assert lr_group(arch, path) == group
+
+
+# The standard family's names (wsol/vgg.py: classifier / classifier_2; wsol/inception.py: fc /
+# fc2 after Mixed_7c) through main.py's shared substring table.
+@pytest.mark.parametrize(
+  'arch,path,torch_name,group',
+  [
+    ('vgg16', ('features', '28', 'kernel'), 'features.28.weight', 'feature'),
+    ('vgg16', ('fc', '0', 'kernel'), 'classifier.0.weight', 'classifier'),
+    ('vgg16', ('fc2', '6', 'bias'), 'classifier_2.6.bias', 'classifier'),
+    ('inception_v3', ('Mixed_7c', 'branch3x3_2a', 'conv', 'kernel'), None, 'feature'),
+    ('inception_v3', ('Conv2d_1a_3x3', 'bn', 'scale'), 'Conv2d_1a_3x3.bn.weight', 'feature'),
+    ('inception_v3', ('fc', 'kernel'), 'fc.weight', 'classifier'),
+    ('inception_v3', ('fc2', 'bias'), 'fc2.bias', 'classifier'),
+    ('resnet50', ('fc2', 'kernel'), 'fc2.weight', 'feature'),
+    ('resnet50', ('layer4', '2', 'conv3', 'kernel'), None, 'classifier'),
+  ],
+)
+def test_lr_group_and_torch_key_standard(arch, path, torch_name, group):
+  assert lr_group(arch, path, family='standard') == group
+  if torch_name:
+    assert torch_key(arch, 'params', path, family='standard') == torch_name
 
 
 def test_max_pool_matches_torch_ceil_mode():

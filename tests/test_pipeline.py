@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from dualsig_jax import data, experiment
-from dualsig_jax.train import loop
+from dualsig_jax.train import checkpoints, loop
+from dualsig_jax.train import stage as stage_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -46,6 +47,11 @@ def smoke_run(smoke_data, tmp_path_factory):
   config = smoke_config(smoke_data)
   out = experiment.run(config, str(workdir))
   return config, str(workdir), out
+
+
+def _latest(workdir, stage):
+  """Variables of the newest checkpoint of a stage."""
+  return checkpoints.restore_variables(stage_lib.checkpoint_dir(workdir, stage))[0]
 
 
 def _same_tree(a, b):
@@ -85,8 +91,8 @@ def test_results_schema_and_invariants(smoke_run):
 
 def test_dual_stage_keeps_backbone_fc_and_bn_bit_identical(smoke_run):
   _, workdir, _ = smoke_run
-  start = loop.latest_variables(workdir, 'vanilla')
-  end = loop.latest_variables(workdir, 'dual')
+  start = _latest(workdir, 'vanilla')
+  end = _latest(workdir, 'dual')
   for name in start['params']:
     if name == 'fc2':
       continue
@@ -100,8 +106,8 @@ def test_maps_are_in_unit_interval(smoke_run):
   from dualsig_jax import cam, models
 
   config, workdir, _ = smoke_run
-  model = loop.build_stage_model(config, 'dual')
-  variables = loop.latest_variables(workdir, 'dual')
+  model = stage_lib.build_stage_model(config, 'dual')
+  variables = _latest(workdir, 'dual')
   batch = next(iter(data.make_eval_loader(config.input, 'test', batch_size=8)))
   fns = models.cam_fns(model)
   maps, targets = cam.compute_cams_multi(
@@ -139,7 +145,7 @@ def test_unknown_arch_and_value_fail_before_training(smoke_data, tmp_path):
     experiment.run(c, str(tmp_path))
   c = smoke_config(smoke_data)
   with pytest.raises(AttributeError, match='lrr'):
-    c.optim.lrr = 0.1
+    c.dual.lrr = 0.1
 
 
 def test_batch_not_divisible_by_devices_fails(smoke_data, tmp_path):
@@ -208,8 +214,8 @@ def test_kill_and_resume_matches_uninterrupted_run(smoke_data, tmp_path):
   subprocess.run(
     _train_cmd(smoke_data, cut_dir, steps), check=True, env=env, cwd=ROOT, capture_output=True
   )
-  ref = loop.latest_variables(str(ref_dir), 'vanilla')
-  got = loop.latest_variables(str(cut_dir), 'vanilla')
+  ref = _latest(str(ref_dir), 'vanilla')
+  got = _latest(str(cut_dir), 'vanilla')
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
@@ -226,10 +232,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(smoke_data, tmp_path):
   with pytest.raises(FloatingPointError, match='last good checkpoint'):
     loop.train_stage(bad, str(tmp_path), 'vanilla')
   ckpts = sorted(
-    int(p) for p in os.listdir(loop.checkpoint_dir(str(tmp_path), 'vanilla')) if p.isdigit()
+    int(p) for p in os.listdir(stage_lib.checkpoint_dir(str(tmp_path), 'vanilla')) if p.isdigit()
   )
   assert ckpts == [4]
-  kept = loop.latest_variables(str(tmp_path), 'vanilla')
+  kept = _latest(str(tmp_path), 'vanilla')
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(kept))
 
 
@@ -240,7 +246,7 @@ def test_saved_scoremaps_reproduce_results_through_the_cli(smoke_run, smoke_data
   config, workdir, _ = smoke_run
   c = smoke_config(smoke_data, **{'eval.save_scoremaps': True})
   c.eval.methods = ('cam',)
-  variables = loop.latest_variables(workdir, 'dual')
+  variables = _latest(workdir, 'dual')
   res = evaluate.evaluate(c, str(tmp_path), variables=variables)
   cli = wsol.evaluate_wsol(
     str(tmp_path / 'scoremaps' / 'cam_sigmoid'),

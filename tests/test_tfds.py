@@ -4,18 +4,24 @@ convention, the configured train/eval split names, and the warning when a datase
 import logging
 import types
 
+import data_helpers
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from data_helpers import data, synth_dir  # noqa: F401
 
 from dualsig_jax.data import check_labels, loaders
 from dualsig_jax.data.metadata import MetadataError
 from dualsig_jax.data.sources import tfds_boxes
 
+# Fixtures shared with the other data tests (bound here so pytest finds them).
+synth_dir, data = data_helpers.synth_dir, data_helpers.data
+
 
 def _features(with_bbox=True, num_classes=5):
-  feats = {'image': tfds.features.Image(), 'label': tfds.features.ClassLabel(num_classes=num_classes)}
+  feats = {
+    'image': tfds.features.Image(),
+    'label': tfds.features.ClassLabel(num_classes=num_classes),
+  }
   if with_bbox:
     feats['bbox'] = tfds.features.BBoxFeature()
   return tfds.features.FeaturesDict(feats)
@@ -146,7 +152,9 @@ def test_tfds_without_boxes_warns_which_metrics_are_skipped(data, fake_tfds, cap
   with caplog.at_level(logging.WARNING, logger='dualsig_jax.data'):
     meta = loaders.make_eval_loader(data, 'test', batch_size=4).metadata
   assert not meta.boxes
-  warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+  warnings = [
+    r for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith('dualsig_jax')
+  ]
   assert len(warnings) == 1
   msg = warnings[0].getMessage()
   assert 'imagenet2012' in msg and 'bbox' in msg and 'MaxBoxAcc' in msg

@@ -9,7 +9,7 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from dualsig_jax import models
+from dualsig_jax import defaults, models
 from dualsig_jax.train import losses, optim, sharding
 from dualsig_jax.train.state import create_state, train_step
 
@@ -100,27 +100,18 @@ def _tiny_setup(stage='dual', arch='resnet_tiny', num_classes=4, size=32, lr=0.0
   model = models.build_model(arch, num_classes, frozen_backbone=(stage == 'dual'))
   variables = models.init_variables(model, jax.random.PRNGKey(0), size)
   variables = models.clone_head(variables, mode='clone')
-  o = _optim_cfg(lr)
+  o = _optim_cfg(lr, stage)
   tx, labels, _ = optim.make_optimizer(
     variables['params'], arch=arch, stage=stage, optim_cfg=o, steps_per_epoch=10
   )
   return model, variables, tx, labels
 
 
-def _optim_cfg(lr=0.05):
-  import ml_collections
-
-  return ml_collections.ConfigDict(
-    dict(
-      lr=lr,
-      lr_classifier_ratio=10.0,
-      lr_decay_frequency=3,
-      lr_decay_rate=0.1,
-      momentum=0.9,
-      nesterov=True,
-      weight_decay=1e-4,
-    )
-  )
+def _optim_cfg(lr=0.05, stage='dual'):
+  # The schema's stage section (every optimizer field the code may read), at a test lr.
+  o = defaults.base_config()[stage]
+  o.lr = lr
+  return o
 
 
 def _batch(n=16, size=32, num_classes=4, seed=0):

@@ -60,11 +60,8 @@ Method names: ``cam``, ``gradcam``, ``gradcam++``, ``xgradcam``, ``layercam``.
 
 from dualsig_jax.cam.compute import (
   BRANCHES,
-  LOGIT_KEYS,
-  check_branch,
   compute_cams,
   compute_cams_multi,
-  default_truncate,
   feature_gradients,
   linear_head_fns,
   postprocess_maps,
@@ -79,37 +76,28 @@ from dualsig_jax.cam.methods import (
   GRADIENT_METHODS,
   METHODS,
   cam,
-  check_method,
   grad_cam,
   grad_cam_plus_plus,
-  grad_cam_plus_plus_weights,
-  grad_cam_weights,
   layer_cam,
   normalize_scoremap,
-  scale_cam_image,
   xgrad_cam,
-  xgrad_cam_weights,
 )
-from dualsig_jax.cam.resize import resize_maps, resize_matrix
+from dualsig_jax.cam.resize import resize_maps
 
+# The documented surface (README "Using the CAM functions"); helpers such as the per-method
+# weight functions stay in their submodules (dualsig_jax.cam.methods, .compute, .resize).
 __all__ = [
   'BRANCHES',
   'GRADIENT_METHODS',
-  'LOGIT_KEYS',
   'METHODS',
   'average_drop',
   'cam',
-  'check_branch',
-  'check_method',
   'compute_cams',
   'compute_cams_multi',
   'confidence_change',
-  'default_truncate',
   'feature_gradients',
   'grad_cam',
   'grad_cam_plus_plus',
-  'grad_cam_plus_plus_weights',
-  'grad_cam_weights',
   'increase_in_confidence',
   'insertion_deletion',
   'layer_cam',
@@ -117,10 +105,7 @@ __all__ = [
   'normalize_scoremap',
   'postprocess_maps',
   'resize_maps',
-  'resize_matrix',
-  'scale_cam_image',
   'xgrad_cam',
-  'xgrad_cam_weights',
 ]
 
 _PLOT_NAMES = ('overlay', 'save_cam_grid', 'largest_contour_box', 'to_display')

@@ -26,7 +26,7 @@ from dualsig_jax.data.transforms import (
 # TFDS eval batches need a box count fixed before reading; more boxes than this raise.
 TFDS_MAX_BOXES = 16
 # Kept importable from here (the split-building helpers live in splits.py).
-SOURCES, load_split, metadata_root = splits.SOURCES, splits.load_split, splits.metadata_root
+SOURCES, load_split = splits.SOURCES, splits.load_split
 
 
 def _workers(input_cfg) -> int:

@@ -22,17 +22,20 @@ installed as the package data ``dualsig_jax/metadata``) is found by
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 
 import numpy as np
+
+from dualsig_jax.data.paths import (  # noqa: F401  (re-exported: part of this module's API)
+  SHIPPED_NAMES,
+  resolve_metadata_root,
+  shipped_metadata_root,
+)
 
 # Class counts of the known datasets; labels outside [0, K) are rejected.
 NUM_CLASSES = {'CUB': 200, 'ILSVRC': 1000, 'CARS': 196, 'OpenImages': 100}
 # Datasets whose localization.txt holds masks instead of boxes.
 MASK_DATASETS = ('OpenImages',)
-# input.metadata_root values that mean "the metadata shipped with the package".
-SHIPPED_NAMES = ('', 'metadata', 'metadata/')
 
 
 class MetadataError(ValueError):
@@ -103,50 +106,6 @@ def safe_join(root: str, path: str, where: str) -> str:
   """
   check_relative_path(path, where)
   return os.path.join(root, path)
-
-
-def shipped_metadata_root() -> str:
-  """Absolute path of the wsolevaluation metadata shipped with the package.
-
-  Installed (``pip install .``): the package data folder ``dualsig_jax/metadata``. Source
-  checkout (or an editable install made before the metadata was package data): the repository's
-  top-level ``metadata/`` folder.
-  """
-  spec = importlib.util.find_spec('dualsig_jax.metadata')
-  for loc in (spec.submodule_search_locations or []) if spec else []:
-    if os.path.isdir(loc):
-      return os.path.abspath(loc)
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if os.path.isfile(os.path.join(repo, 'pyproject.toml')) and os.path.isdir(
-    os.path.join(repo, 'metadata')
-  ):
-    return os.path.join(repo, 'metadata')
-  raise FileNotFoundError(
-    'the wsolevaluation metadata shipped with dualsig_jax is missing from this installation '
-    '(expected the package data folder dualsig_jax/metadata); reinstall with `pip install .`'
-  )
-
-
-def resolve_metadata_root(metadata_root: str) -> str:
-  """``input.metadata_root`` -> the folder to read.
-
-  ``''`` or ``'metadata'`` mean the metadata shipped with the package (found whatever the
-  working directory, also after a non-editable install). Any other path is the user's, used as
-  given (a relative path is relative to the working directory; write ``./metadata`` for a
-  folder named ``metadata`` there) and must exist.
-
-  Raises:
-    FileNotFoundError naming the path and the working directory.
-  """
-  if metadata_root is None or metadata_root in SHIPPED_NAMES:
-    return shipped_metadata_root()
-  if not os.path.isdir(metadata_root):
-    raise FileNotFoundError(
-      f'input.metadata_root {metadata_root!r} does not exist (relative paths are resolved '
-      f"against the working directory {os.getcwd()}); use 'metadata' (or '') for the metadata "
-      'shipped with dualsig_jax'
-    )
-  return metadata_root
 
 
 def check_labels(metadata: Metadata, num_classes: int) -> None:

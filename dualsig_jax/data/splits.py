@@ -1,7 +1,7 @@
 """From ``config.input`` to one split's random-access source and :class:`Metadata`.
 
 Config fields read (``config.input``): source ('folder'|'tfds'), dataset_name, data_root,
-metadata_root (see :func:`metadata_root`), train_split, eval_split, synthetic.{generate, ...},
+metadata_root (see :func:`split_dir`), train_split, eval_split, synthetic.{generate, ...},
 tfds.{name, data_dir, train_split, eval_split}; optional mask_root (default: data_root).
 
 Folder layout: images at ``data_root/<image id>``; for CARS, whose train and test ids overlap
@@ -14,12 +14,8 @@ from __future__ import annotations
 import logging
 import os
 
-from dualsig_jax.data.metadata import (
-  NUM_CLASSES,
-  Metadata,
-  load_metadata,
-  resolve_metadata_root,
-)
+from dualsig_jax.data import paths
+from dualsig_jax.data.metadata import NUM_CLASSES, Metadata, load_metadata
 from dualsig_jax.data.sources import FolderSource, TfdsBoxes, TfdsSource
 
 log = logging.getLogger(__name__)
@@ -44,19 +40,18 @@ def source_kind(input_cfg) -> str:
   return source
 
 
-def metadata_root(input_cfg) -> str:
-  """The folder holding ``<dataset>/<split>/*.txt`` for ``input_cfg``.
+def split_dir(input_cfg, split: str) -> str:
+  """``<metadata root>/<dataset>/<split>`` of a folder-source split.
 
-  ``input.metadata_root`` '' or 'metadata': the metadata shipped with the package, except for
-  SYNTH (never shipped), whose metadata is generated into ``data_root/metadata``. Any other
-  value: that folder, relative to the working directory, which must exist.
+  ``input.metadata_root`` '' or 'metadata': the metadata shipped with the package (SYNTH, never
+  shipped: ``data_root/metadata``). Any other value: that folder, relative to the working
+  directory, which must exist; a split it lacks is read from the shipped copy (e.g. ILSVRC: a
+  made train split next to the shipped test split). See ``paths.split_metadata_dir``.
   """
   root = get(input_cfg, 'metadata_root', '')
-  if input_cfg['dataset_name'] == 'SYNTH':
-    from dualsig_jax.data.synthetic import synth_metadata_root  # no cv2 import for real data
-
-    root = synth_metadata_root(input_cfg['data_root'], root)
-  return resolve_metadata_root(root)
+  if not (input_cfg['dataset_name'] == 'SYNTH' and root in paths.SHIPPED_NAMES):
+    paths.resolve_metadata_root(root)  # A clear error for a missing folder or installation.
+  return paths.split_metadata_dir(input_cfg, split)
 
 
 def num_classes_of(input_cfg) -> int | None:
@@ -89,23 +84,21 @@ def prepare_synthetic(input_cfg) -> None:
 
 def load_split(input_cfg, split: str) -> Metadata:
   """Metadata of a folder-source split (labels checked against the dataset's class count)."""
+  root = os.path.dirname(os.path.dirname(split_dir(input_cfg, split)))
   return load_metadata(
-    metadata_root(input_cfg),
-    input_cfg['dataset_name'],
-    split,
-    num_classes=num_classes_of(input_cfg),
+    root, input_cfg['dataset_name'], split, num_classes=num_classes_of(input_cfg)
   )
 
 
-def _read_ids(meta_root, dataset, split):
-  path = os.path.join(meta_root, dataset, split, 'image_ids.txt')
+def _read_ids(input_cfg, split):
+  path = os.path.join(paths.split_metadata_dir(input_cfg, split), 'image_ids.txt')
   if not os.path.isfile(path):
     return set()
   with open(path, encoding='utf-8') as f:
     return {line.strip() for line in f if line.strip()}
 
 
-def image_root(input_cfg, split: str, meta_root: str, ids=None) -> str:
+def image_root(input_cfg, split: str, ids=None) -> str:
   """Folder the image ids of ``split`` are relative to (``data_root``, or CARS's
   ``data_root/cars_<split>``).
 
@@ -118,9 +111,13 @@ def image_root(input_cfg, split: str, meta_root: str, ids=None) -> str:
   split_dir = os.path.join(root, f'cars_{split}')
   if os.path.isdir(split_dir):
     return split_dir
-  ids = set(ids) if ids is not None else _read_ids(meta_root, 'CARS', split)
-  for other in sorted(os.listdir(os.path.join(meta_root, 'CARS'))):
-    common = ids & _read_ids(meta_root, 'CARS', other) if other != split else set()
+  ids = set(ids) if ids is not None else _read_ids(input_cfg, split)
+  # The other splits this run reads (a split missing from the user's folder comes from the
+  # shipped copy, see split_dir, so its ids count too).
+  for other in sorted(
+    {get(input_cfg, 'train_split'), get(input_cfg, 'eval_split')} - {split, None}
+  ):
+    common = ids & _read_ids(input_cfg, other)
     if common:
       raise ValueError(
         f'CARS splits {split!r} and {other!r} share {len(common)} image ids (e.g. '
@@ -219,7 +216,7 @@ def build_source(input_cfg, split: str, *, train: bool, skip_report=None):
     return source, meta
   prepare_synthetic(input_cfg)
   meta = load_split(input_cfg, split)
-  root = image_root(input_cfg, split, os.path.dirname(os.path.dirname(meta.root)), meta.image_ids)
+  root = image_root(input_cfg, split, meta.image_ids)
   mask_root = get(input_cfg, 'mask_root') or input_cfg['data_root']
   return FolderSource(meta, root, mask_root=mask_root, skip_report=skip_report), meta
 
@@ -231,5 +228,5 @@ def split_length(input_cfg, split: str, *, train: bool = True) -> int:
     return len(src)
   prepare_synthetic(input_cfg)
   meta = load_split(input_cfg, split)
-  image_root(input_cfg, split, os.path.dirname(os.path.dirname(meta.root)), meta.image_ids)
+  image_root(input_cfg, split, meta.image_ids)
   return len(meta)

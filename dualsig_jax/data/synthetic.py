@@ -43,7 +43,7 @@ import time
 import cv2
 import numpy as np
 
-from dualsig_jax.data.metadata import SHIPPED_NAMES
+from dualsig_jax.data.paths import SHIPPED_NAMES
 from dualsig_jax.data.synthetic_render import (  # noqa: F401  (SHAPES, TEXTURES: public API)
   MAX_CLASSES,
   SHAPES,

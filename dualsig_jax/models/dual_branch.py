@@ -1,21 +1,13 @@
 """Turn any Flax classifier into the paper's dual-branch model (frozen softmax head + sigmoid head).
 
-The paper's method does not depend on the backbone: keep the trained classifier, add a copy of its
-head (the sigmoid head), freeze the rest, train the copy with class-balanced BCE. ``dual_branch``
-does this for a user's model split into a feature module and a head module, and gives it the
-contract of this package's models, so ``dualsig_jax.train.state.train_step`` (``stage='dual'``),
-``dualsig_jax.train.optim.make_optimizer(arch=None)`` and ``dualsig_jax.cam.compute_cams`` work on
-it unchanged:
-
-* ``apply(variables, x [B, H, W, 3], train=False)`` ->
-  ``{'features': [B, h, w, C], 'softmax_logits': [B, K], 'sigmoid_logits': [B, K]}`` float32;
-* ``apply(variables, features, method='head')`` -> the pure head of both branches;
-* params ``{'backbone': <the feature module's>, 'fc': <softmax head>, 'fc2': <sigmoid head>}``.
-
-Head kinds (``head_kind``): ``'linear'`` GAP then the head (a Dense); ``'conv'`` the head (a 1x1
-conv) on the map, then GAP; ``'mlp'`` GAP then the head (any module on ``[B, C]``); ``'map'`` the
-head takes the map ``[B, h, w, C]`` and pools itself. Plain CAM needs ``'linear'`` or ``'conv'``;
-the gradient methods (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM) work with every kind.
+The method does not depend on the backbone: keep the trained classifier, add a copy of its head
+(the sigmoid head), freeze the rest, train the copy with class-balanced BCE. :func:`dual_branch`
+does this for a model split into a feature module and a head module and gives the result the
+contract of this package's models (``apply(v, x, train)`` -> ``{'features', 'softmax_logits',
+'sigmoid_logits'}``, ``method='head'``, params ``backbone`` / ``fc`` / ``fc2``), so
+``train.state.train_step(stage='dual')``, ``train.optim.make_optimizer(arch=None)`` and
+``cam.compute_cams`` work on it unchanged. Plain CAM needs a linear or 1x1-conv head; the gradient
+methods (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM) work through any head.
 """
 
 from __future__ import annotations
@@ -28,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 HEAD_KINDS = ('linear', 'conv', 'mlp', 'map')
-FC2_INITS = ('fresh', 'clone')
+FC2_INITS = ('init', 'clone')  # as config.dual.head_init and models.clone_head
 _BRANCH_PARAMS = {'softmax': 'fc', 'sigmoid': 'fc2', 'fc': 'fc', 'fc2': 'fc2'}
 # Keyword names a module may use for its train / inference switch; True means "pass not train".
 _TRAIN_KWARGS = {'train': False, 'training': False, 'deterministic': True,
@@ -107,7 +99,7 @@ class DualBranch(nn.Module):
     ``[B, K]`` float32. No stop-gradient, inference mode (no dropout): CAM methods
     differentiate through this."""
     return {
-      'softmax_logits': self._branch(self.fc2, features, False),
+      'softmax_logits': self._branch(self.fc, features, False),
       'sigmoid_logits': self._branch(self.fc2, features, False),
     }
 
@@ -200,10 +192,6 @@ def dual_branch(
   )
 
 
-# ---------------------------------------------------------------------------------------------
-# Variables: loading a single-head model, initialising the sigmoid head.
-
-
 def _plain(tree):
   """Nested plain dicts (FrozenDict and other mappings converted); leaves untouched."""
   if isinstance(tree, Mapping):
@@ -217,7 +205,7 @@ def _key_path(key: str | Sequence[str]) -> tuple[str, ...]:
 
 def _get(tree: Mapping, path: tuple[str, ...]):
   for k in path:
-    tree = tree[k]
+    tree = tree[k]  # KeyError / TypeError when absent, handled by the callers
   return tree
 
 
@@ -245,8 +233,8 @@ def fresh_head_params(head_params, rng: jax.Array | int = 0):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def init_sigmoid_head(variables, *, mode: str = 'fresh', rng: jax.Array | int = 0) -> dict:
-  """New variables whose ``fc2`` params are ``fresh_head_params`` of ``fc`` (``'fresh'``, what
+def init_sigmoid_head(variables, *, mode: str = 'init', rng: jax.Array | int = 0) -> dict:
+  """New variables whose ``fc2`` params are ``fresh_head_params`` of ``fc`` (``'init'``, what
   the reference's published command trains from) or a copy of ``fc`` (``'clone'``, the paper's
   text). ``fc``'s entries in other collections (e.g. batch_stats) are copied to ``fc2``."""
   if mode not in FC2_INITS:
@@ -255,7 +243,7 @@ def init_sigmoid_head(variables, *, mode: str = 'fresh', rng: jax.Array | int = 
   for col, tree in out.items():
     if 'fc' not in tree:
       continue
-    if col == 'params' and mode == 'fresh':
+    if col == 'params' and mode == 'init':
       tree['fc2'] = fresh_head_params(tree['fc'], rng)
     else:
       tree['fc2'] = jax.tree.map(lambda a: jnp.array(a, copy=True), tree['fc'])
@@ -268,7 +256,7 @@ def from_single_head(
   *,
   head_key: str | Sequence[str],
   features_key: str | Sequence[str] | None = None,
-  fc2: str = 'fresh',
+  fc2: str = 'init',
   rng: jax.Array | int = 0,
   input_shape: tuple[int, ...] | None = (1, 64, 64, 3),
 ) -> dict:
@@ -280,9 +268,9 @@ def from_single_head(
     head_key: key (or key path) of the head's subtree in each collection, e.g. ``'head'``.
     features_key: key (or key path) of the feature module's subtree; ``None`` = every top-level
       entry except ``head_key`` (a model whose layers sit at its top level).
-    fc2: ``'fresh'`` (every Linear normal(0, 0.01), a conv xavier-uniform, biases 0: the
+    fc2: ``'init'`` (every Linear normal(0, 0.01), a conv xavier-uniform, biases 0: the
       reference's published run) or ``'clone'`` (a copy of the softmax head, the paper's text).
-    rng: key or int seed for ``fc2='fresh'``.
+    rng: key or int seed for ``fc2='init'``.
     input_shape: an image shape for checking the result against ``model``'s own parameter
       shapes (abstractly, nothing is computed); ``None`` skips the check.
   Returns:
@@ -331,15 +319,16 @@ def _check_against(model: DualBranch, variables: dict, input_shape) -> None:
     lambda: model.init({'params': key, 'dropout': key}, jnp.zeros(input_shape), train=False)
   )
   want = {c: t for c, t in _plain(want).items() if c in ('params', 'batch_stats')}
-  have = {c: variables.get(c, {}) for c in want}
-  flat_w = {jax.tree_util.keystr(p): jnp.shape(v) for p, v in _flat(want)}
-  flat_h = {jax.tree_util.keystr(p): jnp.shape(v) for p, v in _flat(have)}
-  problems = [f'missing {k} {s}' for k, s in flat_w.items() if k not in flat_h]
-  problems += [f'unexpected {k} {s}' for k, s in flat_h.items() if k not in flat_w]
-  problems += [
-    f'{k}: shape {flat_h[k]}, model wants {s}'
-    for k, s in flat_w.items()
-    if k in flat_h and tuple(flat_h[k]) != tuple(s)
+  flat_w = {jax.tree_util.keystr((c,) + tuple(p)): v.shape for c in want for p, v in _flat(want[c])}
+  flat_h = {
+    jax.tree_util.keystr((c,) + tuple(p)): jnp.shape(v)
+    for c in want
+    for p, v in _flat(variables.get(c, {}))
+  }
+  problems = [
+    f'{k}: have {flat_h.get(k, "nothing")}, model wants {flat_w.get(k, "nothing")}'
+    for k in sorted(set(flat_w) | set(flat_h))
+    if tuple(flat_w.get(k, ())) != tuple(flat_h.get(k, ())) or (k in flat_w) != (k in flat_h)
   ]
   if problems:
     more = f' (+{len(problems) - 8} more)' if len(problems) > 8 else ''
@@ -351,10 +340,6 @@ def _check_against(model: DualBranch, variables: dict, input_shape) -> None:
 
 def _flat(tree):
   return jax.tree_util.tree_flatten_with_path(tree)[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# CAM adapters.
 
 
 def head_weights(variables, branch: str, head_kind: str) -> tuple[jax.Array, jax.Array]:
@@ -406,17 +391,3 @@ def cam_fns(model: DualBranch) -> dict[str, Callable]:
     return head_weights(variables, branch, kind)
 
   return {'apply_fn': apply_fn, 'head_fn': head_fn, 'head_weights_fn': head_weights_fn}
-
-
-__all__ = [
-  'FC2_INITS',
-  'HEAD_KINDS',
-  'DualBranch',
-  'cam_fns',
-  'dual_branch',
-  'fresh_head_params',
-  'from_single_head',
-  'head_weights',
-  'infer_head_kind',
-  'init_sigmoid_head',
-]

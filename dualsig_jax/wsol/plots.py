@@ -1,13 +1,16 @@
-"""Figures for WSOL results (matplotlib Agg, PNG): box accuracy vs CAM threshold, PxAP PR curve."""
+"""Figures for WSOL results (PNG): box accuracy vs CAM threshold, PxAP PR curve.
+
+Same rule as dualsig_jax.cam.plots: figures are drawn on an explicit Agg canvas through the
+object API, never pyplot, so no display is needed and the caller's global backend is untouched;
+the package imports this module lazily (matplotlib is slow to import).
+"""
 
 from __future__ import annotations
 
 import os
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  (after selecting the backend)
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 __all__ = ['plot_box_curves', 'plot_pr_curves']
 
@@ -31,7 +34,8 @@ def plot_box_curves(results: dict, path: str, *, curve: str = 'box_acc', title: 
       f'unknown curve {curve!r}; valid: {sorted(k for k in first["curves"] if k != "thresholds")}'
     )
   ious = list(first['curves'][curve])
-  fig, axes = plt.subplots(1, len(ious), figsize=(4.5 * len(ious), 3.6), squeeze=False)
+  fig = Figure(figsize=(4.5 * len(ious), 3.6))
+  axes = fig.subplots(1, len(ious), squeeze=False)
   for ax, iou in zip(axes[0], ious):
     for head, r in results.items():
       ys = r['curves'][curve][iou]
@@ -59,7 +63,8 @@ def plot_pr_curves(results: dict, path: str, *, title: str = '') -> str:
   """
   if not results:
     raise ValueError('plot_pr_curves needs at least one head')
-  fig, ax = plt.subplots(figsize=(4.5, 4))
+  fig = Figure(figsize=(4.5, 4))
+  ax = fig.subplots()
   for head, r in results.items():
     ax.plot(r['recall'], r['precision'], label=f'{head} (PxAP {r["pxap"]:.2f})')
   ax.set_xlabel('recall')
@@ -75,8 +80,8 @@ def plot_pr_curves(results: dict, path: str, *, title: str = '') -> str:
 
 def _save(fig, path: str) -> str:
   """Lays out, writes (creating folders) and closes a figure; returns path."""
+  FigureCanvasAgg(fig)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path

@@ -1,0 +1,145 @@
+"""Evaluation under jax.distributed: two processes on localhost (CPU devices, gloo collectives)
+give exactly the metrics of one process, on a split whose size the batch does not divide."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from configs import synthetic  # noqa: E402
+
+NUM_TEST = 37  # not a multiple of the global eval batch: the last batch is partly padding
+EVAL_BATCH = 8  # global; 4 per process in the two-process run
+DEVICES = 4  # in total, so both runs put the same 2 images on each device
+
+
+def eval_config(data_root):
+  """The test's experiment: tiny ResNet, 37 test images of SYNTH, small eval size."""
+  c = synthetic.get_config('smoke')
+  c.unlock()
+  c.input.data_root = str(data_root)
+  c.input.metadata_root = os.path.join(str(data_root), 'metadata')
+  c.input.synthetic.update(dict(num_train=4, num_val=2, num_test=NUM_TEST, seed=3))
+  c.input.synthetic.generate = True
+  c.input.eval_size = 64
+  c.input.num_workers = 0
+  c.eval.batch_size = EVAL_BATCH
+  c.eval.save_scoremaps = True
+  c.eval.num_plot_images = 2
+  c.lock()
+  return c
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _save(path, variables, config):
+  from dualsig_jax.train import checkpoints
+  from dualsig_jax.train import stage as stage_lib
+
+  mgr = checkpoints.manager(path, max_to_keep=1)
+  checkpoints.save(mgr, 1, jax.device_get(variables), None, stage_lib.model_record(config, 'dual'))
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  """SYNTH data and a workdir with freshly initialised dual and vanilla checkpoints."""
+  from dualsig_jax import data
+  from dualsig_jax.train import stage as stage_lib
+
+  root = tmp_path_factory.mktemp('eval_dist')
+  config = eval_config(root / 'data')
+  data.ensure_synthetic(config.input)
+  model = stage_lib.build_stage_model(config, 'dual')
+  dual = stage_lib.fresh_variables(config, model)
+  # Another init for the vanilla checkpoint, so its Top-1 is a separate count.
+  with config.unlocked():
+    config.seed = 1
+  vanilla = stage_lib.fresh_variables(config, model)
+  workdir = root / 'ckpt'
+  _save(str(workdir / 'dual' / 'checkpoints'), dual, config)
+  _save(str(workdir / 'vanilla' / 'checkpoints'), vanilla, config)
+  return root, workdir
+
+
+def _launch(setup, name, num_processes):
+  root, ckpt = setup
+  workdir = root / name
+  shutil.copytree(ckpt, workdir)
+  port = _free_port()
+  procs = []
+  for pid in range(num_processes):
+    env = dict(
+      os.environ,
+      DATA_ROOT=str(root / 'data'),
+      WORKDIR=str(workdir),
+      OUT=str(root / name),
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES // num_processes}',
+      PYTHONPATH=os.pathsep.join([ROOT, HERE]),
+    )
+    env.pop('JAX_COORDINATOR_ADDRESS', None)
+    if num_processes > 1:
+      env.update(
+        JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+        JAX_NUM_PROCESSES=str(num_processes),
+        JAX_PROCESS_ID=str(pid),
+      )
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, os.path.join(HERE, 'eval_worker.py')],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+      )
+    )
+  return workdir, procs
+
+
+def _wait(procs):
+  logs = [p.communicate(timeout=300)[0].decode(errors='replace') for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+
+
+def _scoremaps(workdir):
+  d = workdir / 'scoremaps'
+  return {
+    os.path.relpath(os.path.join(dp, f), d): np.load(os.path.join(dp, f))
+    for dp, _, files in os.walk(d)
+    for f in files
+  }
+
+
+def test_two_processes_give_the_metrics_of_one(setup):
+  # Both runs at once: the machine's cores overlap their start-up and compilation.
+  one_dir, one = _launch(setup, 'one', 1)
+  two_dir, two = _launch(setup, 'two', 2)
+  _wait(one + two)
+  root = setup[0]
+  ref = json.loads((root / 'one.0.json').read_text())
+  got = [json.loads((root / f'two.{p}.json').read_text()) for p in range(2)]
+  assert ref['num_images'] == NUM_TEST
+  assert got[0] == got[1], 'the processes disagree on the results'
+  assert got[0] == ref  # exact: integer counts and order-independent sums
+  assert 'vanilla_softmax_top1' in ref['classification']
+  # Process 0 alone writes the results; every process writes the maps of its own images.
+  assert json.loads((two_dir / 'results.json').read_text()) == ref
+  assert (two_dir / 'plots' / 'cams_cam.png').exists()
+  maps_one, maps_two = _scoremaps(one_dir), _scoremaps(two_dir)
+  assert len(maps_one) == NUM_TEST * len(ref['methods']) * 2
+  assert set(maps_two) == set(maps_one)
+  for k, v in maps_one.items():
+    np.testing.assert_array_equal(maps_two[k], v, err_msg=k)
