@@ -64,7 +64,7 @@ def main():
   tmodel.eval()
   sd = {k: v.detach().clone() for k, v in tmodel.state_dict().items()}
   variables = convert.torch_to_flax(sd, args.arch, num_classes=args.num_classes)
-  model = models.build_model(args.arch, args.num_classes, dual=True)
+  model = models.build_model(args.arch, args.num_classes, frozen_backbone=True)
   o = ml_collections.ConfigDict(
     dict(
       lr=1e-3,
@@ -74,6 +74,7 @@ def main():
       momentum=0.9,
       nesterov=True,
       weight_decay=1e-4,
+      lr_schedule='reference',
     )
   )
   tx, _, _ = optim.make_optimizer(
@@ -86,7 +87,9 @@ def main():
       model=model,
       tx=tx,
       stage='dual',
-      train_mode=False,
+      # The reference's dual stage: BatchNorm on batch statistics, running stats not kept.
+      train_mode=True,
+      keep_batch_stats=False,
       pos_weight=args.num_classes - 1.0,
       gamma=1.0,
       temp=1.0,
@@ -111,9 +114,13 @@ def main():
   t_fwd = _time(jax_fwd, args.iters)
   t_step = _time(jax_step, args.iters)
 
-  # The reference's step: model.eval() for BN, only fc2 in the optimizer, backbone frozen.
+  # The reference's step: frozen backbone, BatchNorm without running statistics, model.train().
   for name, p in tmodel.named_parameters():
     p.requires_grad = name.startswith(('fc2.', 'SPG_A4_2.'))
+  for m in tmodel.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+      m.track_running_stats = False
+  tmodel.train()
   params = [p for p in tmodel.parameters() if p.requires_grad]
   topt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
   crit = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(args.num_classes - 1.0))

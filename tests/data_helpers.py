@@ -58,6 +58,18 @@ def data(synth_dir, tmp_path):
   return input_config(root)
 
 
+@pytest.fixture(name='data')
+def metadata_only_data(synth_dir, tmp_path):
+  """As ``data`` for tests that edit metadata only: images/ and masks/ are links to the shared
+  set (so they must not be modified), which is cheaper than copying them for every test."""
+  root = tmp_path / 'synth'
+  root.mkdir()
+  shutil.copytree(os.path.join(synth_dir, 'metadata'), root / 'metadata')
+  for sub in ('images', 'masks'):
+    os.symlink(os.path.join(synth_dir, sub), root / sub)
+  return input_config(str(root))
+
+
 def meta_file(cfg, split, name):
   return os.path.join(cfg.data_root, 'metadata', 'SYNTH', split, name)
 

@@ -20,7 +20,8 @@ SHIPPED = resolve_metadata_root('')
 # ----------------------------------------------------------------------------- shipped metadata
 
 # Fixtures shared with the other data tests (bound here so pytest finds them).
-synth_dir, data = data_helpers.synth_dir, data_helpers.data
+# (`data` here: a metadata copy whose images/ and masks/ link to the shared set.)
+synth_dir, data = data_helpers.synth_dir, data_helpers.metadata_only_data
 
 
 def test_shipped_cub_test():
