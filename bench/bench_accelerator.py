@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import json
 import math
 import os
@@ -69,7 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.models = [m for m in args.models.split(',') if m]
   args.precisions = [m for m in args.precisions.split(',') if m]
   args.whats = [m for m in args.whats.split(',') if m]
-  for name, values, valid in (('precision', args.precisions, PRECISIONS), ('what', args.whats, WHATS)):
+  for name, values, valid in (
+    ('precision', args.precisions, PRECISIONS),
+    ('what', args.whats, WHATS),
+  ):
     bad = [v for v in values if v not in valid]
     if bad:
       raise SystemExit(f'unknown {name} {bad}; valid: {", ".join(valid)}')
@@ -104,7 +106,7 @@ class Bench:
 
   def __init__(self, args, arch: str, env):
     self.args, self.arch, self.env = args, arch, env
-    jax, jnp, np, torch = env.jax, env.jnp, env.np, env.torch
+    jnp, np, torch = env.jnp, env.np, env.torch
     k = args.num_classes
     # Weights: the library's init (fc2 cloned from fc, as the dual stage starts), copied into
     # the torch mirror with the project's converter, so both frameworks run the same network.
@@ -120,17 +122,12 @@ class Bench:
     self.tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dev, memory_format=fmt)
     self.ty = torch.from_numpy(y.astype(np.int64)).to(dev)
     self.memory_format = fmt
-    del jax
 
   # ---------------------------------------------------------------------------------- JAX
   def build(self, dtype, *, frozen: bool):
-    try:
-      return self.env.models.build_model(
-        self.arch, self.args.num_classes, frozen_backbone=frozen, dtype=dtype
-      )
-    except TypeError:  # before the dual= -> frozen_backbone= rename
-      self.env.notes.add('build_model has no frozen_backbone yet: used dual=')
-      return self.env.models.build_model(self.arch, self.args.num_classes, dual=frozen, dtype=dtype)
+    return self.env.models.build_model(
+      self.arch, self.args.num_classes, frozen_backbone=frozen, dtype=dtype
+    )
 
   def jax_step(self, dtype, stage: str):
     jax, jnp, state_lib = self.env.jax, self.env.jnp, self.env.state_lib
@@ -145,17 +142,11 @@ class Bench:
       tx=tx,
       stage=stage,
       train_mode=True,
+      keep_batch_stats=stage == 'vanilla',
       pos_weight=self.args.num_classes - 1.0,
       gamma=1.0,
       temp=1.0,
     )
-    accepted = set(inspect.signature(state_lib.train_step).parameters) | set(
-      inspect.signature(state_lib.loss_fn).parameters
-    )
-    if 'keep_batch_stats' in accepted:
-      kwargs['keep_batch_stats'] = stage == 'vanilla'
-    else:
-      self.env.notes.add('train_step has no keep_batch_stats yet: BatchNorm per the model')
     step = jax.jit(functools.partial(state_lib.train_step, **kwargs), donate_argnums=(0,))
     # A copy: the step donates (frees) its input state, the shared variables must survive.
     holder = [state_lib.create_state(jax.tree.map(jnp.array, self.variables), tx, 0)]
@@ -187,93 +178,42 @@ class Bench:
 
   # -------------------------------------------------------------------------------- torch
   def torch_model(self):
-    model = env_torch_model(self.env, self.arch, self.args.num_classes)
+    model = self.env.torch_models.build_torch_cam_model(self.arch, self.args.num_classes)
     model.load_state_dict(self.torch_state, strict=True)
     return model.to(self.env.torch_device, memory_format=self.memory_format)
 
-  def autocast(self, dtype):
+  def autocast(self, precision: str):
+    """A context-manager factory: bfloat16 autocast, or a no-op for float32."""
     torch = self.env.torch
-    return torch.autocast(
-      self.env.torch_device.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'
+    return lambda: torch.autocast(
+      self.env.torch_device.type, dtype=torch.bfloat16, enabled=precision == 'bfloat16'
     )
 
-  def torch_step(self, dtype, stage: str):
-    torch = self.env.torch
-    k = self.args.num_classes
-    model = self.torch_model().train()
-    for name, p in model.named_parameters():
-      head = name.split('.')[0]
-      p.requires_grad_(head == 'fc2' if stage == 'dual' else head != 'fc2')
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    pos_weight = torch.full((k,), k - 1.0, device=self.env.torch_device)
-    bce = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    onehot = torch.nn.functional.one_hot(self.ty, k).float()
+  def torch_step(self, precision: str, stage: str):
+    return self.env.torch_models.train_step_fn(
+      self.torch_model(),
+      self.tx,
+      self.ty,
+      stage=stage,
+      num_classes=self.args.num_classes,
+      autocast=self.autocast(precision),
+    )
 
-    def call():
-      with self.autocast(dtype):
-        _, logits, logits2 = model(self.tx)
-      ce = torch.nn.functional.cross_entropy(logits.float(), self.ty)
-      loss = ce if stage == 'vanilla' else bce(logits2.float(), onehot) + ce.detach()
-      opt.zero_grad(set_to_none=True)
-      loss.backward()
-      opt.step()
-      return loss
-
-    return call
-
-  def torch_cam(self, dtype, method: str):
-    torch = self.env.torch
-    F = torch.nn.functional
-    model = self.torch_model().eval()
-    for p in model.parameters():
-      p.requires_grad_(False)
-    size = (self.args.size, self.args.size)
-
-    def post(raw, mode):  # [B, h, w] -> resized, min-max normalised [B, H, W] float32
-      m = F.interpolate(raw[:, None].float(), size=size, mode=mode, align_corners=False)[:, 0]
-      lo = m.amin(dim=(1, 2), keepdim=True)
-      hi = m.amax(dim=(1, 2), keepdim=True)
-      return (m - lo) / (hi - lo + 1e-7)
-
-    def call():
-      with torch.no_grad(), self.autocast(dtype):
-        feats = model.backbone(self.tx)
-      maps = []
-      if method == 'cam':
-        with torch.no_grad():
-          f = feats.float()
-          target = model.fc(f.mean(dim=(2, 3))).argmax(1)
-          for layer, clamp in ((model.fc, False), (model.fc2, True)):
-            w = layer.weight[target]
-            w = w.clamp(min=0) if clamp else w
-            maps.append(post(torch.einsum('bc,bchw->bhw', w, f), 'bicubic'))
-        return maps
-      f = feats.float().requires_grad_(True)
-      logits, logits2 = model.head(f)
-      target = logits.argmax(1)[:, None]
-      for out, clamp in ((logits, False), (logits2, True)):
-        (g,) = torch.autograd.grad(out.gather(1, target).sum(), f, retain_graph=True)
-        w = g.mean(dim=(2, 3))
-        w = w.clamp(min=0) if clamp else w
-        with torch.no_grad():
-          maps.append(post(torch.relu(torch.einsum('bc,bchw->bhw', w, f)), 'bilinear'))
-      return maps
-
-    return call
+  def torch_cam(self, precision: str, method: str):
+    return self.env.torch_models.cam_fn(
+      self.torch_model(), self.tx, method=method, autocast=self.autocast(precision)
+    )
 
   def parity(self) -> float:
     """max |JAX - torch| / max |torch| of float32 eval-mode softmax logits (same weights)."""
     np, torch = self.env.np, self.env.torch
     model = self.build(self.env.jnp.float32, frozen=True)
-    ours = np.asarray(model.apply(self.variables, self.batch['image'], train=False)['softmax_logits'])
+    ours = np.asarray(
+      model.apply(self.variables, self.batch['image'], train=False)['softmax_logits']
+    )
     with torch.no_grad():
       theirs = self.torch_model().eval()(self.tx)[1].float().cpu().numpy()
     return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
-
-
-def env_torch_model(env, arch, num_classes):
-  return env.torch_models.build_torch_cam_model(arch, num_classes)
 
 
 def load_env(device: str) -> types.SimpleNamespace:
@@ -320,7 +260,6 @@ def load_env(device: str) -> types.SimpleNamespace:
     optim=optim,
     state_lib=state_lib,
     torch_device=torch_device,
-    notes=set(),
   )
 
 
@@ -400,7 +339,6 @@ def run(args) -> dict:
   return dict(
     describe(env),
     settings=settings,
-    notes=sorted(env.notes),
     parity_rel_max_diff=parity,
     rows=rows,
   )
@@ -433,10 +371,9 @@ def main(argv=None):
     f'of {s["repeats"]} x {s["steps"]} calls; float32 logits parity (max rel diff): '
     + ', '.join(f'{k} {v:.1e}' for k, v in result['parity_rel_max_diff'].items())
   )
-  for note in result['notes']:
-    print(f'note: {note}')
   print(table(result))
-  bad = [r for r in result['rows'] if not all(math.isfinite(r[k]) for k in r if k.endswith('s'))]
+  numbers = ('jax_img_s', 'torch_img_s', 'ratio', 'jax_first_call_s', 'torch_first_call_s')
+  bad = [r for r in result['rows'] if not all(math.isfinite(r[k]) for k in numbers)]
   if bad:
     print(f'warning: non-finite numbers in {bad}')
   if args.out:

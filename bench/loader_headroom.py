@@ -140,7 +140,7 @@ def stage_costs(folder: str, args) -> dict:
       rep,
     ),
     'normalise (float32)': _median_ms(T.normalize, crops, rep),
-    f'train: train_crop (resize+crop+flip)': _median_ms(
+    'train: train_crop (resize+crop+flip)': _median_ms(
       lambda im: T.train_crop(im, rng, r, c), images, rep
     ),
     f'eval: eval_transform (resize {e} + normalise)': _median_ms(

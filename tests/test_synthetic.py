@@ -80,7 +80,7 @@ def _cfg(root, metadata_root='', **syn):
       dataset_name='SYNTH',
       data_root=str(root),
       metadata_root=metadata_root,
-      synthetic=dict(SMALL, num_train=20, num_val=0, num_test=10, generate=True, **syn),
+      synthetic={**SMALL, 'num_train': 20, 'num_val': 0, 'num_test': 10, 'generate': True, **syn},
     )
   )
 

@@ -57,12 +57,13 @@ class _DropSkipped(grain.FilterTransform):
 class _TrainMap(grain.RandomMapTransform):
   """Raw record -> {'image': uint8 [C, C, 3] (resized, cropped, flipped), 'label': int32}."""
 
-  def __init__(self, resize_size, crop_size):
+  def __init__(self, resize_size, crop_size, augment=True):
     self.resize_size, self.crop_size = int(resize_size), int(crop_size)
+    self.augment = bool(augment)
 
   def random_map(self, element, rng):
     return {
-      'image': train_crop(element['image'], rng, self.resize_size, self.crop_size),
+      'image': train_crop(element['image'], rng, self.resize_size, self.crop_size, self.augment),
       'label': np.int32(element['label']),
     }
 
@@ -110,6 +111,9 @@ def make_train_loader(
 ) -> grain.DataLoader:
   """Shuffled training loader over ``input_cfg.train_split`` for this process.
 
+  ``input.augment=False`` gives the split in metadata order (per shard), centre crops and no
+  flips: the same batches every run, for parity checks against other frameworks and debugging.
+
   Args:
     seed: order and augmentation seed (same seed and worker count -> same batches; other
       worker counts give the same augmented records, grouped into batches differently).
@@ -139,12 +143,12 @@ def make_train_loader(
   sampler = grain.IndexSampler(
     num_records=len(source),
     shard_options=shard,
-    shuffle=True,
+    shuffle=bool(splits.get(input_cfg, 'augment', True)),
     num_epochs=num_epochs,
     seed=int(seed),
   )
   ops = ([_DropSkipped()] if skip_report else []) + [
-    _TrainMap(input_cfg.resize_size, input_cfg.crop_size),
+    _TrainMap(input_cfg.resize_size, input_cfg.crop_size, splits.get(input_cfg, 'augment', True)),
     grain.Batch(batch_size=int(batch_size), drop_remainder=True, batch_fn=_NormalizingBatch()),
   ]
   workers = _workers(input_cfg)

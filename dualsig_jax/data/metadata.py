@@ -111,8 +111,8 @@ def safe_join(root: str, path: str, where: str) -> str:
 def check_labels(metadata: Metadata, num_classes: int) -> None:
   """Refuses a split whose labels do not fit a model with ``num_classes`` outputs.
 
-  A label >= num_classes makes the one-hot target all zeros and the loss NaN a step later, so
-  this runs before training (the loaders call it when given ``num_classes``).
+  A label >= num_classes has no model output and turns the training loss NaN within the first
+  steps, so this runs before training (the loaders call it when given ``num_classes``).
 
   Args:
     metadata: a split's metadata (folder source: its labels; TFDS: its declared class count).

@@ -108,9 +108,9 @@ def image_root(input_cfg, split: str, ids=None) -> str:
   root = input_cfg['data_root']
   if input_cfg['dataset_name'] != 'CARS':
     return root
-  split_dir = os.path.join(root, f'cars_{split}')
-  if os.path.isdir(split_dir):
-    return split_dir
+  own = os.path.join(root, f'cars_{split}')
+  if os.path.isdir(own):
+    return own
   ids = set(ids) if ids is not None else _read_ids(input_cfg, split)
   # The other splits this run reads (a split missing from the user's folder comes from the
   # shipped copy, see split_dir, so its ids count too).

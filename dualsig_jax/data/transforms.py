@@ -94,13 +94,19 @@ def normalize_batch(images, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def train_crop(
-  img: Image.Image, rng: np.random.Generator, resize_size: int, crop_size: int
+  img: Image.Image,
+  rng: np.random.Generator,
+  resize_size: int,
+  crop_size: int,
+  augment: bool = True,
 ) -> np.ndarray:
   """Resize to ``resize_size`` square, random crop ``crop_size``, random h-flip (no normalize).
 
   Args:
     img: RGB PIL image of any size.
     rng: numpy Generator (grain gives one per record, so augmentation is reproducible).
+    augment: False gives the centre crop without flip (``input.augment=False``: parity checks
+      and debugging).
   Returns:
     uint8 ``[crop_size, crop_size, 3]``; ``normalize`` of it is :func:`train_transform`.
     The train loader normalizes once per batch, straight into the batch buffer.
@@ -109,6 +115,9 @@ def train_crop(
     raise ValueError(f'crop_size {crop_size} > resize_size {resize_size}')
   if img.size != (resize_size, resize_size):
     img = img.resize((resize_size, resize_size), Image.BILINEAR)
+  if not augment:
+    off = (resize_size - crop_size) // 2
+    return np.asarray(img.crop((off, off, off + crop_size, off + crop_size)))
   top = int(rng.integers(0, resize_size - crop_size + 1))
   left = int(rng.integers(0, resize_size - crop_size + 1))
   # Crop and flip in PIL: contiguous output (a flipped numpy view costs a slow copy later).
