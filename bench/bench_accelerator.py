@@ -208,9 +208,8 @@ class Bench:
     """max |JAX - torch| / max |torch| of float32 eval-mode softmax logits (same weights)."""
     np, torch = self.env.np, self.env.torch
     model = self.build(self.env.jnp.float32, frozen=True)
-    ours = np.asarray(
-      model.apply(self.variables, self.batch['image'], train=False)['softmax_logits']
-    )
+    forward = self.env.jax.jit(lambda v, x: model.apply(v, x, train=False)['softmax_logits'])
+    ours = np.asarray(forward(self.variables, self.batch['image']))
     with torch.no_grad():
       theirs = self.torch_model().eval()(self.tx)[1].float().cpu().numpy()
     return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))

@@ -265,6 +265,15 @@ def _standard_prepare(arch, sd, expected, num_classes, source, info):
   return set()
 
 
+def _family_hint(arch, family, keys, num_classes, large_feature_map) -> str:
+  """A hint when the offending keys belong to the other family's model."""
+  other = next(f for f in FAMILIES if f != family)
+  model = build_model(arch, num_classes, family=other, large_feature_map=large_feature_map)
+  if set(keys) <= set(_expected(arch, model, other)):
+    return f" (they fit the {other!r} family: pass family='{other}' / --family {other})"
+  return ''
+
+
 def torch_to_flax(
   state_dict: Mapping,
   arch: str,
@@ -340,7 +349,10 @@ def torch_to_flax(
 
   unexpected = set(sd) - set(expected)
   if unexpected:
-    raise ValueError(f'{arch} ({family}): unexpected keys in checkpoint: {_listing(unexpected)}')
+    raise ValueError(
+      f'{arch} ({family}): unexpected keys in checkpoint: {_listing(unexpected)}'
+      + _family_hint(arch, family, unexpected, num_classes, large_feature_map)
+    )
   missing = set(expected) - set(sd)
   if missing - may_init:
     raise ValueError(

@@ -36,12 +36,12 @@ EPOCHS = 3
 FREQ = 2  # reference rule: epochs 2 and 3 at lr / 10 (StepLR would decay only epoch 3)
 
 
-def _config(arch, family='cam', **dual):
+def _config(arch, family='cam', dropout_rate=0.0, **dual):
   c = defaults.base_config()
   c.model.arch = arch
   c.model.family = family
   c.model.num_classes = K
-  c.model.dropout_rate = 0.0  # dropout masks cannot match across frameworks
+  c.model.dropout_rate = dropout_rate  # dropout masks cannot match across frameworks
   c.input.crop_size = 32
   c.input.resize_size = 32
   c.input.batch_size = BATCH
@@ -52,12 +52,12 @@ def _config(arch, family='cam', **dual):
   return c
 
 
-def _batches(seed, size=32, n=SPE * EPOCHS):
+def _batches(seed, size=32, n=SPE * EPOCHS, batch=BATCH):
   rng = np.random.default_rng(seed)
   return [
     {
-      'image': rng.normal(size=(BATCH, size, size, 3)).astype(np.float32),
-      'label': rng.integers(0, K, size=(BATCH,)).astype(np.int32),
+      'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+      'label': rng.integers(0, K, size=(batch,)).astype(np.int32),
     }
     for _ in range(n)
   ]
@@ -202,3 +202,113 @@ def test_inference_mode_backbone_differs_from_batch_statistics():
   a = _jax_dual_stage(_config('resnet_tiny'), variables, batches)
   b = _jax_dual_stage(_config('resnet_tiny', backbone_mode='inference'), variables, batches)
   assert _rel(a.params['fc2']['kernel'], b.params['fc2']['kernel']) > 1e-4
+
+
+def test_standard_vgg_mlp_head_dual_stage_matches_the_reference_loop():
+  """The standard VGG (wsol/vgg.py) whose sigmoid branch is a whole MLP (classifier_2), at
+  narrow widths (vgg_tiny standard: hidden 64, 3x3 adaptive pool); dropout off on both sides."""
+  from torch_models import TorchVGGStandard
+
+  from dualsig_jax.models.vgg import VGG_TINY_CFG, vgg_cfg
+
+  torch.manual_seed(1)
+  tm = TorchVGGStandard(vgg_cfg(VGG_TINY_CFG, False), 64, 3, K, True, dropout=0.0)
+  randomize_(tm, seed=4)
+  _fresh_torch_head(tm.classifier_2)
+  variables = convert.torch_to_flax(tm.state_dict(), 'vgg_tiny', family='standard', num_classes=K)
+  start = jax.tree.map(np.array, variables)
+  batches = _batches(1)
+
+  config = _config('vgg_tiny', family='standard')
+  state = _jax_dual_stage(config, variables, batches)
+  # VGG grouping: 'features.' is the feature group, everything else (classifier_2) lr x 10.
+  ref = _reference_dual_stage(
+    tm,
+    batches,
+    lr=0.05,
+    ratio=10.0,
+    wd=5e-4,
+    head_prefix='classifier_2.',
+    feature_patterns=('features.',),
+    patterns_mean_feature=True,
+  )
+  back = convert.flax_to_torch(jax.device_get(state.variables()), 'vgg_tiny', family='standard')
+  n_checked = 0
+  for key, want in ref.state_dict().items():
+    if not key.startswith('classifier_2.'):
+      continue
+    got = np.asarray(back[key])
+    assert _rel(got, want.numpy()) < 1e-5, key
+    n_checked += 1
+  assert n_checked == 6  # three Linears, weight and bias
+  moved = convert.flax_to_torch(start, 'vgg_tiny', family='standard')
+  assert (
+    _rel(np.asarray(moved['classifier_2.6.weight']), ref.classifier_2[6].weight.detach().numpy())
+    > 1e-2
+  )
+  # The softmax MLP and the features are untouched.
+  for key in ('classifier.0.weight', 'features.0.weight'):
+    np.testing.assert_array_equal(np.asarray(back[key]), np.asarray(moved[key]))
+
+
+def _no_dropout(model):
+  for m in model.modules():
+    if isinstance(m, torch.nn.Dropout):
+      m.p = 0.0
+  return model
+
+
+def test_inception_cam_dual_stage_matches_the_reference_loop_without_dropout(monkeypatch):
+  """InceptionV3-CAM at 96 px: 1x1-conv sigmoid head SPG_A4_2 (xavier_uniform start), BatchNorm
+  on batch statistics, lr decay inside the run; dropout off on both sides."""
+  # The mirror, like wsolevaluation's InceptionCam, calls F.dropout(x, 0.5, self.training).
+  monkeypatch.setattr(torch.nn.functional, 'dropout', lambda x, *a, **k: x)
+  torch.manual_seed(2)
+  tm = _no_dropout(randomize_(build_torch_model('inception_v3', K), seed=5))
+  with torch.no_grad():
+    torch.nn.init.xavier_uniform_(tm.SPG_A4_2.weight)
+    torch.nn.init.zeros_(tm.SPG_A4_2.bias)
+  variables = convert.torch_to_flax(tm.state_dict(), 'inception_v3', num_classes=K)
+  start = np.array(variables['params']['fc2']['kernel'])
+  batches = _batches(2, size=96, batch=4)
+  state = _jax_dual_stage(_config('inception_v3'), variables, batches)
+  ref = _reference_dual_stage(
+    tm,
+    batches,
+    lr=0.05,
+    ratio=10.0,
+    wd=5e-4,
+    head_prefix='SPG_A4_2.',
+    feature_patterns=('Mixed', 'Conv2d_1', 'Conv2d_2', 'Conv2d_3', 'Conv2d_4'),
+    patterns_mean_feature=True,
+  )
+  want = ref.SPG_A4_2.weight.detach().numpy()  # [K, C, 1, 1]
+  got = np.transpose(np.asarray(state.params['fc2']['kernel']), (3, 2, 0, 1))
+  assert _rel(got, want) < 1e-5
+  assert _rel(state.params['fc2']['bias'], ref.SPG_A4_2.bias.detach().numpy()) < 1e-5
+  assert _rel(np.transpose(start, (3, 2, 0, 1)), want) > 1e-2
+
+
+def test_dropout_is_active_in_the_dual_stage_by_default():
+  """The reference's model.train() leaves Inception's dropouts on during the dual stage: with
+  the default config the sigmoid logits of one batch depend on the dropout rng."""
+  config = _config('inception_v3', dropout_rate=0.5)
+  assert config.model.dropout_rate == defaults.base_config().model.dropout_rate == 0.5
+  s = stage.stage_settings(config, 'dual')
+  assert s.train_mode and not s.keep_batch_stats
+  model = stage.build_stage_model(config, 'dual')
+  variables = models.init_variables(model, 0, 96)
+  x = jnp.asarray(_batches(3, size=96, n=1, batch=2)[0]['image'])
+
+  @jax.jit
+  def sigmoid_logits(key):
+    out, _ = model.apply(
+      variables, x, train=s.train_mode, mutable=['batch_stats'], rngs={'dropout': key}
+    )
+    return out['sigmoid_logits']
+
+  def logits(seed):
+    return np.asarray(sigmoid_logits(jax.random.PRNGKey(seed)))
+
+  assert not np.allclose(logits(0), logits(1))
+  np.testing.assert_array_equal(logits(0), logits(0))

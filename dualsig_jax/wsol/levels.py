@@ -31,10 +31,13 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from dualsig_jax.wsol import native
+
 __all__ = [
   'quantize',
   'threshold_cutoffs',
   'despeckle',
+  'distinct_levels',
   'level_contours',
   'box_iou',
   'image_box_ious',
@@ -278,13 +281,38 @@ def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
   return ious
 
 
-def image_box_ious(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray):
+def distinct_levels(q: np.ndarray, cutoffs: np.ndarray):
+  """Sorted cutoffs with one per distinct level set, and each cutoff's index among them.
+
+  Level sets are nested, so two cutoffs give the same set iff as many pixels pass both (maps
+  with few distinct values have far fewer sets than cutoffs).
+
+  Args:
+    q: uint8 ``[H, W]``.
+    cutoffs: int64 ``[T]``.
+  Returns:
+    ``(levels, inverse)``: int64 ``[L]`` ascending, int64 ``[T]`` with ``q > levels[inverse[t]]``
+    the same set as ``q > cutoffs[t]``.
+  """
+  uniq, inv = np.unique(cutoffs, return_inverse=True)
+  above = q.size - np.cumsum(np.bincount(q.ravel(), minlength=256))  # [256]: #(q > c)
+  count = above[uniq]
+  new = np.ones(len(uniq), bool)
+  new[1:] = count[1:] != count[:-1]  # above is non-increasing: equal sets are neighbours
+  return uniq[new], (np.cumsum(new) - 1)[inv.reshape(-1)]
+
+
+def image_box_ious(
+  scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray, native: bool | None = None
+):
   """Per-threshold IoUs of one map, as the reference computes them.
 
   Args:
     scoremap: float ``[H, W]`` in [0, 1] (validated by the caller).
     gt_boxes: int ``[G, 4]`` (x0, y0, x1, y1) in scoremap pixels, G >= 1.
     thresholds: float64 ``[T]`` CAM thresholds.
+    native: use the compiled kernel (:mod:`dualsig_jax.wsol.native`): None = when it is
+      available, True = required (RuntimeError if not), False = the traced numpy/OpenCV path.
   Returns:
     dict of float64 ``[T]`` arrays:
       ``multi``: best IoU over all contours' boxes and all GT boxes (MaxBoxAccV2);
@@ -293,14 +321,36 @@ def image_box_ious(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.nd
     A level with no contour uses the box (0, 0, 0, 0), as the reference.
   """
   q = quantize(scoremap)
-  cut = threshold_cutoffs(int(q.max()), thresholds)
-  levels, inverse = np.unique(cut, return_inverse=True)
-  # Level sets are nested, so two cutoffs give the same set iff as many pixels pass both: keep
-  # one cutoff per distinct set (coarsely quantized maps have far fewer sets than cutoffs).
-  above = q.size - np.cumsum(np.bincount(q.ravel(), minlength=256))  # [256]: #(q > c)
-  _, rep, same = np.unique(above[levels], return_index=True, return_inverse=True)
-  levels, inverse = levels[rep], same.reshape(-1)[inverse]
+  levels, inverse = distinct_levels(q, threshold_cutoffs(int(q.max()), thresholds))
   gt_boxes = np.asarray(gt_boxes, dtype=np.int64)
+  res = None if native is False else _kernel_ious(q, levels, gt_boxes)
+  if res is None:
+    if native:
+      raise RuntimeError('native=True but the WSOL box kernel is unavailable (see warnings)')
+    res = _traced_ious(q, levels, gt_boxes)
+  return {k: r[inverse] for k, r in zip(('multi', 'largest', 'largest_first'), res)}
+
+
+def _kernel_ious(q, levels, gt_boxes):
+  """Per-level (multi, largest, largest_first) by the compiled kernel, or None."""
+  lut = np.searchsorted(levels, np.arange(256), side='left').astype(np.int16)  # #levels < value
+  out = native.level_ious(q, lut, len(levels), gt_boxes)
+  if out is None:
+    return None
+  multi, largest, largest_first, flags = out
+  zero = box_iou(np.zeros((1, 4), np.int64), gt_boxes)[0]
+  empty = (flags & 2) != 0
+  multi[empty], largest[empty], largest_first[empty] = zero.max(), zero.max(), zero[0]
+  # Largest area shared by several components: the first in OpenCV's order wins; trace.
+  tie = np.flatnonzero((flags & 1) != 0)
+  if len(tie):
+    r = _level_ious(*level_contours(q, levels[tie]), gt_boxes)
+    largest[tie], largest_first[tie] = r[1], r[2]
+  return multi, largest, largest_first
+
+
+def _traced_ious(q, levels, gt_boxes):
+  """Per-level (multi, largest, largest_first) by tracing the level sets with OpenCV."""
   qc, spk_lo, spk_hi, spk_boxes = despeckle(q, _NOISY)
   # RETR_LIST: the order only matters for ties of the largest area, and those levels are
   # traced again below in the reference's RETR_TREE order.
@@ -325,11 +375,7 @@ def image_box_ious(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.nd
   if len(redo):
     r = _level_ious(*level_contours(q, levels[redo]), gt_boxes)
     multi[redo], largest[redo], largest_first[redo] = r[0], r[1], r[2]
-  return {
-    'multi': multi[inverse],
-    'largest': largest[inverse],
-    'largest_first': largest_first[inverse],
-  }
+  return multi, largest, largest_first
 
 
 def _level_ious(boxes, areas, counts, gt_boxes):
