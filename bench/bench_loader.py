@@ -127,7 +127,7 @@ def main(argv=None):
   headroom = parser.add_argument_group('--mode headroom')
   headroom.add_argument('--headroom_size', default='500x375', help='JPEG size WxH')
   headroom.add_argument(
-    '--headroom_workers', default='0,1,2', type=lambda s: [int(v) for v in s.split(',')]
+    '--headroom_workers', default='0,1,2', type=lambda s: [int(v) for v in s.split(',') if v]
   )
   headroom.add_argument('--stage_images', type=int, default=64, help='images per stage timing')
   headroom.add_argument('--stage_repeats', type=int, default=5)

@@ -146,6 +146,19 @@ def stage_costs(folder: str, args) -> dict:
     f'eval: eval_transform (resize {e} + normalise)': _median_ms(
       lambda im: T.eval_transform(im, e), images, rep
     ),
+    # Whole per-image work of a train worker, with the full and with the draft decode.
+    'train total: decode + train_crop + normalise': _median_ms(
+      lambda b: T.normalize(T.train_crop(pil_decode(b), rng, r, c)), blobs, rep
+    ),
+    'train total, draft decode': _median_ms(
+      lambda b: T.normalize(T.train_crop(pil_decode(b, (r, r)), rng, r, c)), blobs, rep
+    ),
+    'eval total: decode + eval_transform': _median_ms(
+      lambda b: T.eval_transform(pil_decode(b), e), blobs, rep
+    ),
+    'eval total, draft decode': _median_ms(
+      lambda b: T.eval_transform(pil_decode(b, (e, e)), e), blobs, rep
+    ),
   }
   try:
     import simplejpeg
@@ -217,12 +230,9 @@ def loader_rates(folder: str, args) -> list[dict]:
     for mode in ('train', 'eval'):
       rates, cpu_ms = [], []
       for _ in range(args.repeats):
-        passes = []
-        for split in (SPLITS[mode], SPLITS[mode] + QUARTER):
-          images = args.num_images if split == SPLITS[mode] else args.num_images // 4
-          batches = images // args.batch_size if mode == 'train' else -(-images // args.batch_size)
-          passes.append(_timed_pass(make(mode, split), batches))
-        (n_full, t_full, c_full), (n_q, t_q, c_q) = passes
+        (n_full, t_full, c_full), (n_q, t_q, c_q) = (
+          _timed_pass(make(mode, split)) for split in (SPLITS[mode], SPLITS[mode] + QUARTER)
+        )
         rates.append((n_full - n_q) / (t_full - t_q))
         if c_full is not None:
           cpu_ms.append(1e3 * (c_full - c_q) / (n_full - n_q))
@@ -260,21 +270,18 @@ def _cpu_seconds() -> float | None:
   return total
 
 
-def _timed_pass(loader, num_batches: int) -> tuple[int, float, float | None]:
+def _timed_pass(loader) -> tuple[int, float, float | None]:
   """(valid images, wall seconds, CPU seconds) of one pass, from ``iter()`` to the last batch.
 
-  CPU time is read after the last expected batch but before the iterator ends, while the
-  worker processes are still alive to be counted.
+  CPU time is read after every batch, while the worker processes are alive to be counted
+  (they exit with the iterator); the reading after the last batch is the one kept.
   """
   cpu0, t0 = _cpu_seconds(), time.perf_counter()
-  it = iter(loader)
-  n = 0
-  for _ in range(num_batches):
-    batch = next(it)
+  n, wall, cpu = 0, 0.0, cpu0
+  for batch in loader:
     n += int(np.sum(batch['valid'])) if 'valid' in batch else batch['image'].shape[0]
-  wall, cpu1 = time.perf_counter() - t0, _cpu_seconds()
-  del it
-  return n, wall, None if cpu0 is None else cpu1 - cpu0
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds()
+  return n, wall, None if cpu0 is None else cpu - cpu0
 
 
 def run(args) -> dict:

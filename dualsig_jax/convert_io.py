@@ -38,8 +38,9 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """Read ``.pth/.pt/.tar`` (``torch.load(weights_only=True)``), ``.safetensors`` or ``.npz``.
 
   Returns a flat ``{key: np.ndarray}`` (``'state_dict'`` wrapper and ``module.`` prefixes
-  still present; ``dualsig_jax.convert.torch_to_flax`` removes them). Raises ``ValueError`` for a pickle
-  that needs arbitrary code to load, ``ImportError`` for a missing optional reader.
+  still present; ``dualsig_jax.convert.torch_to_flax`` removes them). Raises ``ValueError``
+  for a pickle that needs arbitrary code to load, ``ImportError`` for a missing optional
+  reader.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f'checkpoint not found: {path}')

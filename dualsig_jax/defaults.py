@@ -143,7 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(
     dict(
       methods=('cam', 'gradcam'),
-      batch_size=64,
+      batch_size=64,  # global, split over all devices of all hosts
       cam_curve_interval=0.001,  # [sheet]
       iou_threshold_list=(30, 50, 70),  # [sheet]
       multi_contour_eval=True,  # [sheet]

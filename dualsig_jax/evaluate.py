@@ -14,7 +14,6 @@ the maps of its own images (distinct files) under `<workdir>/scoremaps`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -23,14 +22,13 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from dualsig_jax import cam, data, defaults, models, wsol
+from dualsig_jax import cam, data, defaults, models, report, wsol
 from dualsig_jax.cam.fidelity import FidelityAccumulator
 from dualsig_jax.train import checkpoints, sharding
 from dualsig_jax.train import stage as stage_lib
-from dualsig_jax.wsol import plots as wsol_plots
 
 log = logging.getLogger('dualsig_jax')
-BRANCHES = ('softmax', 'sigmoid')
+BRANCHES = report.BRANCHES
 # Heads whose Top-1 is counted ('vanilla' = the softmax head of the vanilla checkpoint).
 TOP1_HEADS = ('softmax', 'sigmoid', 'vanilla')
 # Integer state of the WSOL evaluators that is summed across processes.
@@ -57,7 +55,7 @@ def evaluate(
   local_batch = _local_batch_size(config.eval.batch_size, mesh)
   model = stage_lib.build_stage_model(config, 'dual')
   if variables is None:
-    variables = _restore_checked(config, stage_lib.checkpoint_dir(workdir, 'dual'))
+    variables = stage_lib.load_dual_variables(config, workdir, model)
   vanilla = _vanilla_variables(config, workdir, variables)
   repl = sharding.replicated(mesh)
   variables = jax.device_put(variables, repl)
@@ -69,6 +67,7 @@ def evaluate(
     batch_size=local_batch,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    num_classes=config.model.num_classes,
   )
   acc = _Accumulators(config.eval, loader.metadata, with_vanilla=vanilla is not None)
   batch_fn = _make_batch_fn(model, config, mesh)
@@ -76,6 +75,16 @@ def evaluate(
   n_batches = len(loader)  # the same on every process: the loader pads short shards
   if config.eval.max_batches > 0:
     n_batches = min(n_batches, config.eval.max_batches)
+  if jax.process_index() == 0:
+    log.info(
+      'evaluating split %s: %d batches of %d on %d devices (%d processes); vanilla Top-1: %s',
+      split,
+      n_batches,
+      config.eval.batch_size,
+      mesh.devices.size,
+      jax.process_count(),
+      'yes' if vanilla is not None else 'no checkpoint',
+    )
   bar = tqdm(total=n_batches, desc='eval', disable=jax.process_index() != 0, dynamic_ncols=True)
   for bi, batch in enumerate(loader):
     if bi >= n_batches:
@@ -93,7 +102,7 @@ def evaluate(
   _combine_processes(acc)
   results, curves = acc.results(split)
   if jax.process_index() == 0:
-    _write_outputs(config, workdir, results, curves, plots)
+    report.write_outputs(config, workdir, results, curves, plots)
   return results
 
 
@@ -107,12 +116,6 @@ def _local_batch_size(global_batch: int, mesh) -> int:
   return global_batch // nproc
 
 
-def _restore_checked(config, path: str) -> dict:
-  variables, info = checkpoints.restore_variables(path)
-  stage_lib.check_source_matches(info, config, path)
-  return variables
-
-
 def _vanilla_variables(config, workdir: str, dual_variables: dict) -> dict | None:
   """The vanilla classifier laid over the dual model's variables (a vanilla checkpoint may lack
   fc2, which is then the dual model's: only the softmax head is read), or None when there is
@@ -120,7 +123,8 @@ def _vanilla_variables(config, workdir: str, dual_variables: dict) -> dict | Non
   src = stage_lib.vanilla_source(config, workdir)
   if not os.path.isdir(src):
     return None
-  loaded = _restore_checked(config, src)
+  loaded, info = checkpoints.restore_variables(src)
+  stage_lib.check_source_matches(info, config, src)
   merged, _ = stage_lib.overlay_variables(dual_variables, loaded, where=src)
   return merged
 
@@ -361,84 +365,3 @@ def _loc_summary(box: dict | None, mask: dict | None) -> dict:
   if mask is not None:
     out['pxap'] = mask['pxap']
   return out
-
-
-def _fmt(v):
-  return '–' if v is None else f'{v:.2f}'
-
-
-def results_table(results: dict) -> str:
-  """Markdown table laid out like the paper's Table 2 (plus fidelity), with a delta row."""
-  cls = results['classification']
-  cols = [
-    ('Top-1 Loc', 'top1_loc'),
-    ('GT-known Loc', 'gt_known_loc'),
-    ('MaxBoxAccV2', 'maxboxacc_v2'),
-    ('PxAP', 'pxap'),
-    ('Avg Drop ↓', 'avg_drop'),
-    ('Inc Conf ↑', 'inc_conf'),
-  ]
-  lines = [
-    '| Method | Head | Top-1 Cls | ' + ' | '.join(c for c, _ in cols) + ' |',
-    '|---|---|---|' + '---|' * len(cols),
-  ]
-  for m, heads in results['methods'].items():
-    base, ours = heads['softmax'], heads['sigmoid']
-    lines.append(
-      f'| {m} | softmax (baseline) | {_fmt(cls["softmax_top1"])} | '
-      + ' | '.join(_fmt(base.get(k)) for _, k in cols)
-      + ' |'
-    )
-    lines.append(
-      f'| {m} | sigmoid (ours) | – | ' + ' | '.join(_fmt(ours.get(k)) for _, k in cols) + ' |'
-    )
-    delta = [None if base.get(k) is None else ours[k] - base[k] for _, k in cols]
-    lines.append(
-      f'| {m} | Δ (ours − baseline) | | '
-      + ' | '.join('–' if d is None else f'{d:+.2f}' for d in delta)
-      + ' |'
-    )
-  vanilla = cls.get('vanilla_softmax_top1')
-  note = (
-    f'\nTop-1 Cls of the softmax head: dual model {cls["softmax_top1"]:.2f}'
-    + ('' if vanilla is None else f', vanilla checkpoint {vanilla:.2f}')
-    + f'; sigmoid head (for information) {cls["sigmoid_top1"]:.2f}. '
-    f'{results["num_images"]} images of split "{results["split"]}".\n'
-  )
-  return '\n'.join(lines) + '\n' + note
-
-
-def _write_outputs(config, workdir, results, curves, plots: _PlotStore) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  table = results_table(results)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(f'# {config.experiment}: {config.model.arch} on {config.input.dataset_name}\n\n')
-    f.write(table)
-  print(table)
-  plot_dir = os.path.join(workdir, 'plots')
-  os.makedirs(plot_dir, exist_ok=True)
-  for m in config.eval.methods:
-    boxes = {b: curves[(m, b)][0] for b in BRANCHES if curves[(m, b)][0] is not None}
-    masks = {b: curves[(m, b)][1] for b in BRANCHES if curves[(m, b)][1] is not None}
-    if boxes:
-      wsol_plots.plot_box_curves(
-        boxes,
-        os.path.join(plot_dir, f'boxacc_{m}.png'),
-        title=f'{m}: box accuracy vs CAM threshold',
-      )
-    if masks:
-      wsol_plots.plot_pr_curves(
-        masks, os.path.join(plot_dir, f'pxap_pr_{m}.png'), title=f'{m}: pixel precision-recall'
-      )
-    if plots.image:
-      cam.save_cam_grid(
-        os.path.join(plot_dir, f'cams_{m}.png'),
-        np.stack(plots.image),
-        np.stack(plots.maps[f'{m}/softmax']),
-        np.stack(plots.maps[f'{m}/sigmoid']),
-        gt_boxes=plots.boxes,
-        threshold=config.eval.loc_threshold,
-        titles=plots.title,
-      )

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
+import jax
 import ml_collections
 
 from dualsig_jax import data, defaults
-from dualsig_jax.train import loop, sharding
+from dualsig_jax.train import interrupt, loop, resume, sharding
 
 log = logging.getLogger('dualsig_jax')
 
@@ -22,24 +22,55 @@ def setup_logging() -> None:
   log.setLevel(logging.INFO)
 
 
+def check_labels(config: ml_collections.ConfigDict, splits) -> bool:
+  """Refuses labels outside [0, model.num_classes) before any step runs (they make the loss
+  NaN a step later); uses `data.check_labels` on the folder-source metadata of `splits`.
+
+  Returns False when it checked nothing (no `data.check_labels`, or a TFDS source, whose
+  loaders check their declared class count themselves)."""
+  fn = getattr(data, 'check_labels', None)
+  if fn is None:
+    log.warning('dualsig_jax.data has no check_labels: labels are not checked before training')
+    return False
+  if config.input.source != 'folder':
+    return False
+  from dualsig_jax.data import loaders
+
+  for split in dict.fromkeys(splits):
+    fn(loaders.load_split(config.input, split), config.model.num_classes)
+  return True
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = True) -> dict:
   """Runs `config.stages` in order (each resumes if interrupted), then evaluates the final model.
+
+  A workdir with checkpoints is resumed only with the config saved in it, up to the fields
+  of `defaults.RESUME_SAFE_FIELDS` (resume.check_and_write_config). SIGTERM / SIGINT stop the
+  run with a checkpoint and raise `interrupt.Interrupted` (a SystemExit with code 128 + signum);
+  no later stage or evaluation starts.
 
   Returns:
     {'stages': {stage: train summary}, 'results': eval results dict or None}.
   """
   sharding.maybe_initialize_distributed()
   defaults.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  loop.write_config(config, workdir)
-  if config.input.source == 'folder' and config.input.synthetic.generate:
-    data.ensure_synthetic(config.input)
-  summaries = {}
-  for stage in config.stages:
-    summaries[stage] = loop.train_stage(config, workdir, stage)
-  results = None
-  if evaluate and 'dual' in config.stages:
-    from dualsig_jax import evaluate as evaluate_lib  # needs the CAM and WSOL libraries
+  with interrupt.handling():
+    resume.check_and_write_config(config, workdir, write=jax.process_index() == 0)
+    if config.input.source == 'folder' and config.input.synthetic.generate:
+      data.ensure_synthetic(config.input)
+    want_eval = evaluate and 'dual' in config.stages
+    check_labels(
+      config, [config.input.train_split] + ([config.input.eval_split] if want_eval else [])
+    )
+    summaries = {}
+    for stage in config.stages:
+      interrupt.raise_if_requested(f'stopped before stage {stage}')
+      summaries[stage] = loop.train_stage(config, workdir, stage)
+    results = None
+    if want_eval:
+      from dualsig_jax import evaluate as evaluate_lib  # needs the CAM and WSOL libraries
 
-    results = evaluate_lib.evaluate(config, workdir)
+      interrupt.raise_if_requested('stopped before evaluation')
+      results = evaluate_lib.evaluate(config, workdir)
+    interrupt.raise_if_requested('stopped during evaluation')
   return {'stages': summaries, 'results': results}

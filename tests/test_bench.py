@@ -30,7 +30,7 @@ def toy_result(tmp_path_factory):
   env = dict(os.environ)
   # One plain CPU device (not the suite's 8 fake ones); XLA's cheapest codegen: toy timings
   # mean nothing here, and compiling 16 programs dominates the run.
-  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
+  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
   env['JAX_PLATFORMS'] = 'cpu'
   proc = subprocess.run(
     [sys.executable, 'bench/bench_accelerator.py', '--toy', '--device', 'cpu', '--out', str(out)],

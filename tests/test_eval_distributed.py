@@ -28,7 +28,7 @@ DEVICES_PER_PROCESS = 2
 
 
 def eval_config(data_root):
-  """The test's experiment: tiny ResNet, 37 test images of SYNTH, small eval size."""
+  """The test's experiment: tiny ResNet, NUM_TEST test images of SYNTH, small eval size."""
   c = synthetic.get_config('smoke')
   c.unlock()
   c.input.data_root = str(data_root)
@@ -40,6 +40,7 @@ def eval_config(data_root):
   c.eval.batch_size = EVAL_BATCH
   c.eval.save_scoremaps = True
   c.eval.num_plot_images = 2
+  c.eval.methods = ('cam',)  # the combination does not depend on the method; one compiles faster
   c.lock()
   return c
 
@@ -148,3 +149,43 @@ def test_two_processes_give_the_metrics_of_one(setup):
   assert set(maps_two) == set(maps_one)
   for k, v in maps_one.items():
     np.testing.assert_array_equal(maps_two[k], v, err_msg=k)
+
+
+def test_fidelity_accumulator_does_not_depend_on_batching_or_merging():
+  from dualsig_jax.cam.fidelity import FidelityAccumulator
+
+  rng = np.random.default_rng(0)
+  # Values of very different magnitude: a float running sum depends on their order.
+  drop = (rng.random(101) * 10.0 ** rng.integers(-8, 1, 101)).astype(np.float32)
+  increase = (rng.random(101) < 0.3).astype(np.float32)
+  valid = rng.random(101) < 0.8
+  whole = FidelityAccumulator()
+  whole.accumulate({'drop': drop, 'increase': increase}, valid)
+  parts = [FidelityAccumulator(), FidelityAccumulator()]
+  perm = rng.permutation(101)
+  for j, chunk in enumerate(np.array_split(perm, 7)):
+    parts[j % 2].accumulate({'drop': drop[chunk], 'increase': increase[chunk]}, valid[chunk])
+  merged = FidelityAccumulator()
+  for p in parts[::-1]:
+    merged.merge(p.state())
+  assert merged.num_images == whole.num_images == int(valid.sum())
+  assert merged.compute() == whole.compute()  # exact, not approximately
+  ref = 100.0 * np.sum(drop[valid].astype(np.float64)) / valid.sum()
+  assert whole.compute()['avg_drop'] == pytest.approx(ref, rel=1e-12)
+  assert whole.compute()['inc_conf'] == 100.0 * np.sum(increase[valid]) / valid.sum()
+  with pytest.raises(ValueError, match='before any image'):
+    FidelityAccumulator().compute()
+  with pytest.raises(ValueError, match='must all be'):
+    whole.accumulate({'drop': drop, 'increase': increase[:3]})
+
+
+def test_eval_batch_must_split_over_devices_and_processes():
+  from dualsig_jax import evaluate
+  from dualsig_jax.train import sharding
+
+  mesh = sharding.make_mesh()
+  n = mesh.devices.size
+  assert evaluate._local_batch_size(2 * n, mesh) == 2 * n // jax.process_count()
+  if n > 1:
+    with pytest.raises(ValueError, match=f'eval.batch_size={n + 1}'):
+      evaluate._local_batch_size(n + 1, mesh)

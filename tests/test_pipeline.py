@@ -19,26 +19,10 @@ from dualsig_jax import data, experiment
 from dualsig_jax.train import checkpoints, loop
 from dualsig_jax.train import stage as stage_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import synthetic
+import smoke_helpers
+from smoke_helpers import ROOT, loss_steps, smoke_config, train_cmd
 
-
-def smoke_config(data_root, **overrides):
-  c = synthetic.get_config('smoke')
-  c.input.data_root = str(data_root)
-  c.input.metadata_root = os.path.join(str(data_root), 'metadata')
-  for k, v in overrides.items():
-    section, field = k.split('.')
-    c[section][field] = v
-  return c
-
-
-@pytest.fixture(scope='session')
-def smoke_data(tmp_path_factory):
-  root = tmp_path_factory.mktemp('synthetic_smoke')
-  data.ensure_synthetic(smoke_config(root).input)
-  return root
+smoke_data = smoke_helpers.smoke_data
 
 
 @pytest.fixture(scope='session')
@@ -168,31 +152,15 @@ def test_workdir_of_another_experiment_is_refused(smoke_run, smoke_data):
     loop.train_stage(c, workdir, 'vanilla')
 
 
-def _train_cmd(data_root, workdir, steps):
-  return [
-    sys.executable,
-    os.path.join(ROOT, 'train.py'),
-    f'--config={os.path.join(ROOT, "configs", "synthetic.py")}:smoke',
-    f'--workdir={workdir}',
-    '--skip_eval',
-    f'--config.input.data_root={data_root}',
-    f'--config.input.metadata_root={os.path.join(str(data_root), "metadata")}',
-    '--config.stages=("vanilla",)',
-    f'--config.vanilla.max_steps={steps}',
-    '--config.checkpoint.every_steps=4',
-    '--config.checkpoint.max_to_keep=2',
-  ]
-
-
 def test_kill_and_resume_matches_uninterrupted_run(smoke_data, tmp_path):
   steps = 24
   env = dict(os.environ)
   ref_dir, cut_dir = tmp_path / 'ref', tmp_path / 'cut'
   subprocess.run(
-    _train_cmd(smoke_data, ref_dir, steps), check=True, env=env, cwd=ROOT, capture_output=True
+    train_cmd(smoke_data, ref_dir, steps), check=True, env=env, cwd=ROOT, capture_output=True
   )
   proc = subprocess.Popen(
-    _train_cmd(smoke_data, cut_dir, steps),
+    train_cmd(smoke_data, cut_dir, steps),
     env=env,
     cwd=ROOT,
     stdout=subprocess.DEVNULL,
@@ -212,12 +180,19 @@ def test_kill_and_resume_matches_uninterrupted_run(smoke_data, tmp_path):
   killed_at = max(int(p) for p in os.listdir(ckpt) if p.isdigit())
   assert killed_at < steps
   subprocess.run(
-    _train_cmd(smoke_data, cut_dir, steps), check=True, env=env, cwd=ROOT, capture_output=True
+    train_cmd(smoke_data, cut_dir, steps), check=True, env=env, cwd=ROOT, capture_output=True
   )
   ref = _latest(str(ref_dir), 'vanilla')
   got = _latest(str(cut_dir), 'vanilla')
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  # metrics.jsonl: every step once, in order, with the uninterrupted run's losses (the records
+  # the killed run wrote after its last checkpoint were dropped on resume, then rewritten).
+  assert loss_steps(cut_dir) == loss_steps(ref_dir) == list(range(2, steps + 1, 2))
+  losses = {
+    d: [r['loss'] for r in smoke_helpers.metrics(d) if 'loss' in r] for d in (ref_dir, cut_dir)
+  }
+  np.testing.assert_allclose(losses[cut_dir], losses[ref_dir], rtol=1e-5)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(smoke_data, tmp_path):

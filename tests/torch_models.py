@@ -263,7 +263,7 @@ class InceptionE(nn.Module):
 
 
 class TorchInceptionStandard(nn.Module):
-  """torchvision Inception3 (transform_input=False, no AuxLogits) + ``fc2``, as wsol/inception.py."""
+  """torchvision Inception3 (transform_input=False, no AuxLogits) + ``fc2``: wsol/inception.py."""
 
   def __init__(self, num_classes=10, fc2=True, dropout=0.5):
     super().__init__()

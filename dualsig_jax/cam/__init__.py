@@ -67,6 +67,7 @@ from dualsig_jax.cam.compute import (
   postprocess_maps,
 )
 from dualsig_jax.cam.fidelity import (
+  FidelityAccumulator,
   average_drop,
   confidence_change,
   increase_in_confidence,
@@ -88,6 +89,7 @@ from dualsig_jax.cam.resize import resize_maps
 # weight functions stay in their submodules (dualsig_jax.cam.methods, .compute, .resize).
 __all__ = [
   'BRANCHES',
+  'FidelityAccumulator',
   'GRADIENT_METHODS',
   'METHODS',
   'average_drop',

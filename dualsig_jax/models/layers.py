@@ -20,8 +20,6 @@ Dtype = Any
 
 # torchvision/wsolevaluation initialise convs with Kaiming-normal (fan_out, ReLU gain).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-# torch.nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) == variance_scaling(1/3, uniform).
-head_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 # Fresh heads as the reference initialises them (init_weights is on by default):
 # wsol*/util.py initialize_weights sets every Linear to N(0, 0.01) with bias 0 (VGG16-CAM,

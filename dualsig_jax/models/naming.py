@@ -31,8 +31,6 @@ HEAD_NAMES = {
   ('inception', 'cam'): {'fc': 'SPG_A4', 'fc2': 'SPG_A4_2'},
   ('vgg', 'standard'): {'fc': 'classifier', 'fc2': 'classifier_2'},
 }
-# Kept for callers of the old name (InceptionV3-CAM's 1x1-conv heads).
-INCEPTION_HEAD_NAMES = HEAD_NAMES[('inception', 'cam')]
 
 # main.py's _FEATURE_PARAM_LAYER_PATTERNS (one table for both families): a *substring* match on
 # the torch name. For VGG/Inception a match means 'feature' (lr x 1); for ResNet 'classifier'.

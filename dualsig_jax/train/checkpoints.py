@@ -3,16 +3,54 @@
 Layout: `<workdir>/<stage>/checkpoints/<step>/{state,data,meta}`. The JSON record names the
 experiment's model (arch, classes, shapes) so a workdir holding another experiment's checkpoint
 is refused with a clear message instead of an opaque shape error.
+
+A damaged step (a file truncated by a full disk or a copy cut short) is reported as damage,
+naming the step folder and the file (`CheckpointCorruptError`), never as a model mismatch;
+readers fall back to the newest readable step with a warning (`restore_newest`).
 """
 
 from __future__ import annotations
 
+import glob
+import json
+import logging
 import os
+import re
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grain.python as grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger('dualsig_jax')
+
+# The JSON files of a step (relative to the step folder) and the item folder each belongs to.
+_JSON_FILES = (('meta', 'meta/metadata'), ('state', 'state/_METADATA'))
+
+
+class CheckpointCorruptError(RuntimeError):
+  """A checkpoint step cannot be read: a file is missing, truncated or damaged.
+
+  Attributes: step_dir (the step folder, or the checkpoint folder when no step is readable),
+  file (relative to step_dir, '' when unknown).
+  """
+
+  def __init__(self, message: str, *, step_dir: str = '', file: str = ''):
+    super().__init__(message)
+    self.step_dir = step_dir
+    self.file = file
+
+
+def _corrupt(step_dir: str, file: str, detail: str) -> CheckpointCorruptError:
+  what = f'{file} in {step_dir}' if file else step_dir
+  return CheckpointCorruptError(
+    f'checkpoint {step_dir} is damaged (truncated or corrupt): cannot read {what}: {detail}',
+    step_dir=step_dir,
+    file=file,
+  )
 
 
 def manager(directory: str, *, max_to_keep: int) -> ocp.CheckpointManager:
@@ -20,6 +58,10 @@ def manager(directory: str, *, max_to_keep: int) -> ocp.CheckpointManager:
     max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
   )
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def step_dir(mgr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mgr.directory), str(step))
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -> None:
@@ -30,59 +72,220 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) ->
   mgr.wait_until_finished()
 
 
+def _short(e: BaseException) -> str:
+  """The first line of an error, without TensorStore's multi-kilobyte spec dump."""
+  text = str(e).split(' [tensorstore_spec=', 1)[0].strip().splitlines()
+  return f'{type(e).__name__}: {text[0] if text else ""}'
+
+
+def _culprit(e: BaseException, where: str) -> str:
+  """The file of `where` that an Orbax / TensorStore error names (relative), or ''."""
+  text = ' '.join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None)
+  root = os.path.abspath(where).rstrip('/') + '/'
+  files = [f for f in re.findall(r'local file "([^"]+)"', text) if f.startswith(root)]
+  if not files:
+    return ''
+  path = max(files, key=len)  # the most specific one (a manifest rather than its folder)
+  rel = path[len(root) :] or '.'
+  array = re.search(r'Error reading "([^"/]+)', text)
+  if rel.endswith('/') and array:
+    return f'{rel} (data of {array.group(1)})'
+  return rel
+
+
+def check_files(path: str, *, data: bool) -> None:
+  """Parses the JSON files of the step folder `path` (cheap, and names the broken file).
+
+  Raises:
+    CheckpointCorruptError: the state folder is missing, or a JSON file (the model record,
+      Orbax's tree metadata, the grain iterator state when `data`) is missing or unparsable.
+  """
+  if not os.path.isdir(os.path.join(path, 'state')):
+    raise _corrupt(path, 'state', 'the folder is missing')
+  files = [f for item, f in _JSON_FILES if os.path.isdir(os.path.join(path, item))]
+  if data:
+    found = sorted(glob.glob(os.path.join(path, 'data', '*.json')))
+    if not found:
+      raise _corrupt(path, 'data', 'the data loader state is missing')
+    files += [os.path.relpath(f, path) for f in found]
+  for rel in files:
+    full = os.path.join(path, rel)
+    if not os.path.isfile(full):
+      raise _corrupt(path, rel, 'the file is missing')
+    try:
+      with open(full, encoding='utf-8') as f:
+        json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+      size = os.path.getsize(full)
+      raise _corrupt(path, rel, f'not valid JSON ({size} bytes; {e})') from e
+
+
 def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
+  """The step's JSON record of its model ({} for checkpoints written before it existed)."""
+  path = step_dir(mgr, step)
+  if not os.path.isdir(os.path.join(path, 'meta')):
+    return {}
+  check_files(path, data=False)
   return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
 
 def check_compatible(meta: dict, expected: dict, where: str) -> None:
   """Raises ValueError when a checkpoint was written by an experiment with another model."""
-  for key in ('arch', 'num_classes', 'stage'):
-    if key in expected and meta.get(key) != expected[key]:
+  for key in ('arch', 'num_classes', 'stage', 'family', 'large_feature_map'):
+    if key in expected and key in meta and meta[key] != expected[key]:
       raise ValueError(
         f'{where} holds a checkpoint of another experiment: its {key} is {meta.get(key)!r}, '
         f'this config asks for {expected[key]!r}. Use a fresh --workdir or remove it.'
       )
 
 
-def restore(mgr: ocp.CheckpointManager, step: int, target_state, data_iter=None) -> Any:
+def _tree_names(path: str) -> set[str]:
+  """Leaf names ('params/fc/kernel') recorded in a state item's Orbax tree metadata."""
+  with open(os.path.join(path, 'state', '_METADATA'), encoding='utf-8') as f:
+    tree = json.load(f).get('tree_metadata', {})
+  out = set()
+  for entry in tree.values():
+    keys = [str(k.get('key')) for k in entry.get('key_metadata', ())]
+    out.add('/'.join(keys))
+  return out
+
+
+def _path_name(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def _target_names(target) -> set[str]:
+  return {_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
+
+
+def restore(
+  mgr: ocp.CheckpointManager, step: int, target_state, data_iter=None, expected: dict | None = None
+) -> Any:
   """Restores (state, meta) at `step` into the structure of `target_state`; the data iterator,
-  when given, is restored in place."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-  items = dict(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-  if data_iter is not None:
-    items['data'] = grain.PyGrainCheckpointRestore(data_iter)
-  try:
-    out = mgr.restore(step, args=ocp.args.Composite(**items))
-  except (ValueError, KeyError, TypeError) as e:
+  when given, is restored in place.
+
+  Raises:
+    ValueError: the checkpoint is of another experiment (its record differs from `expected`,
+      or its arrays do not fit `target_state`).
+    CheckpointCorruptError: a file of the step is missing or damaged.
+  """
+  path = step_dir(mgr, step)
+  where = str(mgr.directory)
+  check_files(path, data=data_iter is not None)
+  meta = read_meta(mgr, step)
+  if expected is not None:
+    check_compatible(meta, expected, where)
+  have, want = _tree_names(path), _target_names(target_state)
+  if have and have != want:
+    diff = sorted(have ^ want)[:4]
     raise ValueError(
-      f'cannot restore step {step} from {mgr.directory}: the checkpoint does not '
-      f"match this experiment's model ({e})"
+      f'cannot restore step {step} from {where}: the checkpoint does not match this '
+      f"experiment's model (arrays only in one of them: {diff}). Use a fresh --workdir."
+    )
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+  try:
+    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  except Exception as e:  # noqa: BLE001 (classified below)
+    try:  # readable without the target: the arrays are intact but do not fit the model
+      mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    except Exception:  # noqa: BLE001
+      raise _corrupt(path, _culprit(e, path), _short(e)) from e
+    raise ValueError(
+      f'cannot restore step {step} from {where}: the checkpoint does not match this '
+      f"experiment's model ({_short(e)})"
     ) from e
-  return out['state'], out['meta']
+  # Orbax restores arrays at their saved shape whatever the target says: compare them here.
+  flat = jax.tree_util.tree_flatten_with_path
+  got = {_path_name(p): np.shape(v) for p, v in flat(state['state'])[0]}
+  for p, v in flat(target_state)[0]:
+    name = _path_name(p)
+    if got.get(name) != np.shape(v):
+      raise ValueError(
+        f'cannot restore step {step} from {where}: the checkpoint does not match this '
+        f"experiment's model ({name} has shape {got.get(name)} there, {np.shape(v)} here). "
+        'Use a fresh --workdir.'
+      )
+  if data_iter is not None:
+    try:
+      mgr.restore(step, args=ocp.args.Composite(data=grain.PyGrainCheckpointRestore(data_iter)))
+    except Exception as e:  # noqa: BLE001 (the JSON parsed: grain refuses its content)
+      raise ValueError(
+        f'cannot restore the data loader state of step {step} from {where}: it does not match '
+        f"this config's input pipeline ({_short(e)})"
+      ) from e
+  return state['state'], meta
+
+
+def restore_newest(mgr: ocp.CheckpointManager, fn: Callable[[int], Any]) -> tuple:
+  """`fn(step)` on the newest step it can read: (step, fn's result, skipped step folders).
+
+  A step whose `fn` raises CheckpointCorruptError is skipped with a WARNING naming it; other
+  errors (a real model mismatch) propagate at once. (None, None, []) when there is no step.
+
+  Raises:
+    CheckpointCorruptError: every kept step is damaged (the message lists each).
+  """
+  problems = []
+  for step in sorted(mgr.all_steps(), reverse=True):
+    try:
+      return step, fn(step), [p.step_dir for p in problems]
+    except CheckpointCorruptError as e:
+      log.warning('%s; trying the previous kept step', e)
+      problems.append(e)
+  if problems:
+    raise CheckpointCorruptError(
+      f'no readable checkpoint in {mgr.directory}: every kept step is damaged ('
+      + '; '.join(str(p) for p in problems)
+      + '). Restore the files from a backup, or remove the folder to start this stage over.',
+      step_dir=str(mgr.directory),
+    )
+  return None, None, []
+
+
+def set_aside(mgr: ocp.CheckpointManager, step_dirs: list[str]) -> None:
+  """Renames damaged step folders to `<step>.unreadable-<time>` (kept for inspection) so a
+  resumed run can write those steps again; Orbax ignores the renamed folders."""
+  if jax.process_index() == 0:
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    for d in step_dirs:
+      os.rename(d, f'{d}.unreadable-{stamp}')
+      log.warning('moved the damaged checkpoint %s to %s.unreadable-%s', d, d, stamp)
+  mgr.reload()
 
 
 def restore_variables(path: str) -> tuple[dict, dict]:
   """{'params', 'batch_stats'} of any checkpoint kind, and what it records of its model.
 
-  `path` is a stage's checkpoint folder (`<workdir>/<stage>/checkpoints`, newest step) or a
-  folder written by the converter (`python -m dualsig_jax.convert`). The record (arch, family,
-  num_classes, large_feature_map, where known) is {} for checkpoints that predate it.
+  `path` is a stage's checkpoint folder (`<workdir>/<stage>/checkpoints`, newest readable
+  step: a damaged newer step is skipped with a warning) or a folder written by the converter
+  (`python -m dualsig_jax.convert`). The record (arch, family, num_classes, large_feature_map,
+  where known) is {} for checkpoints that predate it.
+
+  Raises:
+    FileNotFoundError: no such folder. CheckpointCorruptError: no step is readable.
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f'no checkpoint at {path}')
   mgr = manager(path, max_to_keep=10)
-  step = mgr.latest_step()
-  if step is None:
+  if mgr.latest_step() is None:
     # Weights converted from PyTorch: DIR/variables (+ the converter's record).
     from dualsig_jax import convert
 
     info_fn = getattr(convert, 'read_checkpoint_info', None)
     info = info_fn(path) if info_fn is not None else {}
     return convert.load_variables(path), dict(info or {})
-  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-  try:
+
+  def read(step):
+    where = step_dir(mgr, step)
+    check_files(where, data=False)
     info = read_meta(mgr, step)
-  except Exception:  # a checkpoint without the JSON record: nothing to check against
-    info = {}
-  variables = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
+    try:
+      args = ocp.args.Composite(state=ocp.args.StandardRestore())
+      restored = mgr.restore(step, args=args)['state']
+    except Exception as e:  # noqa: BLE001 (no target: any failure is a damaged file)
+      raise _corrupt(where, _culprit(e, where), _short(e)) from e
+    variables = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
+    return variables, info
+
+  _, (variables, info), _ = restore_newest(mgr, read)
   return variables, info

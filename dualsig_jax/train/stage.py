@@ -9,6 +9,7 @@ assembles its starting variables; the loop (`train/loop.py`) only runs steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -174,3 +175,50 @@ def initial_variables(config: ml_collections.ConfigDict, workdir: str, stage: st
   )
   how = 'cloned from fc' if mode == 'clone' else "freshly initialised (the reference's init)"
   return merged, f'{src} with fc2 {how}'
+
+
+def check_structure(variables: dict, config: ml_collections.ConfigDict, model, *, where: str):
+  """Raises ValueError naming the first array that `variables` lacks, has extra, or has in
+  another shape than the variables of `model` (built from `config`)."""
+  size = models.init_input_size(model)
+  expected = jax.eval_shape(
+    functools.partial(model.init, train=False),
+    jax.random.key(0),
+    jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+  )
+  expected = {'params': expected['params'], 'batch_stats': expected.get('batch_stats', {})}
+  flat = jax.tree_util.tree_flatten_with_path
+  have = {_names(p): tuple(np.shape(v)) for p, v in flat(variables)[0]}
+  want = {_names(p): tuple(v.shape) for p, v in flat(expected)[0]}
+  for name in sorted(set(have) | set(want)):
+    if name not in want:
+      problem = f'has {name!r}, which the model does not have'
+    elif name not in have:
+      problem = f'lacks {name!r}'
+    elif have[name] != want[name]:
+      problem = f'has {name!r} of shape {have[name]}, the model expects {want[name]}'
+    else:
+      continue
+    m = config.model
+    raise ValueError(
+      f'{where} does not fit the model of this config (model.arch={m.arch!r}, '
+      f'family={m.family!r}, num_classes={m.num_classes}): it {problem}; use the config the '
+      'checkpoint was trained with'
+    )
+
+
+def load_dual_variables(config: ml_collections.ConfigDict, workdir: str, model=None) -> dict:
+  """{'params', 'batch_stats'} of the newest readable dual-stage checkpoint of `workdir`,
+  checked against this config's model before any Flax code sees them (evaluation's loader).
+
+  `model`: the dual model if already built (else built from `config`).
+  Raises:
+    FileNotFoundError: no checkpoint folder. CheckpointCorruptError: no readable step.
+    ValueError: the checkpoint's record or arrays belong to another model (names the field).
+  """
+  path = checkpoint_dir(workdir, 'dual')
+  variables, info = checkpoints.restore_variables(path)
+  check_source_matches(info, config, path)
+  model = model if model is not None else build_stage_model(config, 'dual')
+  check_structure(variables, config, model, where=path)
+  return variables

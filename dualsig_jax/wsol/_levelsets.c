@@ -107,17 +107,9 @@ static int32_t link(forest *f, int32_t ra, int32_t rb) {
   return ra;
 }
 
-/* Adds padded pixel p at image (x, y), joined to its already added neighbours. */
-static void add(forest *f, int32_t p, int16_t x, int16_t y, const int32_t *off, int conn) {
-  int32_t r = -1;
-  for (int k = 0; k < conn; k++) {
-    int32_t nb = p + off[k];
-    if (f->parent[nb] < 0) continue;
-    int32_t s = find(f->parent, nb);
-    if (r < 0) r = s;
-    else if (s != r) r = link(f, r, s);
-  }
-  if (r < 0) { /* a new component */
+/* Makes padded pixel p at image (x, y) a member of root r (-1: a new component). */
+static void attach(forest *f, int32_t p, int16_t x, int16_t y, int32_t r) {
+  if (r < 0) {
     f->parent[p] = p;
     f->size[p] = 1;
     f->x0[p] = f->x1[p] = x;
@@ -134,6 +126,41 @@ static void add(forest *f, int32_t p, int16_t x, int16_t y, const int32_t *off, 
   if (x > f->x1[r]) f->x1[r] = x, f->dirty[r] = 1;
   if (y < f->y0[r]) f->y0[r] = y, f->dirty[r] = 1;
   if (y > f->y1[r]) f->y1[r] = y, f->dirty[r] = 1;
+}
+
+/* Adds p joined to its already added 8-neighbours. off8 lists the neighbours around the ring
+   (each one 8-adjacent to the next), and two added neighbours that are 8-adjacent are in one
+   set already: one find per run of added neighbours along the ring is enough. */
+static void add8(forest *f, int32_t p, int16_t x, int16_t y, const int32_t *off8) {
+  const int32_t *par = f->parent;
+  unsigned in = (unsigned)(par[p + off8[0]] >= 0) | (unsigned)(par[p + off8[1]] >= 0) << 1 |
+                (unsigned)(par[p + off8[2]] >= 0) << 2 | (unsigned)(par[p + off8[3]] >= 0) << 3 |
+                (unsigned)(par[p + off8[4]] >= 0) << 4 | (unsigned)(par[p + off8[5]] >= 0) << 5 |
+                (unsigned)(par[p + off8[6]] >= 0) << 6 | (unsigned)(par[p + off8[7]] >= 0) << 7;
+  unsigned run_starts = in & ~((in << 1) | (in >> 7)) & 0xFFu; /* added, ring predecessor not */
+  if (in == 0xFFu) run_starts = 1u;
+  int32_t r = -1;
+  while (run_starts) {
+    int k = __builtin_ctz(run_starts);
+    run_starts &= run_starts - 1;
+    int32_t s = find(f->parent, p + off8[k]);
+    if (r < 0) r = s;
+    else if (s != r) r = link(f, r, s);
+  }
+  attach(f, p, x, y, r);
+}
+
+/* Adds p joined to its already added 4-neighbours (no two of them are 4-adjacent). */
+static void add4(forest *f, int32_t p, int16_t x, int16_t y, const int32_t *off4) {
+  int32_t r = -1;
+  for (int k = 0; k < 4; k++) {
+    int32_t nb = p + off4[k];
+    if (f->parent[nb] < 0) continue;
+    int32_t s = find(f->parent, nb);
+    if (r < 0) r = s;
+    else if (s != r) r = link(f, r, s);
+  }
+  attach(f, p, x, y, r);
 }
 
 /* wsolevaluation's calculate_multiple_iou for one pair, same float64 division as numpy. */
@@ -189,7 +216,8 @@ int wsol_level_ious(const uint8_t *q, int32_t h, int32_t w, const int16_t *lut,
                     int32_t num_levels, const int64_t *gt, int32_t num_gt, double *multi,
                     double *largest, double *largest_first, int8_t *flags) {
   int32_t W = w + 2, np_ = (h + 2) * W, n = h * w, nv = num_levels + 1, status = -1;
-  int32_t off8[8] = {-W - 1, -W, -W + 1, -1, 1, W - 1, W, W + 1}, off4[4] = {-W, -1, 1, W};
+  int32_t off8[8] = {-W - 1, -W, -W + 1, 1, W + 1, W, W - 1, -1}; /* around the ring */
+  int32_t off4[4] = {-W, -1, 1, W};
   int16_t *v = malloc(sizeof(int16_t) * np_), *e = malloc(sizeof(int16_t) * np_);
   int16_t *xs = malloc(sizeof(int16_t) * np_), *ys = malloc(sizeof(int16_t) * np_);
   int32_t *pix = malloc(sizeof(int32_t) * n), *order = malloc(sizeof(int32_t) * n);
@@ -255,7 +283,7 @@ int wsol_level_ious(const uint8_t *q, int32_t h, int32_t w, const int16_t *lut,
     /* Foreground components: level i holds v > i. */
     for (int32_t i = num_levels - 1; i >= 0; i--) {
       for (int32_t k = start[i + 1]; k < start[i + 2]; k++)
-        add(&f, order[k], xs[order[k]], ys[order[k]], off8, 8);
+        add8(&f, order[k], xs[order[k]], ys[order[k]], off8);
       multi[i] = best_of_roots(&f, 1, h, w, gt, num_gt);
     }
     /* Holes: background (v <= i) sets not joined to the outside node np_. */
@@ -267,7 +295,7 @@ int wsol_level_ious(const uint8_t *q, int32_t h, int32_t w, const int16_t *lut,
       for (int32_t k = start[i]; k < start[i + 1]; k++) {
         int32_t p = order[k];
         int16_t x = xs[p], y = ys[p];
-        add(&b, p, x, y, off4, 4);
+        add4(&b, p, x, y, off4);
         if (y == 0 || x == 0 || y == h - 1 || x == w - 1) {
           int32_t r = find(b.parent, p), o = find(b.parent, np_);
           if (r != o) link(&b, r, o);
@@ -306,7 +334,7 @@ int wsol_level_ious(const uint8_t *q, int32_t h, int32_t w, const int16_t *lut,
   bucket(e, pix, n, nv, start, order);
   for (int32_t i = num_levels - 1; i >= 0; i--) {
     for (int32_t k = start[i + 1]; k < start[i + 2]; k++)
-      add(&t, order[k], xs[order[k]], ys[order[k]], off8, 8);
+      add8(&t, order[k], xs[order[k]], ys[order[k]], off8);
     for (int32_t k = wstart[i + 1]; k < wstart[i + 2]; k++)
       t.area[find(t.parent, wsorted[k])] += 1;
     if (t.num_roots == 0) {
