@@ -1,8 +1,10 @@
 """Benchmark: BoxEvaluator (fast, exact) vs the per-threshold OpenCV loop of wsolevaluation.
 
 Same realistic 224x224 maps (bicubic-upsampled low-res noise, blobs, rings, lines, sparse,
-peaked, speckle; see tests/test_wsol.py), same GT boxes, interval 0.001, multi-contour, in one run.
-Checks that both give identical metrics, then prints maps/s and the ratio.
+peaked, speckle; see tests/wsol_reference.py), same GT boxes, interval 0.001, multi-contour, in
+one run. Checks that every run gives the reference's metrics, then prints maps/s and the ratios:
+the default path (compiled union-find kernel, dualsig_jax/wsol/native.py) on 1 and N processes,
+and the pure numpy/OpenCV path it falls back to without a C compiler (1 process).
 
   .venv/bin/python bench/bench_wsol.py [--num_maps 48] [--workers 2] [--repeat 3]
 
@@ -24,9 +26,15 @@ sys.path.insert(
   0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
 )
 
-from test_wsol import MAP_KINDS, RefBoxEvaluator, gt_boxes_near, realistic_map, ref_image_ious  # noqa: E402
+from wsol_reference import (  # noqa: E402
+  MAP_KINDS,
+  RefBoxEvaluator,
+  gt_boxes_near,
+  realistic_map,
+  ref_image_ious,
+)
 
-from dualsig_jax.wsol import BoxEvaluator  # noqa: E402
+from dualsig_jax.wsol import BoxEvaluator, native  # noqa: E402
 
 
 def main():
@@ -71,6 +79,9 @@ def main():
   want = ref.compute()
   t_ref = time.perf_counter() - t0
 
+  kernel = native.load() is not None
+  print(f'compiled kernel: {"yes" if kernel else "NO (pure numpy/OpenCV path only)"}')
+
   def run(workers):
     ev = BoxEvaluator((30, 50, 70), args.interval, True, 0.2, num_workers=workers)
     if workers > 1:  # warm the process pool outside the timing
@@ -86,7 +97,9 @@ def main():
 
   t_one, got1 = run(0)
   t_par, got = run(args.workers)
-  for r in (got1, got):
+  native._KERNEL = False  # this process only: the fallback path
+  t_pure, got_pure = run(0)
+  for r in (got1, got, got_pure):
     for k in ('maxboxacc', 'maxboxacc_v2', 'maxboxacc_v1', 'gt_known_loc', 'top1_loc'):
       a, b = r[k], want[k]
       same = all(abs(a[i] - b[i]) <= 1e-9 for i in b) if isinstance(b, dict) else abs(a - b) <= 1e-9
@@ -101,6 +114,9 @@ def main():
   print(
     f'fast, {args.workers} processes                   : {n / t_par:8.2f} maps/s  '
     f'ratio {t_ref / t_par:.1f}x'
+  )
+  print(
+    f'pure numpy/OpenCV fallback, 1 process: {n / t_pure:8.2f} maps/s  ratio {t_ref / t_pure:.1f}x'
   )
   print('metrics identical (|diff| <= 1e-9): yes')
 

@@ -1,20 +1,21 @@
 """ImageNet-1K (ILSVRC) with the wsolevaluation metadata shipped in the package.
 
-The reference's published command (VGG16, CAM; with `,standard` for Grad-CAM):
+The reference's published command (VGG16; `,standard` for the gradient methods' model):
 
     python -m dualsig_jax.data.make_metadata --image_folder /data/ILSVRC/train \
-        --out metadata_ilsvrc --dataset_name ILSVRC --split train
-    python -m dualsig_jax.convert --family standard vgg16-397923af.pth runs/vgg16_tv  # gradient
+        --out /data/metadata --dataset_name ILSVRC --split train
+    python -m dualsig_jax.convert --arch vgg16 --family standard \
+        --torch_checkpoint vgg16-397923af.pth --output runs/vgg16_torchvision
     python train.py --config configs/imagenet.py:vgg16,standard --workdir runs/in_vgg_gradcam \
-        --config.input.data_root=/data/ILSVRC --config.input.metadata_root=metadata_ilsvrc \
-        --config.dual.init_checkpoint=runs/vgg16_tv
+        --config.input.data_root=/data/ILSVRC --config.input.metadata_root=/data/metadata \
+        --config.dual.init_checkpoint=runs/vgg16_torchvision
 
 Argument: `vgg16 | resnet50 | inception_v3`, optionally `,standard` (the reference's `wsol/`
-models, which it uses for every gradient method). Runs the paper's `dual` stage from a vanilla
-checkpoint converted with `python -m dualsig_jax.convert`. ILSVRC train metadata is not shipped
-(it lists 1.28M local files): make it with the first command; `metadata_root` must then point at
-a folder holding ILSVRC/train (made) and ILSVRC/test (copy the shipped one, or keep
-metadata_root='metadata' and pass the made folder's parent: see README "Real datasets").
+models, which it uses for every gradient method; for ILSVRC its VGG16 starts from torchvision's
+ImageNet VGG16 itself). The dual stage starts from a vanilla checkpoint converted with
+`python -m dualsig_jax.convert`. ILSVRC train metadata is not shipped (it lists 1.28M local
+files): make it with the first command; splits missing from `metadata_root` (the test split)
+are read from the shipped copy.
 """
 
 from dualsig_jax import defaults

@@ -62,25 +62,15 @@ from dualsig_jax.models.naming import (
   check_arch,
   check_family,
   from_torch_layout,
+  get_path,
+  get_path_or_empty,
   head_torch_name,
+  iter_leaves,
+  module_order,
+  set_path,
   to_torch_layout,
   torch_key,
   torch_shape,
-)
-from dualsig_jax.models.naming import (
-  get_path as _get,
-)
-from dualsig_jax.models.naming import (
-  get_path_or_empty as _get_or_empty,
-)
-from dualsig_jax.models.naming import (
-  iter_leaves as _iter_leaves,
-)
-from dualsig_jax.models.naming import (
-  module_order as _module_order,
-)
-from dualsig_jax.models.naming import (
-  set_path as _set,
 )
 
 __all__ = [
@@ -129,7 +119,7 @@ def _expected(arch: str, model, family: str) -> dict[str, tuple[str, tuple, tupl
   )
   out = {}
   for coll in ('params', 'batch_stats'):
-    for path, leaf in _iter_leaves(shapes.get(coll, {})):
+    for path, leaf in iter_leaves(shapes.get(coll, {})):
       out[torch_key(arch, coll, path, family)] = (coll, path, tuple(leaf.shape))
   return out
 
@@ -384,7 +374,7 @@ def torch_to_flax(
       init_rng, sub = jax.random.split(init_rng)
       value = _init_leaf(arch, family, coll, path, shape, sub, fan_in(path))
       info.initialised.append(key)
-    _set(variables[coll], path, value)
+    set_path(variables[coll], path, value)
   if fc2_missing:
     variables = clone_head(variables, mode=fc2_init, rng=fc2_rng, arch=arch, family=family)
     variables['params']['fc2'] = jax.tree_util.tree_map(np.asarray, variables['params']['fc2'])
@@ -420,9 +410,9 @@ def flax_to_torch(
     raise ValueError(f'unknown head_names {head_names!r}; valid: reference, fc')
   params, stats = variables['params'], variables.get('batch_stats', {}) or {}
   out: dict[str, np.ndarray] = {}
-  for module in _module_order(arch, params, family):
-    leaves = _get(params, module)
-    mstats = _get_or_empty(stats, module)
+  for module in module_order(arch, params, family):
+    leaves = get_path(params, module)
+    mstats = get_path_or_empty(stats, module)
     # torch order inside a module: weight, bias, running stats, counter.
     for name in ('kernel', 'scale', 'bias'):
       if name not in leaves:

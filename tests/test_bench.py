@@ -74,3 +74,24 @@ def test_torch_mirrors_compute_the_same_logits(toy_result):
   assert set(result['parity_rel_max_diff']) == set(MODELS)
   for arch, diff in result['parity_rel_max_diff'].items():
     assert diff < 1e-4, (arch, diff)
+
+
+def test_loader_headroom_smoke(tmp_path):
+  # bench/bench_loader.py --mode headroom at smoke size: 32 small JPEGs, in-process loaders.
+  out = tmp_path / 'headroom.json'
+  cmd = [sys.executable, 'bench/bench_loader.py', '--mode', 'headroom', '--num_images', '32']
+  cmd += ['--batch_size', '8', '--stage_images', '4', '--stage_repeats', '1', '--repeats', '1']
+  cmd += ['--headroom_workers', '0', '--headroom_size', '200x150', '--data_dir', str(tmp_path)]
+  proc = subprocess.run(
+    cmd + ['--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result['image_size'] == [200, 150]
+  stages = result['stage']['ms_per_image']
+  assert {'decode PIL (load_rgb)', 'train total: decode + train_crop + normalise'} <= set(stages)
+  for name, ms in stages.items():
+    assert math.isfinite(ms) and ms > 0, (name, ms)
+  assert [(r['mode'], r['workers']) for r in result['loaders']] == [('train', 0), ('eval', 0)]
+  for row in result['loaders']:
+    assert math.isfinite(row['img_s']) and row['img_s'] > 0, row

@@ -8,19 +8,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
+import smoke_helpers
+from smoke_helpers import ROOT, loss_steps, smoke_config, train_cmd
 
 from dualsig_jax import data, experiment
 from dualsig_jax.train import checkpoints, loop
 from dualsig_jax.train import stage as stage_lib
-
-import smoke_helpers
-from smoke_helpers import ROOT, loss_steps, smoke_config, train_cmd
 
 smoke_data = smoke_helpers.smoke_data
 

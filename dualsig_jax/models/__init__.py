@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dualsig_jax.models import dual_branch as _dual_branch_lib
+from dualsig_jax.models.dual_branch import DualBranch, dual_branch, from_single_head
 from dualsig_jax.models.inception import InceptionCam
 from dualsig_jax.models.layers import head_inits
 from dualsig_jax.models.naming import (
@@ -42,6 +44,9 @@ from dualsig_jax.models.standard import InceptionStandard, VGGStandard
 from dualsig_jax.models.vgg import VGG16_CFG, VGG_TINY_CFG, VGGCam, vgg_cfg
 
 __all__ = [
+  'DualBranch',
+  'dual_branch',
+  'from_single_head',
   'MODELS',
   'FAMILIES',
   'build_model',
@@ -315,11 +320,14 @@ def clone_head(
 
 
 def cam_fns(model: nn.Module) -> dict[str, Callable]:
-  """Adapters for ``dualsig_jax.cam.compute_cams``:
+  """Adapters for ``dualsig_jax.cam.compute_cams`` (also for a :func:`dual_branch` model):
   ``apply_fn(variables, images [B,H,W,3]) -> outputs dict`` (inference mode),
   ``head_fn(variables, features [B,h,w,Cf]) -> {'softmax_logits', 'sigmoid_logits'}``,
   ``head_weights_fn(variables, branch) -> (w [Cf,K], b [K])`` (``ValueError`` for an MLP
   head, whose maps need a gradient method)."""
+
+  if isinstance(model, DualBranch):
+    return _dual_branch_lib.cam_fns(model)
 
   def apply_fn(variables, images):
     return model.apply(variables, images, train=False)

@@ -53,7 +53,7 @@ class BasicConv2d(nn.Module):
     return nn.relu(x)
 
 
-class _Block(nn.Module):
+class InceptionBlock(nn.Module):
   """Base for the Inception blocks: ``conv(name, f, k, ...)`` makes a named BasicConv2d."""
 
   frozen_bn: bool = True
@@ -65,7 +65,7 @@ class _Block(nn.Module):
     )
 
 
-class InceptionA(_Block):
+class InceptionA(InceptionBlock):
   pool_features: int = 32
 
   @nn.compact
@@ -79,7 +79,7 @@ class InceptionA(_Block):
     return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
-class InceptionB(_Block):
+class InceptionB(InceptionBlock):
   """InceptionB with configurable stride/padding: wsolevaluation's CAM variant uses 1 / 1
   (its pool branch always pads by 1), torchvision's 2 / 0 with an unpadded pool."""
 
@@ -97,7 +97,7 @@ class InceptionB(_Block):
     return jnp.concatenate([b3, bd, bp], axis=-1)
 
 
-class InceptionC(_Block):
+class InceptionC(InceptionBlock):
   channels_7x7: int = 128
 
   @nn.compact

@@ -25,7 +25,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dualsig_jax.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, _Block
+from dualsig_jax.models.inception import (
+  BasicConv2d,
+  InceptionA,
+  InceptionB,
+  InceptionBlock,
+  InceptionC,
+)
 from dualsig_jax.models.layers import (
   adaptive_avg_pool,
   avg_pool_3x3_same,
@@ -125,7 +131,7 @@ class VGGStandard(nn.Module):
     return _outputs(feats, soft, self.fc2(flat, train))
 
 
-class InceptionD(_Block):
+class InceptionD(InceptionBlock):
   """torchvision InceptionD (``Mixed_7a``): stride-2 reduction to 1280 channels."""
 
   @nn.compact
@@ -138,7 +144,7 @@ class InceptionD(_Block):
     return jnp.concatenate([b3, b7, max_pool(x, 3, 2)], axis=-1)
 
 
-class InceptionE(_Block):
+class InceptionE(InceptionBlock):
   """torchvision InceptionE (``Mixed_7b`` / ``Mixed_7c``): 2048 output channels."""
 
   @nn.compact

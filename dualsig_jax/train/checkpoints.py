@@ -139,19 +139,31 @@ def check_compatible(meta: dict, expected: dict, where: str) -> None:
       )
 
 
+# Orbax's value types of empty tree nodes (orbax/checkpoint/_src/metadata/empty_values.py).
+_EMPTY_TYPES = ('None', 'Dict', 'List', 'Tuple', 'NamedTuple')
+
+
 def _tree_names(path: str) -> set[str]:
   """Leaf names ('params/fc/kernel') recorded in a state item's Orbax tree metadata."""
   with open(os.path.join(path, 'state', '_METADATA'), encoding='utf-8') as f:
     tree = json.load(f).get('tree_metadata', {})
   out = set()
   for entry in tree.values():
-    keys = [str(k.get('key')) for k in entry.get('key_metadata', ())]
-    out.add('/'.join(keys))
+    # Empty nodes (optax's masked-out leaves, an empty batch_stats) are no arrays.
+    if entry.get('value_metadata', {}).get('value_type') in _EMPTY_TYPES:
+      continue
+    out.add('/'.join(str(k.get('key')) for k in entry.get('key_metadata', ())))
   return out
 
 
 def _path_name(path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+  def one(k):
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+
+  return '/'.join(one(k) for k in path)
 
 
 def _target_names(target) -> set[str]:
@@ -211,7 +223,8 @@ def restore(
     except Exception as e:  # noqa: BLE001 (the JSON parsed: grain refuses its content)
       raise ValueError(
         f'cannot restore the data loader state of step {step} from {where}: it does not match '
-        f"this config's input pipeline ({_short(e)})"
+        f"this config's input pipeline ({_short(e)}); resume with the input settings of the "
+        'run that wrote it (its config.json)'
       ) from e
   return state['state'], meta
 

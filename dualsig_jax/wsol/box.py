@@ -41,6 +41,8 @@ def check_scoremaps(scoremaps, names=None) -> np.ndarray:
   maps = np.asarray(scoremaps)
   if maps.ndim != 3:
     raise ValueError(f'scoremaps must be [B, H, W]; got shape {maps.shape}')
+  if maps.shape[1] == 0 or maps.shape[2] == 0:
+    raise ValueError(f'scoremaps are empty (H or W is 0); got shape {maps.shape}')
   if not np.issubdtype(maps.dtype, np.floating):
     raise ValueError(f'scoremaps must be floating point; got {maps.dtype}')
   for i in np.flatnonzero(

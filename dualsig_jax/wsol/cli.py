@@ -34,8 +34,8 @@ def str2bool(v: str) -> bool:
 
 
 def load_scoremap(path: str) -> np.ndarray:
-  """Loads one ``.npy`` map; ``ValueError`` naming the file if missing, not 2-D, NaN, or outside
-  [0, 1]."""
+  """Loads one ``.npy`` map; ``ValueError`` naming the file if missing, not 2-D, empty, NaN, or
+  outside [0, 1]."""
   if not os.path.isfile(path):
     raise ValueError(f'{path}: score map file is missing')
   try:
@@ -44,6 +44,8 @@ def load_scoremap(path: str) -> np.ndarray:
     raise ValueError(f'{path}: cannot read score map ({e})') from None
   if m.ndim != 2:
     raise ValueError(f'{path}: score map must be 2-D; got shape {m.shape}')
+  if m.size == 0:
+    raise ValueError(f'{path}: score map is empty; got shape {m.shape}')
   if not np.issubdtype(m.dtype, np.floating):
     raise ValueError(f'{path}: score map must be floating point; got {m.dtype}')
   if np.isnan(m).any():
