@@ -19,9 +19,9 @@ def test_real_dataset_configs(name, arch):
   c = importlib.import_module(f'configs.{name}').get_config(arch)
   defaults.validate(c)
   assert c.model.arch == arch and c.model.num_classes == REAL[name]
-  assert c.stages == ('dual',) and c.optim.unfreeze == 'fc2'
+  assert c.stages == ('dual',) and c.dual.unfreeze == 'fc2'
   with pytest.raises(AttributeError):
-    c.optim.not_a_field = 1  # locked
+    c.dual.not_a_field = 1  # locked
 
 
 @pytest.mark.parametrize('name', sorted(REAL))
@@ -32,11 +32,67 @@ def test_unknown_backbone_is_named(name):
 
 def test_imagenet_learning_rates_follow_the_reference():
   imagenet = importlib.import_module('configs.imagenet')
-  assert {a: imagenet.get_config(a).optim.lr for a in defaults.PAPER_BACKBONES} == {
+  assert {a: imagenet.get_config(a).dual.lr for a in defaults.PAPER_BACKBONES} == {
     'vgg16': 3e-3,
     'resnet50': 1e-4,
     'inception_v3': 5e-4,
   }
+
+
+def test_imagenet_default_is_the_published_command():
+  """VGG16, 3 epochs, batch 32, decay frequency 3, lr 0.003, weight decay 5e-4, no
+  large_feature_map; dual stage as the reference runs it."""
+  c = importlib.import_module('configs.imagenet').get_config()
+  assert (c.model.arch, c.model.family, c.model.large_feature_map) == ('vgg16', 'cam', False)
+  d = c.dual
+  assert (d.num_epochs, d.lr_decay_frequency, d.lr, d.weight_decay) == (3, 3, 3e-3, 5e-4)
+  assert c.input.batch_size == 32
+  assert (d.head_init, d.backbone_mode, d.lr_schedule) == ('init', 'train', 'reference')
+
+
+@pytest.mark.parametrize('name', sorted(REAL))
+def test_standard_family_configs_evaluate_gradient_methods(name):
+  c = importlib.import_module(f'configs.{name}').get_config('vgg16,standard')
+  defaults.validate(c)
+  assert c.model.family == 'standard'
+  assert 'cam' not in c.eval.methods and c.eval.methods
+  with pytest.raises(ValueError, match='family'):
+    importlib.import_module(f'configs.{name}').get_config('vgg16,bogus')
+
+
+def test_plain_cam_on_the_mlp_head_is_refused_by_validate():
+  c = importlib.import_module('configs.cub').get_config('vgg16,standard')
+  c.unlock()
+  c.eval.methods = ('cam', 'gradcam')
+  with pytest.raises(ValueError, match='MLP'):
+    defaults.validate(c)
+
+
+@pytest.mark.parametrize(
+  'field,value',
+  [
+    ('dual.lr', -1.0),
+    ('dual.lr', 0.0),
+    ('vanilla.weight_decay', -1e-4),
+    ('dual.num_epochs', 0),
+    ('input.batch_size', 0),
+    ('eval.cam_curve_interval', 0.0),
+    ('checkpoint.every_steps', 0),
+    ('dual.lr_decay_frequency', 0),
+  ],
+)
+def test_numeric_ranges_are_checked(field, value):
+  c = importlib.import_module('configs.synthetic').get_config()
+  c.unlock()
+  section, name = field.split('.')
+  c[section][name] = value
+  with pytest.raises(ValueError, match=field.replace('.', r'\.')):
+    defaults.validate(c)
+
+
+def test_closest_fields_suggest_the_renamed_section():
+  assert 'dual.lr' in defaults.closest_fields('optim.lr')
+  assert defaults.closest_fields('dual.lrr')[0] == 'dual.lr'
 
 
 @pytest.mark.parametrize('arg', [None, 'smoke'])

@@ -1,0 +1,95 @@
+"""The entry points on a machine without data: one message listing every missing input, before
+JAX starts; a mistyped override is one line naming the field and the closest valid names."""
+
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, cwd=ROOT, timeout=120):
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run(
+    [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+  )
+
+
+def test_imagenet_without_data_lists_everything_before_jax(tmp_path):
+  t0 = time.perf_counter()
+  r = _run(
+    os.path.join(ROOT, 'train.py'),
+    f'--config={ROOT}/configs/imagenet.py',
+    f'--workdir={tmp_path}/run',
+    cwd=str(tmp_path),
+  )
+  elapsed = time.perf_counter() - t0
+  assert r.returncode == 2, r.stderr
+  err = r.stderr
+  assert 'provide the following (3)' in err, err
+  assert 'input.data_root' in err
+  assert 'make_metadata' in err and '--dataset_name ILSVRC --split train' in err
+  assert 'python -m dualsig_jax.convert --arch vgg16' in err and 'dual.init_checkpoint' in err
+  assert 'Traceback' not in err
+  assert elapsed < 5.0, f'{elapsed:.1f} s'
+  assert not os.path.exists(tmp_path / 'run')  # nothing written
+
+
+def test_preflight_imports_no_jax():
+  code = (
+    'import sys, importlib.util; sys.path.insert(0, {!r});'
+    'from dualsig_jax import entry, preflight;'
+    "spec = importlib.util.spec_from_file_location('c', {!r});"
+    'm = importlib.util.module_from_spec(spec); spec.loader.exec_module(m);'
+    'print(preflight.problems(m.get_config(), None));'
+    "print('jax' in sys.modules, 'grain' in sys.modules)"
+  ).format(ROOT, os.path.join(ROOT, 'configs', 'imagenet.py'))
+  r = _run('-c', code)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.strip().splitlines()[-1] == 'False False'
+
+
+def test_unknown_override_is_one_line_with_suggestions(tmp_path):
+  r = _run(
+    'train.py',
+    '--config=configs/synthetic.py:smoke',
+    f'--workdir={tmp_path}/w',
+    '--config.dual.lrr=0.1',
+  )
+  assert r.returncode == 2
+  lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1, r.stderr
+  assert "no field 'dual.lrr'" in lines[0] and 'dual.lr' in lines[0]
+
+
+def test_old_section_name_points_at_the_new_one(tmp_path):
+  r = _run(
+    'train.py',
+    '--config=configs/synthetic.py:smoke',
+    f'--workdir={tmp_path}/w',
+    '--config.optim.lr=0.1',
+  )
+  assert r.returncode == 2
+  lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and 'dual.lr' in lines[0], r.stderr
+
+
+def test_out_of_range_value_is_one_line(tmp_path):
+  r = _run(
+    'train.py',
+    '--config=configs/synthetic.py:smoke',
+    f'--workdir={tmp_path}/w',
+    '--config.dual.weight_decay=-1',
+  )
+  assert r.returncode == 2
+  assert r.stderr.strip() == (
+    'error: config.dual.weight_decay=-1.0 is out of range (must be >= 0.0 and <= 1.0)'
+  )
+
+
+def test_eval_without_a_trained_workdir_says_so(tmp_path):
+  r = _run('eval.py', '--config=configs/synthetic.py:smoke', f'--workdir={tmp_path}/none')
+  assert r.returncode == 2
+  assert 'has no dual-stage checkpoint' in r.stderr and 'Traceback' not in r.stderr
