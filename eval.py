@@ -18,11 +18,12 @@ def main(argv):
   del argv
   entry.check_config_or_exit(_CONFIG.value, _WORKDIR.value, for_eval=True)
   from dualsig_jax import evaluate, experiment  # after the preflight: these import JAX
-  from dualsig_jax.train import sharding
+  from dualsig_jax.train import interrupt, sharding
 
   experiment.setup_logging()
   sharding.maybe_initialize_distributed()
-  evaluate.evaluate(_CONFIG.value, _WORKDIR.value, split=_SPLIT.value)
+  with interrupt.handling():  # SIGTERM / Ctrl-C: exit 128 + signal, no stray workers
+    evaluate.evaluate(_CONFIG.value, _WORKDIR.value, split=_SPLIT.value)
 
 
 if __name__ == '__main__':

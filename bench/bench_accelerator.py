@@ -22,7 +22,8 @@ with one device sync at the end.
     python bench/bench_accelerator.py [--models resnet50,vgg16 --size 224 --batch 64]
     python bench/bench_accelerator.py --toy --out /tmp/acc.json   # CPU smoke size
 
-Prints the device, versions and a Markdown table; ``--out`` writes the same as JSON.
+Prints the device, versions and a Markdown table; ``--out`` writes the same as JSON (rewritten
+after every row with ``complete: false``, so a run cut short still leaves its rows).
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ class Bench:
     forward = self.env.jax.jit(lambda v, x: model.apply(v, x, train=False)['softmax_logits'])
     ours = np.asarray(forward(self.variables, self.batch['image']))
     with torch.no_grad():
-      theirs = self.torch_model().eval()(self.tx)[1].float().cpu().numpy()
+      theirs = self.torch_model().eval()(self.tx)['logits'].float().cpu().numpy()
     return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
 
 
@@ -227,7 +228,7 @@ def load_env(device: str) -> types.SimpleNamespace:
   import torch
 
   sys.path[:0] = [ROOT, HERE]
-  import torch_cam_models
+  import torch_steps
 
   from dualsig_jax import cam, convert, defaults, models
   from dualsig_jax.train import optim
@@ -251,7 +252,7 @@ def load_env(device: str) -> types.SimpleNamespace:
     jnp=jnp,
     np=np,
     torch=torch,
-    torch_models=torch_cam_models,
+    torch_models=torch_steps,
     cam=cam,
     convert=convert,
     defaults=defaults,
@@ -301,6 +302,8 @@ def run(args) -> dict:
       torch.cuda.synchronize()
 
   timing = dict(steps=args.steps, repeats=args.repeats, batch=args.batch)
+  settings = {k: getattr(args, k) for k in ('size', 'batch', 'steps', 'repeats', 'num_classes')}
+  header = dict(describe(env), settings=settings)
   rows, parity = [], {}
   for arch in args.models:
     bench = Bench(args, arch, env)
@@ -334,13 +337,16 @@ def run(args) -> dict:
           f'  {arch} {precision} {what}: jax {j_rate:.1f} img/s, torch {t_rate:.1f} img/s',
           flush=True,
         )
-  settings = {k: getattr(args, k) for k in ('size', 'batch', 'steps', 'repeats', 'num_classes')}
-  return dict(
-    describe(env),
-    settings=settings,
-    parity_rel_max_diff=parity,
-    rows=rows,
-  )
+        # Rows so far, in case a time-limited accelerator session ends the run early.
+        write_json(args.out, dict(header, parity_rel_max_diff=parity, rows=rows, complete=False))
+  return dict(header, parity_rel_max_diff=parity, rows=rows, complete=True)
+
+
+def write_json(path: str | None, result: dict) -> None:
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(result, f, indent=2)
 
 
 def table(result: dict) -> str:
@@ -375,10 +381,7 @@ def main(argv=None):
   bad = [r for r in result['rows'] if not all(math.isfinite(r[k]) for k in numbers)]
   if bad:
     print(f'warning: non-finite numbers in {bad}')
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      json.dump(result, f, indent=2)
+  write_json(args.out, result)
   return result
 
 

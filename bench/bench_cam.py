@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-import torch_models  # noqa: E402  (tests/torch_models.py: torch twins of our models)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_models  # noqa: E402  (bench/torch_models.py: torch twins of our models)
 
 from dualsig_jax import cam as C  # noqa: E402
 from dualsig_jax import models  # noqa: E402

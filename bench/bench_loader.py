@@ -222,7 +222,7 @@ def _headroom(args):
     f'setup: {args.num_images} JPEGs {args.headroom_size}; train: resize {args.resize_size} -> '
     f'crop {args.crop_size} -> flip -> normalise; eval: resize {args.eval_size} -> normalise; '
     f'batch {args.batch_size}; loader rates from one pass over all and one over a quarter '
-    f'of the images, best of {args.repeats}'
+    f'of the images, median of {args.repeats}'
   )
   result = loader_headroom.run(args)
   if args.out:

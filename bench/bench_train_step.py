@@ -52,8 +52,8 @@ def main():
 
   import torch
 
-  sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  import torch_models  # the tests' PyTorch twins of our models
+  sys.path.insert(0, os.path.join(ROOT, 'bench'))
+  import torch_models  # PyTorch twins of our models (shared with the tests)
 
   rng = np.random.default_rng(0)
   x = rng.normal(size=(args.batch, args.size, args.size, 3)).astype(np.float32)

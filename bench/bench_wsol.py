@@ -1,7 +1,7 @@
 """Benchmark: BoxEvaluator (fast, exact) vs the per-threshold OpenCV loop of wsolevaluation.
 
 Same realistic 224x224 maps (bicubic-upsampled low-res noise, blobs, rings, lines, sparse,
-peaked, speckle; see tests/wsol_reference.py), same GT boxes, interval 0.001, multi-contour, in
+peaked, speckle; see bench/wsol_reference.py), same GT boxes, interval 0.001, multi-contour, in
 one run. Checks that every run gives the reference's metrics, then prints maps/s and the ratios:
 the default path (compiled union-find kernel, dualsig_jax/wsol/native.py) on 1 and N processes,
 and the pure numpy/OpenCV path it falls back to without a C compiler (1 process).
@@ -22,9 +22,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(
-  0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
-)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from wsol_reference import (  # noqa: E402
   MAP_KINDS,

@@ -10,7 +10,7 @@ transform (decode, resize 224, normalise), and which stage bounds it:
    resize, crop + flip, normalise, and whole train / eval work per image with and without
    ``draft``.
 2. The loaders themselves (``make_train_loader`` / ``make_eval_loader``) with ``num_workers``
-   0, 1, 2 on the same files: wall images/s (start-up excluded, best of repeats) and, with
+   0, 1, 2 on the same files: wall images/s (start-up excluded, median of repeats) and, with
    psutil, CPU ms per image over the whole process tree (main process + workers), whose
    inverse is what one fully used core sustains however busy the machine is.
 
@@ -199,7 +199,7 @@ def loader_rates(folder: str, args) -> list[dict]:
   its first quarter, timed from ``iter()`` to the last batch; the rate is
   ``(images_full - images_quarter) / (t_full - t_quarter)``, so worker start-up cancels and
   no work done ahead of the consumer (grain's read-ahead buffers) is left out of the window.
-  Best of ``--repeats``: other jobs sharing the cores only ever slow a run down.
+  Median of ``--repeats`` (a difference of two noisy times: the best would be biased up).
   """
   from ml_collections import ConfigDict
 
@@ -243,16 +243,16 @@ def loader_rates(folder: str, args) -> list[dict]:
         rates.append((n_full - n_q) / dt if dt > 0 and n_full > n_q else n_full / t_full)
         if c_full is not None and n_full > n_q:
           cpu_ms.append(1e3 * (c_full - c_q) / (n_full - n_q))
-      rate = max(rates)
+      rate = statistics.median(rates)
       row = dict(mode=mode, workers=workers, img_s=rate, img_s_per_worker=rate / max(workers, 1))
       row['all_repeats'] = rates
       # CPU ms per image over the whole process tree: what one fully used core sustains,
       # independent of how busy the shared machine is.
-      row['cpu_ms_per_image'] = min(cpu_ms) if cpu_ms else None
+      row['cpu_ms_per_image'] = statistics.median(cpu_ms) if cpu_ms else None
       rows.append(row)
       cpu = f'{row["cpu_ms_per_image"]:.2f} CPU ms/image' if cpu_ms else 'no psutil'
       print(
-        f'  {mode} loader, {workers} workers: {rate:.1f} img/s (best of '
+        f'  {mode} loader, {workers} workers: {rate:.1f} img/s (median of '
         f'{", ".join(f"{r:.0f}" for r in rates)}), {cpu}; load average '
         f'{os.getloadavg()[0]:.1f}',
         flush=True,

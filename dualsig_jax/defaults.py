@@ -40,9 +40,9 @@ LR_SCHEDULES = ('reference', 'steplr')
 FIDELITY_TARGETS = ('pred', 'label')
 
 # Fields that may differ between a run and its resume (the rest must match config.json).
+# input.num_workers is not one: grain's saved iterator state is tied to the worker count.
 RESUME_SAFE_FIELDS = (
   'log_every_steps',
-  'input.num_workers',
   'input.data_root',
   'input.mask_root',
   'input.metadata_root',

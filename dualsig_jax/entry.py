@@ -84,3 +84,11 @@ def check_config_or_exit(config, workdir: str | None, *, for_eval: bool = False)
   if found:
     print(preflight.report(found, 'eval.py' if for_eval else 'train.py'), file=sys.stderr)
     sys.exit(2)
+  if workdir and not for_eval:
+    from dualsig_jax.train import resume  # light: no JAX
+
+    try:
+      resume.check_and_write_config(config, workdir, write=False)
+    except resume.ConfigChangedError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)

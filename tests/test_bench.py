@@ -62,6 +62,7 @@ def test_header_and_table_are_printed(toy_result):
   for name in ('jax', 'jaxlib', 'flax', 'torch'):
     assert result['versions'][name], name
   assert result['settings'] == dict(size=64, batch=8, steps=2, repeats=1, num_classes=10)
+  assert result['complete'] is True
   # The Markdown table: a header, a rule and one line per row.
   table = [line for line in stdout.splitlines() if line.startswith('| ')]
   assert len(table) == 1 + len(result['rows'])

@@ -528,9 +528,7 @@ def test_package_model_matches_torch_twin_sharded():
   """models.cam_fns(vgg_tiny) on a batch sharded over the 8 fake devices vs the torch recipe."""
   models = pytest.importorskip('dualsig_jax.models')
   torch = pytest.importorskip('torch')
-  import sys
 
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import torch_models
 
   model = models.build_model('vgg_tiny', K)

@@ -150,9 +150,7 @@ def test_batchnorm_train_mode_matches_torch():
   """train=True with frozen_backbone == the torch twin in .train() mode (batch mean and biased
   variance), which is what the reference's dual stage computes."""
   torch = pytest.importorskip('torch')
-  import sys
 
-  sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
   from torch_models import build_torch_model, randomize_
 
   from dualsig_jax.convert import torch_to_flax

@@ -197,9 +197,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(smoke_data, tmp_path):
   good = smoke_config(smoke_data, **{'vanilla.max_steps': 4, 'checkpoint.every_steps': 4})
   good.stages = ('vanilla',)
   loop.train_stage(good, str(tmp_path), 'vanilla')
-  # Resume the same run with an absurd learning rate: the weights overflow within a few steps.
+  # Resume the same run with an absurd learning rate (validate caps lr itself, not the
+  # classifier group's ratio): the weights overflow within a few steps.
   bad = smoke_config(
-    smoke_data, **{'vanilla.max_steps': 12, 'vanilla.lr': 1e30, 'checkpoint.every_steps': 4}
+    smoke_data,
+    **{'vanilla.max_steps': 12, 'vanilla.lr_classifier_ratio': 1e30, 'checkpoint.every_steps': 4},
   )
   bad.stages = ('vanilla',)
   with pytest.raises(FloatingPointError, match='last good checkpoint'):
@@ -235,3 +237,38 @@ def test_saved_scoremaps_reproduce_results_through_the_cli(smoke_run, smoke_data
   assert cli['gt_known_loc']['50'] == pytest.approx(ours['gt_known_loc'], abs=1e-9)
   assert cli['pxap'] == pytest.approx(ours['pxap'], abs=1e-9)
   assert cli['num_images'] == res['num_images']
+
+
+def test_dual_checkpoint_of_another_model_is_refused_before_flax(smoke_run, smoke_data, tmp_path):
+  """Evaluation's loader (stage.load_dual_variables) names the mismatching config field, with
+  the checkpoint's record and, for a checkpoint without one, with its arrays."""
+  import shutil
+
+  from dualsig_jax import evaluate
+
+  config, workdir, _ = smoke_run
+  assert _same_tree(stage_lib.load_dual_variables(config, workdir), _latest(workdir, 'dual'))
+  for field, value in (('model.num_classes', 5), ('model.arch', 'vgg_tiny')):
+    c = smoke_config(smoke_data, **{field: value})
+    with pytest.raises(ValueError, match=f'{field}='):
+      stage_lib.load_dual_variables(c, workdir)
+  c = smoke_config(smoke_data, **{'model.num_classes': 5})
+  with pytest.raises(ValueError, match='model.num_classes='):
+    evaluate.evaluate(c, workdir)
+  # Without the record (a checkpoint that predates it): the arrays tell.
+  bare = tmp_path / 'bare'
+  shutil.copytree(stage_lib.checkpoint_dir(workdir, 'dual'), stage_lib.checkpoint_dir(bare, 'dual'))
+  for meta in bare.glob('dual/checkpoints/*/meta'):
+    shutil.rmtree(meta)
+  with pytest.raises(
+    ValueError, match=r"'params/fc/bias' of shape \(10,\), the model expects \(5,\)"
+  ):
+    stage_lib.load_dual_variables(c, str(bare))
+
+
+def test_labels_beyond_num_classes_fail_before_training(smoke_data, tmp_path):
+  """The synthetic labels go up to 9: with 5 classes the loss would turn NaN a step in."""
+  c = smoke_config(smoke_data, **{'model.num_classes': 5})
+  with pytest.raises(ValueError, match='model.num_classes=5'):
+    experiment.run(c, str(tmp_path), evaluate=False)
+  assert not os.path.exists(tmp_path / 'vanilla'), 'training started'

@@ -41,7 +41,7 @@ def test_resume_with_changed_batch_size_and_lr_is_refused(tmp_path):
   msg = str(e.value)
   assert 'input.batch_size: 32 -> 64' in msg and 'vanilla.lr: 0.05 -> 0.1' in msg
   assert 'eval.batch_size: ' not in msg
-  assert 'may change on resume' in msg and 'input.num_workers' in msg and 'eval.*' in msg
+  assert 'may change on resume' in msg and 'checkpoint.every_steps' in msg and 'eval.*' in msg
   assert _saved(workdir) == before, 'config.json was overwritten'
   assert not (tmp_path / 'data').exists()
 

@@ -1,5 +1,5 @@
 """WSOL box metrics: exactness of both paths (compiled kernel, traced OpenCV) against a literal
-per-threshold port of wsolevaluation (tests/wsol_reference.py)."""
+per-threshold port of wsolevaluation (bench/wsol_reference.py)."""
 
 import os
 import warnings
@@ -284,17 +284,27 @@ def test_box_parity_realistic(realistic_ref, multi, use_native, monkeypatch):
   assert_same(ev.compute(), ref.compute())
 
 
+@pytest.fixture(scope='module')
+def fine_ref():
+  """Reference per-threshold IoUs at interval 0.001 on every 12th realistic map."""
+  maps, gts, correct = realistic_set()
+  thr = np.arange(0, 1, 0.001)
+  sel = list(zip(maps, gts, correct))[::12]
+  return sel, [ref_image_ious(m, g, thr) for m, g, _ in sel]
+
+
 @pytest.mark.parametrize('use_native', PATHS, ids=PATH_IDS)
-def test_box_parity_fine_interval_and_per_image(use_native, monkeypatch):
+def test_box_parity_fine_interval_and_per_image(fine_ref, use_native, monkeypatch):
   """interval 0.001 (every cutoff 0..254) on every 12th map; per-threshold IoUs identical."""
   if not use_native:
     monkeypatch.setattr(native, '_KERNEL', False)
-  maps, gts, correct = realistic_set()
   thr = np.arange(0, 1, 0.001)
   ev = BoxEvaluator((30, 50, 70), 0.001, True, 0.2, num_workers=0)
   ref = RefBoxEvaluator((30, 50, 70), 0.001, True)
-  for m, g, c in list(zip(maps, gts, correct))[::12]:
-    want = _assert_ious_equal(m, g, thr, use_native)
+  for (m, g, c), want in zip(*fine_ref):
+    got = image_box_ious(m, g, thr, native=use_native)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     ev.accumulate(m[None], [g], [c])
     ref.accumulate(want, c)
   assert_same(ev.compute(), ref.compute())

@@ -37,3 +37,24 @@ def test_bad_mask_inputs_raise():
     MaskEvaluator(0.01).accumulate(ok, np.full((1, 8, 8), 7, np.uint8))
   with pytest.raises(ValueError, match='shape'):
     MaskEvaluator(0.01).accumulate(ok, np.zeros((1, 8, 7), np.uint8))
+
+
+@pytest.mark.parametrize('interval', [0.001, 0.01, 0.03, 0.007, 0.333])
+def test_bins_match_numpy_histogram(interval):
+  """The direct bin computation counts as np.histogram over the reference's edges, also for
+  scores exactly on an edge or one float64 step either side of it."""
+  ev = MaskEvaluator(interval)
+  t = ev.thresholds
+  x = np.concatenate(
+    [
+      np.random.default_rng(0).random(20000),
+      t,
+      np.nextafter(t, -1.0),
+      np.nextafter(t, 2.0),
+      np.random.default_rng(1).random(5000).astype(np.float32).astype(np.float64),
+      [0.0, 1.0, np.nextafter(1.0, 0.0)],
+    ]
+  )
+  x = x[(x >= 0) & (x <= 1)]
+  got = np.bincount(ev._bins(x), minlength=ev.num_bins)
+  np.testing.assert_array_equal(got, np.histogram(x, bins=ev.edges)[0])

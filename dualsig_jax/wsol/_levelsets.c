@@ -16,8 +16,8 @@
  *      from the border in level order; e == v everywhere iff no level has a hole;
  *   filled forest: components of e > i (8-connected, levels falling), i.e. the components with
  *      their holes filled, with 2 * contour area per component (see the window rule below);
- *   only if some level has a hole: foreground forest (v > i, 8-connected) and background
- *      forest (v <= i, 4-connected, one extra node standing for the outside).
+ *   only if some level has a hole: foreground forest (v > i, 8-connected) and hole forest
+ *      (v <= i < e, 4-connected).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -278,7 +278,7 @@ int wsol_level_ious(const uint8_t *q, int32_t h, int32_t w, const int16_t *lut,
   }
 
   if (holes) {
-    if (forest_init(&f, np_, 0) || forest_init(&b, np_ + 1, 0)) goto done;
+    if (forest_init(&f, np_, 0) || forest_init(&b, np_, 0)) goto done;
     bucket(v, pix, n, nv, start, order);
     /* Foreground components: level i holds v > i. */
     for (int32_t i = num_levels - 1; i >= 0; i--) {
@@ -286,20 +286,17 @@ int wsol_level_ious(const uint8_t *q, int32_t h, int32_t w, const int16_t *lut,
         add8(&f, order[k], xs[order[k]], ys[order[k]], off8);
       multi[i] = best_of_roots(&f, 1, h, w, gt, num_gt);
     }
-    /* Holes: background (v <= i) sets not joined to the outside node np_. */
-    b.parent[np_] = np_;
-    b.size[np_] = 1;
-    b.pos[np_] = -1;
-    b.x0[np_] = b.y0[np_] = b.x1[np_] = b.y1[np_] = 0;
+    /* Holes: at level i, the 4-connected sets of {v <= i < e}. Only pixels with e > v are ever
+       in one; a hole's pixels share their e (they join the outside together), so a set leaves
+       the list once i reaches it, and no pixel added later touches it then (that pixel would
+       be outside as well, e == v). */
     for (int32_t i = 0; i < num_levels; i++) {
       for (int32_t k = start[i]; k < start[i + 1]; k++) {
         int32_t p = order[k];
-        int16_t x = xs[p], y = ys[p];
-        add4(&b, p, x, y, off4);
-        if (y == 0 || x == 0 || y == h - 1 || x == w - 1) {
-          int32_t r = find(b.parent, p), o = find(b.parent, np_);
-          if (r != o) link(&b, r, o);
-        }
+        if (e[p] > v[p]) add4(&b, p, xs[p], ys[p], off4);
+      }
+      for (int32_t k = 0; k < b.num_roots; k++) {
+        if (e[b.roots[k]] <= i) unlist(&b, b.roots[k--]);
       }
       double s = best_of_roots(&b, 2, h, w, gt, num_gt);
       if (s > multi[i]) multi[i] = s;

@@ -1,9 +1,9 @@
 """Streaming box metrics (MaxBoxAcc, MaxBoxAccV2, GT-known / Top-1 Loc), wsolevaluation protocol.
 
 Counts per (IoU threshold, CAM threshold) are accumulated, never maps, so memory is flat in the
-number of images. Per-image work runs in a process pool (``num_workers``), because tracing the
-level sets is CPU-bound; workers are started with ``spawn`` so that the evaluator is safe to use
-from a program that already runs JAX threads.
+number of images. Per-image work (:func:`dualsig_jax.wsol.levels.image_box_ious`) runs in a
+process pool (``num_workers``), because it is CPU-bound; workers are started with ``spawn`` so
+that the evaluator is safe to use from a program that already runs JAX threads.
 """
 
 from __future__ import annotations
@@ -74,16 +74,16 @@ def _check_boxes(boxes, i, shape):
 
 def _count_chunk(maps, boxes, correct, thresholds, ious):
   """Counts for a chunk of images: int64 ``[4, num_ious, T]`` (multi, largest, gt-known, top-1)."""
-  thr = np.asarray(ious, dtype=np.float64)[:, None] / 100  # reference: iou >= THRESHOLD / 100
   out = np.zeros((4, len(ious), len(thresholds)), dtype=np.int64)
-  for m, b, ok in zip(maps, boxes, correct):
-    r = image_box_ious(m, b, thresholds)
-    out[0] += r['multi'][None] >= thr
-    out[1] += r['largest'][None] >= thr
-    hit = r['largest_first'][None] >= thr
-    out[2] += hit
-    if ok:
-      out[3] += hit
+  if not len(maps):
+    return out
+  thr = np.asarray(ious, dtype=np.float64)[:, None] / 100  # reference: iou >= THRESHOLD / 100
+  res = [image_box_ious(m, b, thresholds) for m, b in zip(maps, boxes)]
+  for i, key in enumerate(('multi', 'largest', 'largest_first')):
+    hit = np.stack([r[key] for r in res])[:, None, :] >= thr  # [B, num_ious, T]
+    out[i] = hit.sum(axis=0)
+    if key == 'largest_first':
+      out[3] = hit[np.asarray(correct, bool)].sum(axis=0)
   return out
 
 

@@ -6,23 +6,30 @@ uint8, and for every CAM threshold t (1000 of them at interval 0.001) binarizes 
 ``boundingRect`` of every contour (multi-contour) or of the one with the largest
 ``cv2.contourArea`` (first one on ties, as Python's ``max``).
 
-Why this is much faster and still exact:
-- ``int(t * qmax)`` takes at most 256 distinct values, so contours are traced once per distinct
-  integer cutoff (once per distinct level set: values absent from the map give repeated sets)
-  and mapped back to the thresholds.
-- Each level set is cropped to its own foreground bounding box before tracing (OpenCV pads the
+``int(t * qmax)`` takes at most 256 distinct values, and thresholds giving the same level set are
+merged (:func:`distinct_levels`). Two exact ways to get every level's contours from there:
+
+- the compiled kernel (:mod:`dualsig_jax.wsol.native`, the default): the level sets are nested,
+  so one union-find pass over the pixels holds all levels' components, boxes and contour areas
+  without tracing (its cost does not grow with the number of levels or of contours);
+  levels where several contours share the largest area are traced, for OpenCV's tie order;
+- the traced path (no C compiler, or ``native=False``), described below.
+
+Why the traced path is much faster than the reference and still exact:
+- contours are traced once per distinct level set and mapped back to the thresholds;
+- each level set is cropped to its own foreground bounding box before tracing (OpenCV pads the
   image with zeros, so the traced contours, their order and their hierarchy are unchanged; the
-  ``offset`` argument restores the coordinates).
+  ``offset`` argument restores the coordinates);
 - ``CHAIN_APPROX_SIMPLE`` as the reference: in this OpenCV build it costs the same as ``NONE``
-  and yields ~3x fewer points to reduce (boxes and shoelace areas are those of the reference).
-- Speckle is removed from every level at once (:func:`despeckle`, one clamp per map): noisy
+  and yields ~3x fewer points to reduce (boxes and shoelace areas are those of the reference);
+- speckle is removed from every level at once (:func:`despeckle`, one clamp per map): noisy
   maps have tens of thousands of components and holes of 1-3 pixels, whose
   contours cost most of the tracing time but whose boxes are tiny. Their contribution is
   restored exactly: their boxes' IoUs are computed per pixel and merged into the levels where
   they could change the best IoU, and levels where they could matter for the largest contour
   (largest area <= 6, or a tie for the largest, or nothing left) are traced again from the
-  original map.
-- Bounding boxes and areas of all contours of all levels are computed in a few vectorized numpy
+  original map;
+- bounding boxes and areas of all contours of all levels are computed in a few vectorized numpy
   reductions instead of ~1000 Python-level ``boundingRect``/``contourArea`` calls per level.
 """
 
@@ -31,7 +38,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from dualsig_jax.wsol import native
+from dualsig_jax.wsol import native as native_kernel
 
 __all__ = [
   'quantize',
@@ -326,7 +333,10 @@ def image_box_ious(
   res = None if native is False else _kernel_ious(q, levels, gt_boxes)
   if res is None:
     if native:
-      raise RuntimeError('native=True but the WSOL box kernel is unavailable (see warnings)')
+      raise RuntimeError(
+        'native=True but the WSOL box kernel is unavailable (see warnings) or the map is larger '
+        f'than it handles; map shape {q.shape}'
+      )
     res = _traced_ious(q, levels, gt_boxes)
   return {k: r[inverse] for k, r in zip(('multi', 'largest', 'largest_first'), res)}
 
@@ -334,7 +344,7 @@ def image_box_ious(
 def _kernel_ious(q, levels, gt_boxes):
   """Per-level (multi, largest, largest_first) by the compiled kernel, or None."""
   lut = np.searchsorted(levels, np.arange(256), side='left').astype(np.int16)  # #levels < value
-  out = native.level_ious(q, lut, len(levels), gt_boxes)
+  out = native_kernel.level_ious(q, lut, len(levels), gt_boxes)
   if out is None:
     return None
   multi, largest, largest_first, flags = out

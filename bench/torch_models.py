@@ -1,4 +1,4 @@
-"""Plain PyTorch reference models mirroring dualsig_jax's architectures (tests only).
+"""Plain PyTorch models mirroring dualsig_jax's architectures (for the tests and benchmarks).
 
 Key names follow torchvision / wsolevaluation (and the dual-cam reference's ``fc2`` /
 ``SPG_A4_2`` / ``classifier_2``), so their ``state_dict()`` is what ``dualsig_jax.convert``
