@@ -143,7 +143,7 @@ def despeckle(q: np.ndarray, noisy: int = _NOISY):
   them. A pixel is never in both cases, a removed component and a filled hole never touch, and
   no other contour passes through them (neither is 4-adjacent to another component's
   background), so every other contour is traced identically (checked by brute force in
-  tests/test_wsol.py). Single pixels are always removed, sets of 2 only when at least
+  tests/test_wsol_box.py). Single pixels are always removed, sets of 2 only when at least
   ``noisy // 10`` single ones were found, sets of 3 only when at least ``noisy`` smaller ones
   were (exact either way; the extra morphology passes only pay off on noisy maps).
 
