@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 
-from dualsig_jax import cam
+from dualsig_jax import cam, vocab
 from dualsig_jax.wsol import plots as wsol_plots
 
-BRANCHES = ('softmax', 'sigmoid')
+BRANCHES = vocab.BRANCHES
 
 
 def _fmt(v):

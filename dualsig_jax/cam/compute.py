@@ -21,10 +21,11 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from dualsig_jax import vocab
 from dualsig_jax.cam import methods as M
 from dualsig_jax.cam.resize import resize_maps
 
-BRANCHES = ('softmax', 'sigmoid')
+BRANCHES = vocab.BRANCHES
 LOGIT_KEYS = {'softmax': 'softmax_logits', 'sigmoid': 'sigmoid_logits'}
 
 

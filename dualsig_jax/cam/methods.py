@@ -14,8 +14,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-METHODS = ('cam', 'gradcam', 'gradcam++', 'xgradcam', 'layercam')
-GRADIENT_METHODS = ('gradcam', 'gradcam++', 'xgradcam', 'layercam')
+from dualsig_jax import vocab
+
+METHODS = vocab.CAM_METHODS
+GRADIENT_METHODS = vocab.GRADIENT_METHODS
 
 _GRADCAMPP_EPS = 1e-6  # pytorch-grad-cam GradCAMPlusPlus
 _XGRADCAM_EPS = 1e-7  # pytorch-grad-cam XGradCAM

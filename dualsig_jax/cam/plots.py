@@ -16,8 +16,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dualsig_jax import vocab
+
+IMAGENET_MEAN = vocab.IMAGENET_MEAN
+IMAGENET_STD = vocab.IMAGENET_STD
 
 
 def to_display(

@@ -11,6 +11,7 @@ the reference reads them (a flat root that would mix two splits is refused).
 
 from __future__ import annotations
 
+from dualsig_jax import vocab
 import logging
 import os
 
@@ -20,7 +21,7 @@ from dualsig_jax.data.sources import FolderSource, TfdsBoxes, TfdsSource
 
 log = logging.getLogger(__name__)
 
-SOURCES = ('folder', 'tfds')
+SOURCES = vocab.SOURCES
 
 
 def get(cfg, key, default=None):

@@ -23,11 +23,12 @@ The ignore mask is a 1-pixel band around the object outline (JPEG blurs the edge
 ignores the ambiguous boundary the way OpenImages ignores ambiguous instances.
 
 CLI: ``python -m dualsig_jax.data.synthetic --out DIR [--seed 0 --num_classes 10
---image_size 112 --num_train 3000 --num_val 500 --num_test 1000 --preset default|tiny]``.
+--image_size 112 --num_train 3000 --num_val 300 --num_test 600 --preset default|tiny]``.
 """
 
 from __future__ import annotations
 
+from dualsig_jax import vocab
 import argparse
 import contextlib
 import fcntl
@@ -55,7 +56,7 @@ from dualsig_jax.data.synthetic_render import (  # noqa: F401  (SHAPES, TEXTURES
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = dict(num_classes=10, image_size=112, num_train=3000, num_val=500, num_test=1000, seed=0)
+DEFAULTS = dict(vocab.SYNTHETIC)
 PRESETS = {
   'default': DEFAULTS,
   'tiny': dict(num_classes=10, image_size=64, num_train=200, num_val=40, num_test=80, seed=0),
@@ -113,12 +114,12 @@ def _pool(workers):
 def generate(
   out_dir: str,
   *,
-  num_classes: int = 10,
-  image_size: int = 112,
-  num_train: int = 3000,
-  num_val: int = 500,
-  num_test: int = 1000,
-  seed: int = 0,
+  num_classes: int = vocab.SYNTHETIC['num_classes'],
+  image_size: int = vocab.SYNTHETIC['image_size'],
+  num_train: int = vocab.SYNTHETIC['num_train'],
+  num_val: int = vocab.SYNTHETIC['num_val'],
+  num_test: int = vocab.SYNTHETIC['num_test'],
+  seed: int = vocab.SYNTHETIC['seed'],
   workers: int | None = None,
 ) -> dict:
   """Writes the SYNTH benchmark into ``out_dir`` (see module docstring); returns its params.

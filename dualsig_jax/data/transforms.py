@@ -10,6 +10,7 @@ uint8 image before the float conversion because that is cheaper and exact.
 
 from __future__ import annotations
 
+from dualsig_jax import vocab
 import functools
 import warnings
 
@@ -17,8 +18,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGENET_MEAN = np.array(vocab.IMAGENET_MEAN, dtype=np.float32)
+IMAGENET_STD = np.array(vocab.IMAGENET_STD, dtype=np.float32)
 # (x / 255 - mean) / std == x * _SCALE - _OFFSET (one multiply-add instead of three ops).
 _SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
 _OFFSET = (IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)

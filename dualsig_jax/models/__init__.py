@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dualsig_jax import vocab
 from dualsig_jax.models import dual_branch as _dual_branch_lib
 from dualsig_jax.models.dual_branch import DualBranch, dual_branch, from_single_head
 from dualsig_jax.models.inception import InceptionCam
@@ -162,7 +163,7 @@ def build_model(
     family: ``'cam'`` (the reference's wsol_cam/ models) or ``'standard'`` (its wsol/ models).
     large_feature_map: the reference's flag (28x28 features at 224 for VGG and ResNet and
       InceptionV3-CAM; the standard InceptionV3 ignores it, as the reference does).
-    dtype: compute dtype, a jnp dtype or 'float32' | 'bfloat16' | 'float16'.
+    dtype: compute dtype, a jnp dtype or one of vocab.DTYPES ('float32' | 'bfloat16').
     frozen_backbone: ``True`` wraps everything upstream of the heads and the softmax head's
       output in ``jax.lax.stop_gradient`` (only ``fc2`` learns: the dual stage); ``False`` is
       the vanilla stage. It does not touch BatchNorm or dropout, which follow ``apply``'s
@@ -180,8 +181,8 @@ def build_model(
   if int(num_classes) < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
   if isinstance(dtype, str):
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-      raise ValueError(f'unknown dtype {dtype!r}; valid: float32, bfloat16, float16')
+    if dtype not in vocab.DTYPES:
+      raise ValueError(f'unknown dtype {dtype!r}; valid: {", ".join(vocab.DTYPES)}')
     dtype = jnp.dtype(dtype)
   rate = _DEFAULT_DROPOUT if dropout_rate is None else float(dropout_rate)
   if not 0.0 <= rate < 1.0:

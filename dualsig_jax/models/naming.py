@@ -13,10 +13,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-ARCHS = ('vgg16', 'resnet50', 'inception_v3', 'vgg_tiny', 'resnet_tiny')
+from dualsig_jax import vocab
+
+ARCHS = vocab.ARCHS
 # 'cam': the reference's wsol_cam/ models (method cam); 'standard': its wsol/ models, which
 # every gradient method (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM) uses.
-FAMILIES = ('cam', 'standard')
+FAMILIES = vocab.FAMILIES
 
 _LEAF_TO_TORCH = {
   ('params', 'kernel'): 'weight',

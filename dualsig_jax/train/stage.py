@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dualsig_jax import models
+from dualsig_jax import models, vocab
 from dualsig_jax.train import checkpoints
 
 # Config dtype name -> compute dtype (the names are vocab.DTYPES).
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+assert tuple(COMPUTE_DTYPES) == vocab.DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
