@@ -33,6 +33,18 @@ conv_head_init = nn.initializers.xavier_uniform()  # U(-a, a), a = sqrt(6 / (fan
 inception_fc_init = nn.initializers.truncated_normal(0.1, lower=-20.0, upper=20.0)
 
 
+def linear_head(num_classes: int, dtype: Dtype = jnp.float32) -> nn.Dense:
+  """A GAP-fed linear head (``fc`` / ``fc2`` of the CAM models) with the reference's fresh
+  init, N(0, 0.01) kernel and zero bias; ``[B, C] -> [B, K]``, float32 parameters."""
+  return nn.Dense(
+    num_classes,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=linear_head_init,
+    bias_init=nn.initializers.zeros,
+  )
+
+
 def torch_linear_bias_init(fan_in: int):
   """torch.nn.Linear's default bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (Flax's bias
   initialisers do not see fan_in, so it is bound here)."""

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from dualsig_jax.models.layers import (
   DualHeadMixin,
-  linear_head_init,
+  linear_head,
   max_pool,
   torch_batchnorm,
   torch_conv,
@@ -102,15 +102,8 @@ class ResNetCam(DualHeadMixin, nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    dense = lambda: nn.Dense(
-      self.num_classes,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      kernel_init=linear_head_init,  # the reference's N(0, 0.01), bias 0
-      bias_init=nn.initializers.zeros,
-    )
-    self.fc = dense()
-    self.fc2 = dense()
+    self.fc = linear_head(self.num_classes, self.dtype)
+    self.fc2 = linear_head(self.num_classes, self.dtype)
 
   @nn.compact
   def __call__(self, x, train: bool = False):

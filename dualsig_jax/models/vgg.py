@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dualsig_jax.models.layers import DualHeadMixin, linear_head_init, max_pool, torch_conv
+from dualsig_jax.models.layers import DualHeadMixin, linear_head, max_pool, torch_conv
 
 # 'M' = 2x2/2 max pool. The last pool of torchvision's VGG16 is dropped (14x14 at 224).
 VGG16_CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512)
@@ -64,15 +64,8 @@ class VGGCam(DualHeadMixin, nn.Module):
   def setup(self):
     self.features = VGGFeatures(self.cfg, dtype=self.dtype)
     self.conv6 = torch_conv(self.conv6_features, 3, padding=1, dtype=self.dtype)
-    dense = lambda: nn.Dense(
-      self.num_classes,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      kernel_init=linear_head_init,  # the reference's N(0, 0.01), bias 0
-      bias_init=nn.initializers.zeros,
-    )
-    self.fc = dense()
-    self.fc2 = dense()
+    self.fc = linear_head(self.num_classes, self.dtype)
+    self.fc2 = linear_head(self.num_classes, self.dtype)
 
   def __call__(self, x, train: bool = False):
     del train  # no BatchNorm or dropout in VGG-CAM
