@@ -93,3 +93,15 @@ def test_eval_without_a_trained_workdir_says_so(tmp_path):
   r = _run('eval.py', '--config=configs/synthetic.py:smoke', f'--workdir={tmp_path}/none')
   assert r.returncode == 2
   assert 'has no dual-stage checkpoint' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_evaluation_does_not_import_the_training_loop():
+  """eval.py's library reads models and weights through train/stage.py and
+  train/checkpoints.py; the step loop (and what only training needs) stays out."""
+  code = (
+    f'import sys; sys.path.insert(0, {ROOT!r}); import dualsig_jax.evaluate;'
+    "print('dualsig_jax.train.loop' in sys.modules, 'dualsig_jax.experiment' in sys.modules)"
+  )
+  r = _run('-c', code)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.strip().splitlines()[-1] == 'False False'
