@@ -42,6 +42,7 @@ FIDELITY_TARGETS = ('pred', 'label')
 # Fields that may differ between a run and its resume (the rest must match config.json).
 # input.num_workers is not one: grain's saved iterator state is tied to the worker count.
 RESUME_SAFE_FIELDS = (
+  'stages',  # each stage's checkpoint records and checks its own model
   'log_every_steps',
   'input.data_root',
   'input.mask_root',
@@ -70,7 +71,7 @@ def _stage_section(**overrides) -> ml_collections.ConfigDict:
       momentum=0.9,  # SGD Nesterov [ref]
       nesterov=True,
       weight_decay=1e-4,  # argparse default of the reference [ref]
-      max_steps=0,  # > 0: stop after this many steps (smoke runs, benchmarks) [here]
+      max_steps=0,  # > 0: run this many steps instead of num_epochs (smoke runs, benchmarks) [here]
     )
   )
   sec.update(overrides)
@@ -240,6 +241,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_range(config, f'{stage}.max_steps', low=0, integer=True)
     _check_range(config, f'{stage}.lr_decay_frequency', low=1, integer=True)
     _check_range(config, f'{stage}.lr_decay_rate', low=0.0, low_open=True, high=1.0)
+  _check_range(config, 'dual.temp', low=0.0, low_open=True)
+  if 'vanilla' in config.stages and 'dual' in config.stages and config.dual.init_checkpoint:
+    raise ValueError(
+      f'config.dual.init_checkpoint={config.dual.init_checkpoint!r} is set, but config.stages '
+      'also trains the vanilla stage, which the dual stage starts from; drop one of them'
+    )
   _check_range(config, 'input.batch_size', low=1, integer=True)
   _check_range(config, 'input.num_workers', low=0, integer=True)
   _check_range(config, 'eval.batch_size', low=1, integer=True)

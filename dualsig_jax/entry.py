@@ -65,7 +65,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl `flags_parser` for app.run: parses, and turns config override errors into one line."""
   try:
     return flags.FLAGS(argv)
-  except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
+  except (KeyError, AttributeError, TypeError, ValueError, OSError, flags.Error) as e:
     msg = explain_bad_override(argv[1:])
     if msg is None:
       msg = f'error: {type(e).__name__}: {e}'.splitlines()[0]
@@ -77,7 +77,7 @@ def check_config_or_exit(config, workdir: str | None, *, for_eval: bool = False)
   """Validates values and checks every input exists; prints one message and exits 2 if not."""
   try:
     defaults.validate(config)
-  except ValueError as e:
+  except (ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   found = preflight.problems(config, workdir, for_eval=for_eval)

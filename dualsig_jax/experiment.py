@@ -26,12 +26,9 @@ def check_labels(config: ml_collections.ConfigDict, splits) -> bool:
   """Refuses labels outside [0, model.num_classes) before any step runs (they make the loss
   NaN a step later); uses `data.check_labels` on the folder-source metadata of `splits`.
 
-  Returns False when it checked nothing (no `data.check_labels`, or a TFDS source, whose
-  loaders check their declared class count themselves)."""
-  fn = getattr(data, 'check_labels', None)
-  if fn is None:
-    log.warning('dualsig_jax.data has no check_labels: labels are not checked before training')
-    return False
+  Returns False when it checked nothing (a TFDS source, whose loaders check their declared
+  class count themselves)."""
+  fn = data.check_labels
   if config.input.source != 'folder':
     return False
   from dualsig_jax.data import loaders
@@ -72,5 +69,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = Tru
 
       interrupt.raise_if_requested('stopped before evaluation')
       results = evaluate_lib.evaluate(config, workdir)
-    interrupt.raise_if_requested('stopped during evaluation')
+      interrupt.raise_if_requested('stopped during evaluation')
   return {'stages': summaries, 'results': results}

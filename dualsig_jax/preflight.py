@@ -15,13 +15,6 @@ import ml_collections
 _STAGE_DIR = os.path.join('{workdir}', '{stage}', 'checkpoints')
 
 
-def shipped_metadata_root() -> str:
-  """Folder of the wsolevaluation metadata installed with the package."""
-  from dualsig_jax.data import paths  # light: os only
-
-  return paths.SHIPPED_METADATA
-
-
 def _split_dir(input_cfg, split: str) -> str:
   from dualsig_jax.data import paths
 
@@ -34,7 +27,8 @@ def _convert_hint(config) -> str:
   lfm = ' --large_feature_map' if m.large_feature_map else ''
   return (
     f'convert a PyTorch {m.arch} checkpoint with `python -m dualsig_jax.convert --arch {m.arch}'
-    f'{family}{lfm} --torch_checkpoint CKPT.pth --output OUT_DIR` and name it with '
+    f'{family}{lfm} --num_classes {m.num_classes} --torch_checkpoint CKPT.pth --output OUT_DIR` '
+    f'and name it with '
     f'--config.dual.init_checkpoint=OUT_DIR'
   )
 
@@ -81,9 +75,9 @@ def problems(
     resumed = workdir and os.path.isdir(_STAGE_DIR.format(workdir=workdir, stage='dual'))
     if not src and not own and not resumed and not for_eval:
       out.append(f'the dual stage needs the vanilla classifier: {_convert_hint(config)}')
-    elif src and not os.path.isdir(src):
+    elif src and not os.path.isdir(src) and not resumed and not for_eval:
       out.append(f'dual.init_checkpoint={src!r} does not exist; {_convert_hint(config)}')
-  if 'vanilla' in stages and config.vanilla.init_checkpoint:
+  if 'vanilla' in stages and config.vanilla.init_checkpoint and not for_eval:
     if not os.path.isdir(config.vanilla.init_checkpoint):
       out.append(f'vanilla.init_checkpoint={config.vanilla.init_checkpoint!r} does not exist')
   if for_eval and workdir:

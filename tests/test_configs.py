@@ -79,6 +79,7 @@ def test_plain_cam_on_the_mlp_head_is_refused_by_validate():
     ('eval.cam_curve_interval', 0.0),
     ('checkpoint.every_steps', 0),
     ('dual.lr_decay_frequency', 0),
+    ('dual.temp', 0.0),
   ],
 )
 def test_numeric_ranges_are_checked(field, value):
@@ -102,3 +103,24 @@ def test_synthetic_config(arg):
   assert c.stages == ('vanilla', 'dual')
   with pytest.raises(ValueError, match='bogus'):
     importlib.import_module('configs.synthetic').get_config('bogus')
+
+
+def test_dual_init_checkpoint_with_a_vanilla_stage_is_refused():
+  """Both would name where the dual stage starts; the run must not silently ignore one."""
+  c = importlib.import_module('configs.synthetic').get_config()
+  c.unlock()
+  c.dual.init_checkpoint = '/some/vanilla'
+  with pytest.raises(ValueError, match='drop one of them'):
+    defaults.validate(c)
+
+
+def test_a_vanilla_workdir_names_its_checkpoints(tmp_path):
+  from dualsig_jax.train import stage
+
+  c = importlib.import_module('configs.cub').get_config('resnet50')
+  c.unlock()
+  (tmp_path / 'vanilla' / 'checkpoints').mkdir(parents=True)
+  c.dual.init_checkpoint = str(tmp_path)
+  assert stage.vanilla_source(c, 'w') == str(tmp_path / 'vanilla' / 'checkpoints')
+  c.dual.init_checkpoint = str(tmp_path / 'converted')
+  assert stage.vanilla_source(c, 'w') == str(tmp_path / 'converted')

@@ -253,8 +253,11 @@ def _train_stage(config, workdir, stage):
             images_per_s=t_images / max(dt, 1e-9),
           )
           logger.write(rec)
+          # The bar shows the lr of a group that trains (fc2 of VGG16 / InceptionV3 is in the
+          # classifier group, at lr x lr_classifier_ratio).
+          shown = rec['lr_classifier'] if not groups['feature'] else rec['lr']
           bar.set_postfix(
-            loss=f'{last_loss:.4f}', lr=f'{rec["lr"]:.2g}', img_s=f'{rec["images_per_s"]:.0f}'
+            loss=f'{last_loss:.4f}', lr=f'{shown:.2g}', img_s=f'{rec["images_per_s"]:.0f}'
           )
           t0, t_images = time.perf_counter(), 0
         if step % config.checkpoint.every_steps == 0 or step == total:

@@ -32,8 +32,10 @@ class StageSettings:
   section: the stage's config section (optimizer fields, init_checkpoint).
   frozen_backbone: only the sigmoid head trains (stop-gradient upstream of it).
   train_mode: the forward pass runs in training mode (BatchNorm on batch statistics, dropout).
-  keep_batch_stats: the BatchNorm running statistics are updated (vanilla only: the reference's
-    dual stage normalises with batch statistics but never moves the running ones).
+  keep_batch_stats: the BatchNorm running statistics are updated (vanilla, and dual with
+    unfreeze='all', which trains the whole model; the reference's dual stage with the frozen
+    backbone normalises with batch statistics but never moves the running ones).
+    With unfreeze='all' the stage always runs in train mode (dual.backbone_mode is unused).
   unfreeze: 'fc2' or 'all' (which parameters the optimizer updates).
   """
 
@@ -81,8 +83,15 @@ def checkpoint_dir(workdir: str, stage: str) -> str:
 
 
 def vanilla_source(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Where the dual stage (and eval's vanilla accuracy) reads the vanilla classifier."""
-  return config.dual.init_checkpoint or checkpoint_dir(workdir, 'vanilla')
+  """Where the dual stage (and eval's vanilla accuracy) reads the vanilla classifier.
+
+  `dual.init_checkpoint` may name a converted folder, a stage's checkpoint folder, or the
+  workdir of a vanilla run (its `vanilla/checkpoints` is used)."""
+  src = config.dual.init_checkpoint
+  if not src:
+    return checkpoint_dir(workdir, 'vanilla')
+  inner = checkpoint_dir(src, 'vanilla')
+  return inner if os.path.isdir(inner) else src
 
 
 def model_record(config: ml_collections.ConfigDict, stage: str) -> dict:
@@ -106,8 +115,13 @@ def check_source_matches(info: dict, config: ml_collections.ConfigDict, where: s
     if key in info and info[key] is not None and info[key] != want[key]:
       raise ValueError(
         f'{where} was written for model.{key}={info[key]!r}, but this config has '
-        f'model.{key}={want[key]!r}; use the matching checkpoint or set '
-        f'--config.model.{key}={info[key]!r}'
+        f'model.{key}={want[key]!r}; use the matching checkpoint, or '
+        + (
+          f'the config argument for that model (e.g. configs/<dataset>.py:{info.get("arch")}'
+          f'{",standard" if info.get("family") == "standard" else ""})'
+          if key in ('arch', 'family')
+          else f'--config.model.{key}={info[key]!r}'
+        )
       )
 
 
@@ -140,7 +154,8 @@ def overlay_variables(fresh: dict, loaded: dict, *, where: str) -> tuple[dict, l
 
 def fresh_variables(config: ml_collections.ConfigDict, model) -> dict:
   """Randomly initialised variables of the stage's model (also the restore target's shape)."""
-  return models.init_variables(model, jax.random.PRNGKey(config.seed), config.input.crop_size)
+  # Parameter shapes do not depend on the input size: the model's smallest valid size is enough.
+  return models.init_variables(model, jax.random.PRNGKey(config.seed))
 
 
 def initial_variables(config: ml_collections.ConfigDict, workdir: str, stage: str, model):
