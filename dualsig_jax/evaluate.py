@@ -14,6 +14,7 @@ the maps of its own images (distinct files) under `<workdir>/scoremaps`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -86,9 +87,8 @@ def evaluate(
       'yes' if vanilla is not None else 'no checkpoint',
     )
   bar = tqdm(total=n_batches, desc='eval', disable=jax.process_index() != 0, dynamic_ncols=True)
-  for bi, batch in enumerate(loader):
-    if bi >= n_batches:
-      break
+  # islice: with eval.max_batches the loop must not ask for (and read) a batch past the last.
+  for batch in itertools.islice(loader, n_batches):
     gbatch = sharding.to_global({'image': batch['image'], 'label': batch['label']}, mesh)
     out = jax.tree.map(_local_rows, batch_fn(variables, vanilla, gbatch['image'], gbatch['label']))
     acc.add(batch, out)
