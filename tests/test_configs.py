@@ -124,3 +124,26 @@ def test_a_vanilla_workdir_names_its_checkpoints(tmp_path):
   assert stage.vanilla_source(c, 'w') == str(tmp_path / 'vanilla' / 'checkpoints')
   c.dual.init_checkpoint = str(tmp_path / 'converted')
   assert stage.vanilla_source(c, 'w') == str(tmp_path / 'converted')
+
+
+def test_large_feature_map_mismatch_with_the_vanilla_checkpoint_is_refused(tmp_path):
+  """ResNet50/InceptionV3 have the same keys with and without large_feature_map: only the
+  record written by the converter tells them apart, and the dual stage checks it."""
+  from dualsig_jax import convert, models
+  from dualsig_jax.train import stage
+
+  model = models.build_model('resnet_tiny', 10, large_feature_map=True, frozen_backbone=False)
+  meta = dict(arch='resnet_tiny', family='cam', num_classes=10, large_feature_map=True)
+  convert.save_variables(models.init_variables(model, 0), str(tmp_path / 'ckpt'), meta=meta)
+  c = importlib.import_module('configs.synthetic').get_config()
+  c.unlock()
+  c.stages = ('dual',)
+  c.dual.init_checkpoint = str(tmp_path / 'ckpt')
+  c.model.large_feature_map = False
+  with pytest.raises(ValueError, match='large_feature_map=True'):
+    stage.initial_variables(c, str(tmp_path / 'w'), 'dual', stage.build_stage_model(c, 'dual'))
+  c.model.large_feature_map = True  # the matching config starts from it
+  variables, origin = stage.initial_variables(
+    c, str(tmp_path / 'w'), 'dual', stage.build_stage_model(c, 'dual')
+  )
+  assert 'fc2' in variables['params'] and 'freshly initialised' in origin
