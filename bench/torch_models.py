@@ -17,17 +17,23 @@ import torch.nn.functional as F
 from dualsig_jax.models.vgg import VGG16_CFG, VGG_TINY_CFG, vgg_cfg
 
 
+def _vgg_features(cfg) -> tuple[nn.Sequential, int]:
+  """torchvision's VGG ``features`` (conv3x3 + ReLU, 2x2 max pool at 'M'; torchvision's
+  indices) and its output channel count."""
+  layers, c = [], 3
+  for v in cfg:
+    if v == 'M':
+      layers.append(nn.MaxPool2d(2, 2))
+    else:
+      layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
+      c = v
+  return nn.Sequential(*layers), c
+
+
 class TorchVGGCam(nn.Module):
   def __init__(self, cfg, conv6=1024, num_classes=10, fc2=True):
     super().__init__()
-    layers, c = [], 3
-    for v in cfg:
-      if v == 'M':
-        layers.append(nn.MaxPool2d(2, 2))
-      else:
-        layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
-        c = v
-    self.features = nn.Sequential(*layers)
+    self.features, c = _vgg_features(cfg)
     self.conv6 = nn.Conv2d(c, conv6, 3, padding=1)
     self.relu = nn.ReLU(inplace=False)
     self.fc = nn.Linear(conv6, num_classes)
@@ -322,14 +328,7 @@ class TorchVGGStandard(nn.Module):
 
   def __init__(self, cfg, hidden=4096, pool=7, num_classes=10, fc2=True, dropout=0.5):
     super().__init__()
-    layers, c = [], 3
-    for v in cfg:
-      if v == 'M':
-        layers.append(nn.MaxPool2d(2, 2))
-      else:
-        layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
-        c = v
-    self.features = nn.Sequential(*layers)
+    self.features, c = _vgg_features(cfg)
     self.avgpool = nn.AdaptiveAvgPool2d((pool, pool))
     self.classifier = _mlp(c * pool * pool, hidden, num_classes, dropout)
     if fc2:

@@ -12,13 +12,9 @@ import os
 
 import ml_collections
 
+from dualsig_jax.data import paths  # light: os and importlib only
+
 _STAGE_DIR = os.path.join('{workdir}', '{stage}', 'checkpoints')
-
-
-def _split_dir(input_cfg, split: str) -> str:
-  from dualsig_jax.data import paths
-
-  return paths.split_metadata_dir(input_cfg, split)
 
 
 def _convert_hint(config) -> str:
@@ -51,7 +47,7 @@ def problems(
       out.append(f'input.data_root={i.data_root!r} does not exist (or is not a folder)')
     splits = [i.eval_split] if for_eval else [i.train_split, i.eval_split]
     for split in dict.fromkeys(splits):
-      d = _split_dir(i, split)
+      d = paths.split_metadata_dir(i, split)
       if not os.path.isfile(os.path.join(d, 'image_ids.txt')):
         if i.dataset_name == 'ILSVRC' and split == i.train_split:
           out.append(

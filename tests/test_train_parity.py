@@ -122,18 +122,10 @@ def _jax_dual_stage(config, variables, batches):
     unfreeze=s.unfreeze,
   )
   state = create_state(variables, tx, config.seed)
+  # The loop's own binding: pos_weight C - 1, the stage's BatchNorm mode.
+  assert stage.step_kwargs(config, 'dual')['pos_weight'] == K - 1.0
   step = jax.jit(
-    functools.partial(
-      train_step,
-      model=model,
-      tx=tx,
-      stage='dual',
-      train_mode=s.train_mode,
-      keep_batch_stats=s.keep_batch_stats,
-      pos_weight=K - 1.0,
-      gamma=1.0,
-      temp=1.0,
-    )
+    functools.partial(train_step, model=model, tx=tx, **stage.step_kwargs(config, 'dual'))
   )
   for b in batches:
     state, _ = step(state, {k: jnp.asarray(v) for k, v in b.items()})

@@ -35,6 +35,7 @@ from dualsig_jax.models.naming import (
   check_arch,
   check_family,
   head_layers,
+  head_param,
   head_torch_name,
   lr_group,
   torch_key,
@@ -232,9 +233,6 @@ def init_variables(
   return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
 
 
-_BRANCH_HEADS = {'softmax': 'fc', 'sigmoid': 'fc2', 'fc': 'fc', 'fc2': 'fc2'}
-
-
 def head_weights(
   variables: dict,
   branch: str = 'sigmoid',
@@ -248,9 +246,7 @@ def head_weights(
   ``arch`` / ``family`` only name the model in errors. A head that is an MLP (the standard
   VGG16's) has no such weights: ``ValueError`` naming the head and the methods that work.
   """
-  name = _BRANCH_HEADS.get(branch)
-  if name is None:
-    raise ValueError(f'unknown branch {branch!r}; valid: softmax, sigmoid')
+  name = head_param(branch)
   p = variables['params'][name]
   if 'kernel' not in p:
     layers = [_get_path(p, path) for path in head_layers(p)]

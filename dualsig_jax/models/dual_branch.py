@@ -19,9 +19,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dualsig_jax.models.layers import conv_head_init, linear_head_init
+from dualsig_jax.models.naming import head_param
+
 HEAD_KINDS = ('linear', 'conv', 'mlp', 'map')
 FC2_INITS = ('init', 'clone')  # as config.dual.head_init and models.clone_head
-_BRANCH_PARAMS = {'softmax': 'fc', 'sigmoid': 'fc2', 'fc': 'fc', 'fc2': 'fc2'}
 # Keyword names a module may use for its train / inference switch; True means "pass not train".
 _TRAIN_KWARGS = {'train': False, 'training': False, 'deterministic': True,
                  'use_running_average': True}  # fmt: skip
@@ -223,9 +225,9 @@ def fresh_head_params(head_params, rng: jax.Array | int = 0):
     name = str(getattr(path[-1], 'key', path[-1]))
     shape = jnp.shape(leaf)
     if name == 'kernel' and len(shape) == 2:
-      out.append(0.01 * jax.random.normal(k, shape, jnp.float32))
+      out.append(linear_head_init(k, shape, jnp.float32))
     elif name == 'kernel' and len(shape) >= 3:
-      out.append(nn.initializers.xavier_uniform()(k, shape, jnp.float32))
+      out.append(conv_head_init(k, shape, jnp.float32))
     elif name == 'scale':
       out.append(jnp.ones(shape, jnp.float32))
     else:
@@ -348,9 +350,7 @@ def head_weights(variables, branch: str, head_kind: str) -> tuple[jax.Array, jax
   The head's subtree must hold exactly one ``kernel`` (a bias is optional). Other head kinds
   raise ``ValueError``: plain CAM reads the class weights of a linear head.
   """
-  name = _BRANCH_PARAMS.get(branch)
-  if name is None:
-    raise ValueError(f'unknown branch {branch!r}; valid: softmax, sigmoid')
+  name = head_param(branch)
   if head_kind not in ('linear', 'conv'):
     raise ValueError(
       f"plain CAM needs a linear head (head_kind 'linear' or 'conv'), this model's head_kind is "

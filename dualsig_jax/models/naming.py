@@ -43,6 +43,18 @@ _LR_PATTERNS = {
 }
 
 
+# Branch -> the top-level param name of its head (the param names are accepted as well).
+_HEAD_PARAMS = {'softmax': 'fc', 'sigmoid': 'fc2', 'fc': 'fc', 'fc2': 'fc2'}
+
+
+def head_param(branch: str) -> str:
+  """'fc' | 'fc2' for ``branch`` ('softmax' | 'sigmoid', or 'fc' | 'fc2'); else ValueError."""
+  name = _HEAD_PARAMS.get(branch)
+  if name is None:
+    raise ValueError(f'unknown branch {branch!r}; valid: softmax, sigmoid')
+  return name
+
+
 def check_arch(arch: str) -> str:
   """Return ``arch`` or raise ``ValueError`` listing the valid names."""
   if arch not in ARCHS:

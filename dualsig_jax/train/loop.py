@@ -149,20 +149,8 @@ def _train_stage(config, workdir, stage):
     groups = optim.describe_labels(labels)
     repl = sharding.replicated(mesh)
     state = jax.device_put(state, repl)
-    loss_kwargs = dict(
-      stage=stage,
-      train_mode=settings.train_mode,
-      keep_batch_stats=settings.keep_batch_stats,
-      pos_weight=(
-        config.model.num_classes - 1.0
-        if config.dual.pos_weight < 0
-        else float(config.dual.pos_weight)
-      ),
-      gamma=config.dual.gamma,
-      temp=config.dual.temp,
-    )
     step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, **loss_kwargs),
+      functools.partial(train_step, model=model, tx=tx, **stage_lib.step_kwargs(config, stage)),
       in_shardings=(repl, sharding.data_sharded(mesh)),
       out_shardings=(repl, repl),
       donate_argnums=(0,),

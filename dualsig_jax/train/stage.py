@@ -64,6 +64,21 @@ def stage_settings(config: ml_collections.ConfigDict, stage: str) -> StageSettin
   )
 
 
+def step_kwargs(config: ml_collections.ConfigDict, stage: str) -> dict:
+  """The loss settings `state.train_step` is bound with for a stage (functools.partial):
+  stage, train_mode, keep_batch_stats, pos_weight (`dual.pos_weight` < 0: C - 1), gamma, temp."""
+  s = stage_settings(config, stage)
+  d = config.dual
+  return dict(
+    stage=stage,
+    train_mode=s.train_mode,
+    keep_batch_stats=s.keep_batch_stats,
+    pos_weight=config.model.num_classes - 1.0 if d.pos_weight < 0 else float(d.pos_weight),
+    gamma=d.gamma,
+    temp=d.temp,
+  )
+
+
 def build_stage_model(config: ml_collections.ConfigDict, stage: str = 'dual'):
   """The Flax model of a stage (`dual` is also the evaluation model: both heads)."""
   s = stage_settings(config, stage)
