@@ -16,15 +16,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from configs import synthetic  # noqa: E402
+from xla_flags import with_device_count  # noqa: E402
 
 # 35 = 4 global batches of 8 + 3 images: in the last batch process 0 has 3 images and a padding
 # row, process 1 only padding (it must still run the batch, or the collectives would hang).
 NUM_TEST = 35
 EVAL_BATCH = 8  # global: 4 per process in the two-process run
-# Devices per process in both runs. XLA:CPU convolutions come out 1 ulp apart when a process
-# has more devices than the machine has cores (measured: 4 devices on 2 cores vs 1 or 2), which
-# would hide what this test checks: that the combination across processes is exact.
-DEVICES_PER_PROCESS = 2
+# Devices in all, in both runs: 1 process with 2 devices against 2 processes with 1 device each.
+# Like is compared with like: every device gets the same per-device batch shape in both runs.
+# XLA:CPU's rounding depends on that shape (on AVX2 machines a 4-image and a 2-image batch give
+# maps 1 ulp apart), which would hide what this test checks: that the combination across
+# processes is exact.
+NUM_DEVICES = 2
 
 
 def eval_config(data_root):
@@ -93,7 +96,7 @@ def _launch(setup, name, num_processes):
       WORKDIR=str(workdir),
       OUT=str(root / name),
       JAX_PLATFORMS='cpu',
-      XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}',
+      XLA_FLAGS=with_device_count(NUM_DEVICES // num_processes),
       PYTHONPATH=os.pathsep.join([ROOT, HERE]),
     )
     env.pop('JAX_COORDINATOR_ADDRESS', None)
