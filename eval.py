@@ -1,5 +1,11 @@
-"""Re-evaluates a trained workdir: python eval.py --config configs/synthetic.py --workdir
-runs/synthetic. Logic lives in dualsig_jax.evaluate."""
+"""Evaluates a trained workdir, or any dual-branch checkpoint folder:
+
+  python eval.py --config configs/synthetic.py --workdir runs/synthetic
+  python eval.py --config configs/imagenet.py:resnet50 --workdir runs/ref --checkpoint CONVERTED
+
+Logic lives in dualsig_jax.evaluate."""
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -9,21 +15,37 @@ from dualsig_jax import entry
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Config file (configs/*.py[:arg]).', lock_config=True
 )
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished train.py run.')
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Workdir of a finished train.py run, or where to write the results.'
+)
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint',
+  None,
+  'Evaluate this dual-branch checkpoint folder instead of <workdir>/dual/checkpoints: a '
+  'converter output (python -m dualsig_jax.convert) or any stage checkpoint folder.',
+)
 _SPLIT = flags.DEFINE_string('split', None, 'Split to evaluate (default: config.input.eval_split).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   del argv
-  entry.check_config_or_exit(_CONFIG.value, _WORKDIR.value, for_eval=True)
+  entry.check_config_or_exit(
+    _CONFIG.value, _WORKDIR.value, for_eval=True, checkpoint=_CHECKPOINT.value
+  )
   from dualsig_jax import evaluate, experiment  # after the preflight: these import JAX
   from dualsig_jax.train import interrupt, sharding
 
   experiment.setup_logging()
   sharding.maybe_initialize_distributed()
   with interrupt.handling():  # SIGTERM / Ctrl-C: exit 128 + signal, no stray workers
-    evaluate.evaluate(_CONFIG.value, _WORKDIR.value, split=_SPLIT.value)
+    try:
+      evaluate.evaluate(
+        _CONFIG.value, _WORKDIR.value, split=_SPLIT.value, checkpoint=_CHECKPOINT.value
+      )
+    except evaluate.USER_ERRORS as e:  # a wrong checkpoint or setting: one line, not a trace
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -73,14 +73,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def check_config_or_exit(config, workdir: str | None, *, for_eval: bool = False) -> None:
+def check_config_or_exit(
+  config, workdir: str | None, *, for_eval: bool = False, checkpoint: str | None = None
+) -> None:
   """Validates values and checks every input exists; prints one message and exits 2 if not."""
   try:
     defaults.validate(config)
   except (ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  found = preflight.problems(config, workdir, for_eval=for_eval)
+  found = preflight.problems(config, workdir, for_eval=for_eval, checkpoint=checkpoint)
   if found:
     print(preflight.report(found, 'eval.py' if for_eval else 'train.py'), file=sys.stderr)
     sys.exit(2)

@@ -35,6 +35,9 @@ TOP1_HEADS = ('softmax', 'sigmoid', 'vanilla')
 # Integer state of the WSOL evaluators that is summed across processes.
 BOX_COUNT_FIELDS = ('counts', 'num_images', 'num_with_pred')
 MASK_COUNT_FIELDS = ('gt_true_hist', 'gt_false_hist', 'num_images')
+# What eval.py reports in one line: a wrong checkpoint (missing, damaged, another model's) or a
+# setting that does not fit this machine (the batch over the devices).
+USER_ERRORS = (FileNotFoundError, ValueError, checkpoints.CheckpointCorruptError)
 
 
 def evaluate(
@@ -43,21 +46,43 @@ def evaluate(
   *,
   variables: dict | None = None,
   split: str | None = None,
+  checkpoint: str | None = None,
+  overlap: bool = True,
 ) -> dict:
-  """Evaluates the newest `dual` checkpoint of `workdir` (or `variables`) on `split`.
+  """Evaluates a dual-branch model on `split` and writes the results under `workdir`.
+
+  The model is, in this order: `variables` if given; else the dual-branch checkpoint folder
+  `checkpoint` (a converter output folder, e.g. a reference `.pth.tar` converted with
+  `python -m dualsig_jax.convert`, or any stage's `<workdir>/<stage>/checkpoints`); else the
+  newest `<workdir>/dual/checkpoints` step. A checkpoint's model record (arch, family,
+  num_classes, large_feature_map) is checked against `config.model` as for training.
 
   Runs on every process of a `jax.distributed` job (each reads its shard of the split);
   `config.eval.batch_size` is the global batch. Returns the results dict (the same on every
-  process) that process 0 also writes to `<workdir>/results.json`.
+  process) that process 0 also writes to `<workdir>/results.json`; its `checkpoints` entry
+  records which checkpoint (folder and step) of each stage was evaluated.
+
+  `overlap=False` evaluates each batch on the host before dispatching the next (the previous
+  behaviour; `bench/bench_eval.py` compares the two).
+
+  Raises:
+    FileNotFoundError: no such checkpoint. ValueError: a checkpoint of another model (names
+      the field), or one without the sigmoid head `fc2`.
   """
   defaults.validate(config)
   split = split or config.input.eval_split
   mesh = sharding.make_mesh()
   local_batch = _local_batch_size(config.eval.batch_size, mesh)
   model = stage_lib.build_stage_model(config, 'dual')
-  if variables is None:
-    variables = stage_lib.load_dual_variables(config, workdir, model)
-  vanilla = _vanilla_variables(config, workdir, variables)
+  if variables is not None:
+    sources = {'dual': {'path': None, 'step': None}}
+  else:
+    path = checkpoint or stage_lib.checkpoint_dir(workdir, 'dual')
+    variables, info = _load_dual(config, path, model)
+    sources = {'dual': {'path': os.path.abspath(path), 'step': info.get('step')}}
+  vanilla, vanilla_source = _vanilla_variables(config, workdir, variables)
+  if vanilla_source is not None:
+    sources['vanilla'] = vanilla_source
   repl = sharding.replicated(mesh)
   variables = jax.device_put(variables, repl)
   vanilla = None if vanilla is None else jax.device_put(vanilla, repl)
@@ -87,20 +112,40 @@ def evaluate(
       'yes' if vanilla is not None else 'no checkpoint',
     )
   bar = tqdm(total=n_batches, desc='eval', disable=jax.process_index() != 0, dynamic_ncols=True)
-  # islice: with eval.max_batches the loop must not ask for (and read) a batch past the last.
-  for batch in itertools.islice(loader, n_batches):
-    gbatch = sharding.to_global({'image': batch['image'], 'label': batch['label']}, mesh)
-    out = jax.tree.map(_local_rows, batch_fn(variables, vanilla, gbatch['image'], gbatch['label']))
+
+  def finish(batch, out_on_device):
+    """Host side of one batch: fetch its rows, feed the evaluators, save maps and plots."""
+    out = jax.tree.map(_local_rows, out_on_device)
     acc.add(batch, out)
     if config.eval.save_scoremaps:
       _save_scoremaps(os.path.join(workdir, 'scoremaps'), loader.metadata, batch, out['maps'])
     if jax.process_index() == 0:
       plots.add(batch, out)
     bar.update(1)
+
+  # Dispatch before blocking: batch i+1's forward passes and maps are queued on the devices
+  # (asynchronous dispatch) before the host evaluates batch i, so the two overlap.
+  # islice: with eval.max_batches the loop must not ask for (and read) a batch past the last.
+  pending = None
+  for batch in itertools.islice(loader, n_batches):
+    gbatch = sharding.to_global({'image': batch['image'], 'label': batch['label']}, mesh)
+    dispatched = (batch, batch_fn(variables, vanilla, gbatch['image'], gbatch['label']))
+    if not overlap:
+      finish(*dispatched)
+      continue
+    if pending is not None:
+      finish(*pending)
+    pending = dispatched
+  if pending is not None:
+    finish(*pending)
   bar.close()
 
   _combine_processes(acc)
   results, curves = acc.results(split)
+  results['checkpoints'] = sources
+  results['paper'] = report.paper_comparison(
+    results, config.input.dataset_name, config.model.arch, config.model.family
+  )
   if jax.process_index() == 0:
     report.write_outputs(config, workdir, results, curves, plots)
   return results
@@ -116,17 +161,31 @@ def _local_batch_size(global_batch: int, mesh) -> int:
   return global_batch // nproc
 
 
-def _vanilla_variables(config, workdir: str, dual_variables: dict) -> dict | None:
+def _load_dual(config, path: str, model) -> tuple[dict, dict]:
+  """Variables and record of the dual-branch checkpoint folder `path`, checked against the
+  config's model; a checkpoint without the sigmoid head (a vanilla one) is refused."""
+  variables, info = checkpoints.restore_variables(path)
+  stage_lib.check_source_matches(info, config, path)
+  if 'fc2' not in variables.get('params', {}):
+    raise ValueError(
+      f'{path} has no sigmoid head (fc2): it is a single-head classifier; train the dual stage '
+      'on it (dual.init_checkpoint) or convert a dual-branch checkpoint'
+    )
+  stage_lib.check_structure(variables, config, model, where=path)
+  return variables, info
+
+
+def _vanilla_variables(config, workdir: str, dual_variables: dict) -> tuple[dict | None, dict]:
   """The vanilla classifier laid over the dual model's variables (a vanilla checkpoint may lack
-  fc2, which is then the dual model's: only the softmax head is read), or None when there is
-  no vanilla checkpoint."""
+  fc2, which is then the dual model's: only the softmax head is read) and {'path', 'step'} of
+  its checkpoint; (None, None) when there is no vanilla checkpoint."""
   src = stage_lib.vanilla_source(config, workdir)
   if not os.path.isdir(src):
-    return None
+    return None, None
   loaded, info = checkpoints.restore_variables(src)
   stage_lib.check_source_matches(info, config, src)
   merged, _ = stage_lib.overlay_variables(dual_variables, loaded, where=src)
-  return merged
+  return merged, {'path': os.path.abspath(src), 'step': info.get('step')}
 
 
 def _make_batch_fn(model, config, mesh):

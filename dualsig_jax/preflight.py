@@ -30,9 +30,16 @@ def _convert_hint(config) -> str:
 
 
 def problems(
-  config: ml_collections.ConfigDict, workdir: str | None, *, for_eval: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str | None,
+  *,
+  for_eval: bool = False,
+  checkpoint: str | None = None,
 ) -> list[str]:
-  """Every input the run needs and cannot find, each with its remedy ([] when all is there)."""
+  """Every input the run needs and cannot find, each with its remedy ([] when all is there).
+
+  `checkpoint`: eval.py's `--checkpoint` folder, evaluated instead of the workdir's dual stage.
+  """
   out: list[str] = []
   i = config.input
   synthetic = i.dataset_name == 'SYNTH'
@@ -76,7 +83,13 @@ def problems(
   if 'vanilla' in stages and config.vanilla.init_checkpoint and not for_eval:
     if not os.path.isdir(config.vanilla.init_checkpoint):
       out.append(f'vanilla.init_checkpoint={config.vanilla.init_checkpoint!r} does not exist')
-  if for_eval and workdir:
+  if for_eval and checkpoint:
+    if not os.path.isdir(checkpoint):
+      out.append(
+        f'--checkpoint {checkpoint} does not exist: name a folder written by '
+        '`python -m dualsig_jax.convert` or a stage checkpoint folder (<workdir>/dual/checkpoints)'
+      )
+  elif for_eval and workdir:
     if not os.path.isdir(_STAGE_DIR.format(workdir=workdir, stage='dual')):
       out.append(
         f'{workdir} has no dual-stage checkpoint ({workdir}/dual/checkpoints): train first '
