@@ -24,7 +24,6 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import synthetic  # noqa: E402
-
 from dualsig_jax import data, evaluate  # noqa: E402
 from dualsig_jax.train import stage as stage_lib  # noqa: E402
 
