@@ -75,8 +75,34 @@ class Bottleneck(nn.Module):
     return self.relu(out + idt)
 
 
+class BasicBlock(nn.Module):
+  """torchvision BasicBlock (ResNet18 / ResNet34)."""
+
+  expansion = 1
+
+  def __init__(self, inplanes, planes, stride=1):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.relu = nn.ReLU(inplace=True)
+    self.downsample = None
+    if stride != 1 or inplanes != planes:
+      self.downsample = nn.Sequential(
+        nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+      )
+
+  def forward(self, x):
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    idt = x if self.downsample is None else self.downsample(x)
+    return self.relu(out + idt)
+
+
 class TorchResNetCam(nn.Module):
-  """torchvision ResNet50 key layout; wsolevaluation strides (layer4 stride 1)."""
+  """torchvision ResNet key layout (Bottleneck or BasicBlock); wsolevaluation strides (layer4
+  stride 1)."""
 
   def __init__(
     self,
@@ -86,6 +112,7 @@ class TorchResNetCam(nn.Module):
     num_classes=10,
     large_feature_map=False,
     fc2=True,
+    block=Bottleneck,
   ):
     super().__init__()
     self.conv1 = nn.Conv2d(3, stem, 7, stride=2, padding=3, bias=False)
@@ -97,8 +124,8 @@ class TorchResNetCam(nn.Module):
     for i, (n, p, s) in enumerate(zip(blocks, planes, strides)):
       layer = []
       for j in range(n):
-        layer.append(Bottleneck(c, p, s if j == 0 else 1))
-        c = p * 4
+        layer.append(block(c, p, s if j == 0 else 1))
+        c = p * block.expansion
       setattr(self, f'layer{i + 1}', nn.Sequential(*layer))
     self.avgpool = nn.AdaptiveAvgPool2d(1)
     self.fc = nn.Linear(c, num_classes)
@@ -372,6 +399,10 @@ def build_torch_model(
     m = TorchResNetCam(num_classes=num_classes, large_feature_map=lfm, fc2=fc2)
   elif arch == 'resnet_tiny':
     m = TorchResNetCam((1, 1, 1, 1), (8, 16, 32, 32), 16, num_classes, lfm, fc2)
+  elif arch in ('resnet18', 'resnet34'):
+    blocks = (2, 2, 2, 2) if arch == 'resnet18' else (3, 4, 6, 3)
+    m = TorchResNetCam(blocks, num_classes=num_classes, large_feature_map=lfm, fc2=fc2,
+                       block=BasicBlock)  # fmt: skip
   elif arch == 'inception_v3':
     m = TorchInceptionCam(num_classes, lfm, fc2)
   else:

@@ -34,20 +34,43 @@ def _to_numpy(value: Any, key: str) -> np.ndarray:
   raise ValueError(f'state dict entry {key!r} is a {type(value).__name__}, not a tensor')
 
 
+def _last(e: BaseException) -> str:
+  """A short description of a reader's error: its type and first line."""
+  lines = [x for x in str(e).splitlines() if x.strip()]
+  return f'{type(e).__name__}: {lines[0][:200]}' if lines else type(e).__name__
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+  try:
+    z = np.load(path, allow_pickle=False)
+  except Exception as e:  # noqa: BLE001 (numpy raises several kinds on damaged files)
+    raise ValueError(f'cannot read {path}: not a valid .npz file ({_last(e)})') from None
+  if not isinstance(z, np.lib.npyio.NpzFile):  # a single array (.npy) under an .npz name
+    raise ValueError(
+      f'cannot read {path}: it holds one array (an .npy file), not named arrays; save the '
+      'state dict with np.savez(path, **state_dict)'
+    )
+  with z:
+    try:
+      return {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001
+      raise ValueError(f'cannot read {path}: a damaged .npz file ({_last(e)})') from None
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """Read ``.pth/.pt/.tar`` (``torch.load(weights_only=True)``), ``.safetensors`` or ``.npz``.
 
   Returns a flat ``{key: np.ndarray}`` (``'state_dict'`` wrapper and ``module.`` prefixes
   still present; ``dualsig_jax.convert.torch_to_flax`` removes them). Raises ``ValueError``
-  for a pickle that needs arbitrary code to load, ``ImportError`` for a missing optional
-  reader.
+  naming the file for a pickle that needs arbitrary code to load and for a file that is not
+  what its name says (random bytes, an .npy renamed .npz), ``ImportError`` for a missing
+  optional reader.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f'checkpoint not found: {path}')
   lower = path.lower()
   if lower.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
+    return _load_npz(path)
   if lower.endswith('.safetensors'):
     try:
       from safetensors.numpy import load_file
@@ -57,6 +80,11 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         '(pip install safetensors), or convert it to .npz'
       ) from e
     return dict(load_file(path))
+  with open(path, 'rb') as f:
+    magic = f.read(4)
+  # torch.save writes a zip archive (PK..) or, before torch 1.6, a pickle (protocol >= 2: 0x80).
+  if not (magic.startswith(b'PK\x03\x04') or magic[:1] == b'\x80'):
+    raise ValueError(f'cannot read {path}: not a PyTorch checkpoint (neither a zip nor a pickle)')
   try:
     import torch
   except ImportError as e:
@@ -67,12 +95,16 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
+    if 'GLOBAL' not in str(e):  # damaged bytes, not a pickle asking to run code
+      raise ValueError(f'cannot read {path}: a damaged PyTorch checkpoint ({_last(e)})') from None
     raise ValueError(
       f'refusing to load {path}: it is a pickle that needs arbitrary code to load '
       f'(torch.load(weights_only=True) rejected it: {str(e).splitlines()[0]}). '
       "Re-save only tensors, e.g. torch.save({'state_dict': model.state_dict()}, f), "
       'or export to .safetensors/.npz.'
     ) from None
+  except Exception as e:  # noqa: BLE001 (torch raises anything on damaged bytes)
+    raise ValueError(f'cannot read {path}: a damaged PyTorch checkpoint ({_last(e)})') from None
   if not isinstance(obj, Mapping):
     raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict')
   return dict(obj)
@@ -81,7 +113,8 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 def normalise_state_dict(state_dict: Mapping) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Unwrap ``{'state_dict': ...}``, strip ``module.``, split off BN counters.
 
-  Returns ``({key: np.ndarray}, {bn counter key: int})``.
+  Returns ``({key: np.ndarray}, {bn counter key: int})``. A NaN or Inf value is a
+  ``ValueError`` naming the key: a diverged run's weights never train or explain anything.
   """
   if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], Mapping):
     state_dict = state_dict['state_dict']
@@ -96,6 +129,12 @@ def normalise_state_dict(state_dict: Mapping) -> tuple[dict[str, np.ndarray], di
       continue
     if key in out:
       raise ValueError(f"duplicate key {key!r} after stripping 'module.' prefixes")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+      bad = int(arr.size - np.isfinite(arr).sum())
+      raise ValueError(
+        f'state dict entry {key!r} holds {bad} non-finite value(s) (nan/inf); refusing to '
+        'convert weights of a diverged or damaged model'
+      )
     out[key] = arr
   return out, counters
 
@@ -114,14 +153,78 @@ def check_target(directory: str, overwrite: bool) -> str:
   return path
 
 
+def conversion_record(
+  variables: Mapping,
+  *,
+  arch: str,
+  family: str = 'cam',
+  large_feature_map: bool = False,
+) -> dict:
+  """The four keys every ``conversion.json`` holds (arch, family, num_classes,
+  large_feature_map), after checking that ``variables`` are those of that model (so the record
+  cannot name another one). ``ValueError`` names the first array that does not fit."""
+  from dualsig_jax.models import build_model  # late: models imports flax
+  from dualsig_jax.models.naming import head_num_classes
+
+  num_classes = head_num_classes(variables['params']['fc'])
+  model = build_model(arch, num_classes, family=family, large_feature_map=large_feature_map)
+  from dualsig_jax.convert_layouts import expected_keys
+
+  want = {(c, p): s for c, p, s in expected_keys(arch, model, family).values()}
+  have = {}
+  for coll in ('params', 'batch_stats'):
+    for path, leaf in _leaves(variables.get(coll, {}) or {}):
+      have[(coll, path)] = tuple(np.shape(leaf))
+  for key in sorted(set(want) | set(have)):
+    if want.get(key) != have.get(key):
+      where = f'{key[0]}/{"/".join(key[1])}'
+      raise ValueError(
+        f'these variables are not those of {arch} ({family}, {num_classes} classes, '
+        f'large_feature_map={large_feature_map}): {where} is {have.get(key, "missing")}, the '
+        f'model has {want.get(key, "nothing")}; pass the arch / family / large_feature_map '
+        'they were made for'
+      )
+  return dict(
+    arch=arch, family=family, num_classes=num_classes, large_feature_map=bool(large_feature_map)
+  )
+
+
+def _leaves(tree: Mapping, prefix: tuple = ()):
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      yield from _leaves(v, prefix + (str(k),))
+    else:
+      yield prefix + (str(k),), v
+
+
 def save_variables(
-  variables: Mapping, directory: str, *, meta: Mapping | None = None, overwrite: bool = False
+  variables: Mapping,
+  directory: str,
+  *,
+  arch: str | None = None,
+  family: str | None = None,
+  large_feature_map: bool | None = None,
+  meta: Mapping | None = None,
+  overwrite: bool = False,
 ) -> str:
-  """Write ``DIR/variables`` (Orbax StandardCheckpointer) and ``DIR/conversion.json``
-  (``meta``, e.g. ``ConversionInfo.to_json()``). An existing ``DIR/variables`` is an error
-  unless ``overwrite``. Returns the absolute ``DIR``."""
+  """Write ``DIR/variables`` (Orbax StandardCheckpointer) and ``DIR/conversion.json``, the
+  record the CLI writes: arch, family ('cam' unless given), num_classes (from the head) and
+  large_feature_map (False unless given), plus ``meta`` (e.g. ``ConversionInfo.to_json()``,
+  which may also supply those four). The record is checked against ``variables``
+  (``ValueError`` if they are another model's; ``ValueError`` if no arch is given). An
+  existing ``DIR/variables`` is an error unless ``overwrite``. Returns the absolute ``DIR``."""
   import orbax.checkpoint as ocp
 
+  meta = dict(meta or {})
+  arch = arch if arch is not None else meta.get('arch')
+  if arch is None:
+    raise ValueError(
+      "save_variables needs arch= (and family= / large_feature_map= when not 'cam' / False) "
+      'to write the conversion record training and evaluation check'
+    )
+  family = family if family is not None else meta.get('family', 'cam')
+  lfm = large_feature_map if large_feature_map is not None else meta.get('large_feature_map')
+  record = conversion_record(variables, arch=arch, family=family, large_feature_map=bool(lfm))
   path = check_target(directory, overwrite)
   directory = os.path.dirname(path)
   os.makedirs(directory, exist_ok=True)
@@ -130,7 +233,7 @@ def save_variables(
   ckptr.save(path, tree, force=overwrite)
   ckptr.wait_until_finished()
   with open(os.path.join(directory, 'conversion.json'), 'w') as f:
-    json.dump(dict(meta or {}), f, indent=2)
+    json.dump(meta | record, f, indent=2)
   return directory
 
 

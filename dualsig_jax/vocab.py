@@ -4,10 +4,11 @@ Modules that own a concept import its names from here: the model table checks `A
 `FAMILIES`, the CAM library `CAM_METHODS` and `BRANCHES`, the config schema all of them.
 """
 
-# Model name table keys (dualsig_jax.models.MODELS) and the two model families of the
+# Archs of the backbone table (dualsig_jax.models.BACKBONES) and the two model families of the
 # reference: `cam` = wsol_cam/ (GAP + linear head, used for plain CAM), `standard` = wsol/
 # (torchvision layouts, VGG16 with its MLP classifier, used for every gradient method).
-ARCHS = ('vgg16', 'resnet50', 'inception_v3', 'vgg_tiny', 'resnet_tiny')
+# resnet18 / resnet34 are not in the paper: torchvision's BasicBlock ResNets in the same layout.
+ARCHS = ('vgg16', 'resnet50', 'inception_v3', 'vgg_tiny', 'resnet_tiny', 'resnet18', 'resnet34')
 PAPER_ARCHS = ('vgg16', 'resnet50', 'inception_v3')
 FAMILIES = ('cam', 'standard')
 
@@ -16,11 +17,34 @@ DTYPES = ('float32', 'bfloat16')
 
 CAM_METHODS = ('cam', 'gradcam', 'gradcam++', 'xgradcam', 'layercam')
 GRADIENT_METHODS = CAM_METHODS[1:]
+# cam.explain's methods (pytorch-grad-cam 1.5.7's class-discriminative set on any target layer).
+EXPLAIN_METHODS = (
+  'gradcam',
+  'hirescam',
+  'gradcam++',
+  'xgradcam',
+  'layercam',
+  'gradcamelementwise',
+  'eigencam',
+  'eigengradcam',
+  'kpcacam',
+  'scorecam',
+  'ablationcam',
+  'shapleycam',
+  'finercam',
+  'fem',
+  'randomcam',
+)
 # Heads of a dual-branch model: 'softmax' = fc (classifies), 'sigmoid' = fc2 (explains).
 BRANCHES = ('softmax', 'sigmoid')
 
 STAGES = ('vanilla', 'dual')
 SOURCES = ('folder', 'tfds')
+
+# eval.cam_curve_interval (wsol.BoxEvaluator / MaskEvaluator): the CAM thresholds are
+# np.arange(0, 1, interval), as wsolevaluation; any positive interval works there, and 1 already
+# leaves the single threshold t = 0. Low bound exclusive, high bound inclusive.
+CAM_CURVE_INTERVAL_RANGE = (0.0, 1.0)
 
 # ImageNet normalisation used by every backbone (torchvision / wsolevaluation).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -5,16 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dualsig_jax.convert_layouts import torch_key
 from dualsig_jax.models import (
+  ARCHS,
+  BACKBONES,
   FAMILIES,
-  MODELS,
   build_model,
   cam_fns,
   clone_head,
   head_weights,
   init_variables,
   lr_group,
-  torch_key,
 )
 from dualsig_jax.models.layers import max_pool
 
@@ -35,11 +36,12 @@ def _images(n=2, s=64, seed=0):
 
 
 def test_names_and_unknown_arch():
-  assert set(MODELS) == {'vgg16', 'resnet50', 'inception_v3', 'vgg_tiny', 'resnet_tiny'}
+  names = {'vgg16', 'resnet50', 'inception_v3', 'vgg_tiny', 'resnet_tiny', 'resnet18', 'resnet34'}
+  assert set(ARCHS) == names
   assert FAMILIES == ('cam', 'standard')
-  assert all(tuple(by_family) == FAMILIES for by_family in MODELS.values())
+  assert set(BACKBONES) == {(a, f) for a in names for f in FAMILIES}
   with pytest.raises(ValueError, match='resnet50'):
-    build_model('resnet18', 10)
+    build_model('resnet101', 10)
   with pytest.raises(ValueError, match='valid'):
     lr_group('alexnet', ('fc', 'kernel'))
   with pytest.raises(ValueError, match="'wsol'.*valid: cam, standard"):

@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dualsig_jax.models.layers import conv_head_init, linear_head_init
-from dualsig_jax.models.naming import head_param
+from dualsig_jax.models.heads import (  # noqa: F401 (re-exported: the wrapper's API)
+  FC2_INITS,
+  cam_fns,
+  fresh_head_params,
+  head_weights,
+  init_sigmoid_head,
+)
 
 HEAD_KINDS = ('linear', 'conv', 'mlp', 'map')
-FC2_INITS = ('init', 'clone')  # as config.dual.head_init and models.clone_head
 # Keyword names a module may use for its train / inference switch; True means "pass not train".
 _TRAIN_KWARGS = {'train': False, 'training': False, 'deterministic': True,
                  'use_running_average': True}  # fmt: skip
@@ -58,7 +63,15 @@ def infer_head_kind(head: nn.Module) -> str:
 
 
 class DualBranch(nn.Module):
-  """Dual-branch wrapper; build it with :func:`dual_branch` (see there for the arguments)."""
+  """Dual-branch model: a feature module, a softmax head ``fc`` and a sigmoid head ``fc2``.
+
+  Build it with :func:`dual_branch` (a user's modules) or ``models.build_model`` (the built-in
+  backbones, whose extra fields come from their spec): ``inline_backbone`` keeps the feature
+  module's params at the top level (``features``, ``layer1``, ... beside ``fc`` / ``fc2``, the
+  tree every checkpoint of this package has), ``head_dropout`` > 0 drops the heads' shared input
+  (a Dropout named ``head_dropout_name``), ``dtype`` is the compute dtype the pure head casts
+  its features to, and ``arch`` / ``family`` name a built-in model (CAM errors, fresh inits).
+  """
 
   backbone: nn.Module
   head_factory: Callable[[], nn.Module]
@@ -66,10 +79,19 @@ class DualBranch(nn.Module):
   frozen_backbone: bool = True
   features_method: str = '__call__'
   train_arg: str | None = 'auto'
+  inline_backbone: bool = False
+  head_dropout: float = 0.0
+  head_dropout_name: str | None = None
+  dtype: Any = None
+  arch: str | None = None
+  family: str | None = None
+  min_input_size: int = 64
 
   def setup(self):
     if self.head_kind not in HEAD_KINDS:
       raise ValueError(f'unknown head_kind {self.head_kind!r}; valid: {HEAD_KINDS}')
+    if self.inline_backbone:
+      nn.share_scope(self, self.backbone)
     # Detached copies, so the attribute names (not the user's names) become the param keys.
     self.fc = self.head_factory().clone(parent=None, name=None)
     self.fc2 = self.head_factory().clone(parent=None, name=None)
@@ -81,17 +103,17 @@ class DualBranch(nn.Module):
       raise ValueError(f'the feature module must return [B, h, w, C], got shape {f.shape}')
     return f
 
-  def _branch(self, layer: nn.Module, f: jax.Array, train: bool) -> jax.Array:
+  def _head_input(self, f: jax.Array) -> jax.Array:
+    """What both heads read: the map (conv, map kinds) or its global average (linear, mlp)."""
+    return f if self.head_kind in ('conv', 'map') else jnp.mean(f, axis=(1, 2))
+
+  def _branch(self, layer: nn.Module, x: jax.Array, train: bool) -> jax.Array:
     kw = _train_kwargs(layer, '__call__', self.train_arg, train)
+    out = layer(x, **kw)
     if self.head_kind == 'conv':
-      out = layer(f, **kw)
       if out.ndim != 4:
         raise ValueError(f"head_kind='conv' needs a head returning [B, h, w, K], got {out.shape}")
       out = jnp.mean(out, axis=(1, 2))
-    elif self.head_kind == 'map':
-      out = layer(f, **kw)
-    else:
-      out = layer(jnp.mean(f, axis=(1, 2)), **kw)
     if out.ndim != 2:
       raise ValueError(f'the head must give logits [B, K], got shape {out.shape}')
     return out.astype(jnp.float32)
@@ -100,11 +122,15 @@ class DualBranch(nn.Module):
     """Pure head on ``features [B, h, w, C]`` -> ``{'softmax_logits', 'sigmoid_logits'}``
     ``[B, K]`` float32. No stop-gradient, inference mode (no dropout): CAM methods
     differentiate through this."""
+    if self.dtype is not None:
+      features = features.astype(self.dtype)
+    x = self._head_input(features)
     return {
-      'softmax_logits': self._branch(self.fc, features, False),
-      'sigmoid_logits': self._branch(self.fc2, features, False),
+      'softmax_logits': self._branch(self.fc, x, False),
+      'sigmoid_logits': self._branch(self.fc2, x, False),
     }
 
+  @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """``x [B, H, W, 3]`` -> ``{'features' [B, h, w, C], 'softmax_logits' [B, K],
     'sigmoid_logits' [B, K]}`` float32. ``train`` goes to the user's modules (BatchNorm batch
@@ -113,13 +139,17 @@ class DualBranch(nn.Module):
     f = self._features(x, train)
     if self.frozen_backbone:
       f = jax.lax.stop_gradient(f)
-    soft = self._branch(self.fc, f, train)
+    h = self._head_input(f)
+    if self.head_dropout > 0:
+      # One mask for both heads, as the reference's models apply one dropout before them.
+      h = nn.Dropout(self.head_dropout, deterministic=not train, name=self.head_dropout_name)(h)
+    soft = self._branch(self.fc, h, train)
     if self.frozen_backbone:
       soft = jax.lax.stop_gradient(soft)
     return {
       'features': f.astype(jnp.float32),
       'softmax_logits': soft,
-      'sigmoid_logits': self._branch(self.fc2, f, train),
+      'sigmoid_logits': self._branch(self.fc2, h, train),
     }
 
 
@@ -209,47 +239,6 @@ def _get(tree: Mapping, path: tuple[str, ...]):
   for k in path:
     tree = tree[k]  # KeyError / TypeError when absent, handled by the callers
   return tree
-
-
-def fresh_head_params(head_params, rng: jax.Array | int = 0):
-  """The reference's fresh init of a head with the structure of ``head_params``.
-
-  Every 2-D ``kernel`` (a Dense) ~ normal(0, 0.01), every conv ``kernel`` (>= 3-D, HWIO)
-  xavier-uniform, every ``bias`` 0, any ``scale`` 1 and other leaves 0. float32.
-  """
-  key = jax.random.key(rng) if isinstance(rng, int) else rng
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(_plain(head_params))
-  keys = jax.random.split(key, max(len(leaves), 1))
-  out = []
-  for k, (path, leaf) in zip(keys, leaves):
-    name = str(getattr(path[-1], 'key', path[-1]))
-    shape = jnp.shape(leaf)
-    if name == 'kernel' and len(shape) == 2:
-      out.append(linear_head_init(k, shape, jnp.float32))
-    elif name == 'kernel' and len(shape) >= 3:
-      out.append(conv_head_init(k, shape, jnp.float32))
-    elif name == 'scale':
-      out.append(jnp.ones(shape, jnp.float32))
-    else:
-      out.append(jnp.zeros(shape, jnp.float32))
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def init_sigmoid_head(variables, *, mode: str = 'init', rng: jax.Array | int = 0) -> dict:
-  """New variables whose ``fc2`` params are ``fresh_head_params`` of ``fc`` (``'init'``, what
-  the reference's published command trains from) or a copy of ``fc`` (``'clone'``, the paper's
-  text). ``fc``'s entries in other collections (e.g. batch_stats) are copied to ``fc2``."""
-  if mode not in FC2_INITS:
-    raise ValueError(f'unknown fc2 init {mode!r}; valid: {FC2_INITS}')
-  out = _plain(variables)
-  for col, tree in out.items():
-    if 'fc' not in tree:
-      continue
-    if col == 'params' and mode == 'init':
-      tree['fc2'] = fresh_head_params(tree['fc'], rng)
-    else:
-      tree['fc2'] = jax.tree.map(lambda a: jnp.array(a, copy=True), tree['fc'])
-  return out
 
 
 def from_single_head(
@@ -342,52 +331,3 @@ def _check_against(model: DualBranch, variables: dict, input_shape) -> None:
 
 def _flat(tree):
   return jax.tree_util.tree_flatten_with_path(tree)[0]
-
-
-def head_weights(variables, branch: str, head_kind: str) -> tuple[jax.Array, jax.Array]:
-  """CAM weights ``(w [C, K], b [K])`` float32 of a ``'linear'`` or ``'conv'`` (1x1) head.
-
-  The head's subtree must hold exactly one ``kernel`` (a bias is optional). Other head kinds
-  raise ``ValueError``: plain CAM reads the class weights of a linear head.
-  """
-  name = head_param(branch)
-  if head_kind not in ('linear', 'conv'):
-    raise ValueError(
-      f"plain CAM needs a linear head (head_kind 'linear' or 'conv'), this model's head_kind is "
-      f'{head_kind!r}; use a gradient method instead: gradcam, gradcam++, xgradcam, layercam'
-    )
-  leaves = _flat(_plain(variables['params'][name]))
-  by_name: dict[str, list] = {}
-  for path, leaf in leaves:
-    by_name.setdefault(str(getattr(path[-1], 'key', path[-1])), []).append(leaf)
-  kernels, biases = by_name.get('kernel', []), by_name.get('bias', [])
-  if len(kernels) != 1 or len(biases) > 1 or len(leaves) != len(kernels) + len(biases):
-    names = [jax.tree_util.keystr(p) for p, _ in leaves]
-    raise ValueError(f'a {head_kind} head must hold one kernel (+ bias), {name} holds {names}')
-  kernel = jnp.asarray(kernels[0], jnp.float32)
-  if head_kind == 'conv' and (kernel.ndim != 4 or kernel.shape[:2] != (1, 1)):
-    raise ValueError(f'a conv head for CAM must be 1x1, got kernel shape {kernel.shape}')
-  w = kernel.reshape(-1, kernel.shape[-1])
-  b = jnp.asarray(biases[0], jnp.float32) if biases else jnp.zeros(w.shape[-1], jnp.float32)
-  return w, b
-
-
-def cam_fns(model: DualBranch) -> dict[str, Callable]:
-  """Adapters for ``dualsig_jax.cam.compute_cams`` / ``compute_cams_multi``: ``apply_fn(variables,
-  images [B, H, W, 3])`` (inference mode), ``head_fn(variables, features [B, h, w, C])`` and
-  ``head_weights_fn(variables, branch) -> (w [C, K], b [K])`` (linear and 1x1-conv heads; other
-  kinds raise ``ValueError``). Call once and reuse: jit caches on the functions' identity."""
-  if not isinstance(model, DualBranch):
-    raise ValueError(f'cam_fns needs a DualBranch model, got {type(model).__name__}')
-  kind = model.head_kind
-
-  def apply_fn(variables, images):
-    return model.apply(variables, images, train=False)
-
-  def head_fn(variables, features):
-    return model.apply(variables, features, method='head')
-
-  def head_weights_fn(variables, branch):
-    return head_weights(variables, branch, kind)
-
-  return {'apply_fn': apply_fn, 'head_fn': head_fn, 'head_weights_fn': head_weights_fn}

@@ -17,11 +17,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dualsig_jax.models import spec as S
 from dualsig_jax.models.layers import (
   ConvReLUStack,
-  DualHeadMixin,
   avg_pool_3x3_same,
-  conv_head_init,
   max_pool,
   torch_batchnorm,
   torch_conv,
@@ -116,31 +115,14 @@ class InceptionC(InceptionBlock):
     return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
 
-class InceptionCam(DualHeadMixin, nn.Module):
-  """InceptionV3-CAM. ``__call__(x [B,H,W,3] float32, train=False)`` -> dict with
-  ``features`` ``[B,h,w,1024]`` (SPG_A3_2b output), ``softmax_logits`` /
-  ``sigmoid_logits`` ``[B,K]`` (float32). 224 input -> 14x14 features (28x28 with
-  ``large_feature_map``)."""
+class InceptionCamTrunk(nn.Module):
+  """InceptionV3-CAM's trunk: ``__call__(x [B,H,W,3], train=False)`` -> ``[B,h,w,1024]``
+  (SPG_A3_2b output). 224 input -> 14x14 features (28x28 with ``large_feature_map``). The
+  dropout before the 1x1 heads is the spec's ``head_dropout``."""
 
-  num_classes: int
   large_feature_map: bool = False
-  frozen_backbone: bool = True
   dtype: Any = jnp.float32
   dropout_rate: float = 0.5
-  conv_head = True
-
-  def setup(self):
-    head = lambda: nn.Conv(
-      self.num_classes,
-      (1, 1),
-      padding='VALID',
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      kernel_init=conv_head_init,  # the reference's xavier_uniform, bias 0
-      bias_init=nn.initializers.zeros,
-    )
-    self.fc = head()
-    self.fc2 = head()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -164,5 +146,29 @@ class InceptionCam(DualHeadMixin, nn.Module):
       x = InceptionC(fb, d, channels_7x7=c7, name=name)(x)
     drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     x = ConvReLUStack(1024, dtype=d, name='SPG_A3_1b')(drop(x))
-    feats = ConvReLUStack(1024, dtype=d, name='SPG_A3_2b')(drop(x))
-    return self._outputs(feats, head_input=drop(feats))
+    return ConvReLUStack(1024, dtype=d, name='SPG_A3_2b')(drop(x))
+
+
+# main.py's lr rule for InceptionV3: a torch name containing one of these is a feature one.
+LR = dict(
+  lr_patterns=('Mixed', 'Conv2d_1', 'Conv2d_2', 'Conv2d_3', 'Conv2d_4'), lr_on_match='feature'
+)
+
+
+def cam_spec() -> S.BackboneSpec:
+  """InceptionV3-CAM: dropout on the map, 1x1-conv heads (``SPG_A4`` / ``SPG_A4_2``), GAP."""
+  return S.BackboneSpec(
+    trunk=lambda lfm, dtype, rate: InceptionCamTrunk(lfm, dtype, rate),
+    head=S.conv1x1_head,
+    head_kind='conv',
+    head_init=S.conv1x1_init,
+    head_dropout=True,
+    head_dropout_name='Dropout_2',  # after the trunk's two, as before issue 16
+    torch_heads=('SPG_A4', 'SPG_A4_2'),
+    torch_layout=S.TorchLayout(
+      torchvision_file='inception_v3_google-1a9a5a14.pth',
+      drop=('Mixed_7', 'AuxLogits.', 'fc.', 'fc2.'),
+      new=('SPG_A3_1b.', 'SPG_A3_2b.', 'SPG_A4.', 'SPG_A4_2.'),
+    ),
+    **LR,
+  )

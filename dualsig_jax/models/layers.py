@@ -33,18 +33,6 @@ conv_head_init = nn.initializers.xavier_uniform()  # U(-a, a), a = sqrt(6 / (fan
 inception_fc_init = nn.initializers.truncated_normal(0.1, lower=-20.0, upper=20.0)
 
 
-def linear_head(num_classes: int, dtype: Dtype = jnp.float32) -> nn.Dense:
-  """A GAP-fed linear head (``fc`` / ``fc2`` of the CAM models) with the reference's fresh
-  init, N(0, 0.01) kernel and zero bias; ``[B, C] -> [B, K]``, float32 parameters."""
-  return nn.Dense(
-    num_classes,
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    kernel_init=linear_head_init,
-    bias_init=nn.initializers.zeros,
-  )
-
-
 def torch_linear_bias_init(fan_in: int):
   """torch.nn.Linear's default bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (Flax's bias
   initialisers do not see fan_in, so it is bound here)."""
@@ -54,19 +42,6 @@ def torch_linear_bias_init(fan_in: int):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
-
-
-def head_inits(kind: str, family: str, fan_in: int) -> tuple:
-  """``(kernel_init, bias_init)`` of a fresh head layer of the reference's model.
-
-  ``kind``: 'vgg' | 'resnet' | 'inception'; ``family``: 'cam' | 'standard';
-  ``fan_in``: input features of the layer (only the standard InceptionV3's bias uses it).
-  """
-  if kind == 'inception' and family == 'cam':
-    return conv_head_init, nn.initializers.zeros
-  if kind == 'inception' and family == 'standard':
-    return inception_fc_init, torch_linear_bias_init(fan_in)
-  return linear_head_init, nn.initializers.zeros
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -211,47 +186,3 @@ class ConvReLUStack(nn.Module):
       self.features, self.kernel_size, padding=self.padding, dtype=self.dtype, name='0'
     )(x)
     return nn.relu(x)
-
-
-class DualHeadMixin:
-  """Shared dual-branch output logic of the models with a single-layer head.
-
-  Subclasses define ``fc`` and ``fc2`` (Dense on pooled features, or a 1x1 conv for
-  InceptionV3-CAM with ``conv_head = True``), ``frozen_backbone`` and ``dtype``.
-  """
-
-  conv_head = False
-
-  def _branch(self, layer, features):
-    if self.conv_head:
-      # wsolevaluation InceptionCam: 1x1 conv on the map, then GAP.
-      return global_avg_pool(layer(features))
-    return layer(global_avg_pool(features))
-
-  def head(self, features: jax.Array) -> dict[str, jax.Array]:
-    """Pure head on ``features`` ``[B, h, w, Cf]`` -> logits ``[B, K]`` float32.
-
-    No stop-gradient and no dropout: CAM methods differentiate through this.
-    """
-    features = features.astype(self.dtype)
-    return {
-      'softmax_logits': self._branch(self.fc, features).astype(jnp.float32),
-      'sigmoid_logits': self._branch(self.fc2, features).astype(jnp.float32),
-    }
-
-  def _outputs(self, features, head_input=None):
-    """Apply both heads; with ``frozen_backbone`` nothing upstream of ``fc2`` and nothing of
-    the softmax head receives a gradient (BatchNorm and dropout follow ``train`` only)."""
-    head_input = features if head_input is None else head_input
-    if self.frozen_backbone:
-      features = jax.lax.stop_gradient(features)
-      head_input = jax.lax.stop_gradient(head_input)
-    soft = self._branch(self.fc, head_input)
-    if self.frozen_backbone:
-      soft = jax.lax.stop_gradient(soft)
-    sig = self._branch(self.fc2, head_input)
-    return {
-      'features': features.astype(jnp.float32),
-      'softmax_logits': soft.astype(jnp.float32),
-      'sigmoid_logits': sig.astype(jnp.float32),
-    }

@@ -1,20 +1,8 @@
-"""The reference's "standard" models (its ``wsol/`` package), used by every gradient method.
-
-- ``VGGStandard``: torchvision VGG16's convs without the last max-pool (14x14 features at 224;
-  ``large_feature_map`` also drops the 4th pool: 28x28), ``AdaptiveAvgPool2d((7, 7))``, torch's
-  C-major flatten and torchvision's classifier MLP (Linear 25088->4096, ReLU, Dropout,
-  Linear 4096->4096, ReLU, Dropout, Linear 4096->K). The sigmoid head is a second MLP of the
-  same shape. Torch names: ``features.<i>``, ``classifier.{0,3,6}``, ``classifier_2.{0,3,6}``;
-  Flax names: ``features/<i>``, ``fc/{0,3,6}``, ``fc2/{0,3,6}``.
-- ``InceptionStandard``: torchvision's Inception3 (``transform_input=False``, no aux logits)
-  through ``Mixed_7c`` (2048 channels; 5x5 at 224, 8x8 at 299), ``AdaptiveAvgPool2d(1)``,
-  dropout, Linear heads ``fc`` / ``fc2``. As in the reference, ``large_feature_map`` changes
-  nothing here.
-- The standard ResNet50 is ``resnet.ResNetCam`` itself (same layout, separate checkpoints).
-
-Output contract as everywhere in this package: ``apply(variables, x [B,H,W,3], train)`` ->
-``{'features', 'softmax_logits', 'sigmoid_logits'}`` (float32); ``method='head'`` is the pure
-head from the features (no stop-gradient, no dropout).
+"""The reference's standard InceptionV3 (its ``wsol/inception.py``): torchvision's Inception3
+(``transform_input=False``, no aux logits) through ``Mixed_7c`` (2048 channels; 5x5 at 224,
+8x8 at 299), then ``AdaptiveAvgPool2d(1)``, dropout and Linear heads ``fc`` / ``fc2``. As in the
+reference, ``large_feature_map`` changes nothing here. The standard VGG16 is in ``vgg.py``; the
+standard ResNets are the CAM ones (``resnet.py``).
 """
 
 from __future__ import annotations
@@ -22,113 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from dualsig_jax.models import spec as S
 from dualsig_jax.models.inception import (
+  LR,
   BasicConv2d,
   InceptionA,
   InceptionB,
   InceptionBlock,
   InceptionC,
 )
-from dualsig_jax.models.layers import (
-  adaptive_avg_pool,
-  avg_pool_3x3_same,
-  global_avg_pool,
-  head_inits,
-  max_pool,
-  torch_flatten,
-)
-from dualsig_jax.models.vgg import VGG16_CFG, VGGFeatures
-
-
-def _outputs(features, soft, sig) -> dict[str, jax.Array]:
-  return {
-    'features': features.astype(jnp.float32),
-    'softmax_logits': soft.astype(jnp.float32),
-    'sigmoid_logits': sig.astype(jnp.float32),
-  }
-
-
-class MLPHead(nn.Module):
-  """torch ``nn.Sequential(Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear)``; the Dense
-  layers are named by their Sequential index ``'0'``, ``'3'``, ``'6'``.
-
-  ``__call__(x [B, D], train=False)`` -> ``[B, num_classes]``. Fresh layers follow the
-  reference: N(0, 0.01) weights, zero bias.
-  """
-
-  num_classes: int
-  hidden: int = 4096
-  dropout_rate: float = 0.5
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    kernel_init, bias_init = head_inits('vgg', 'standard', x.shape[-1])
-
-    def dense(features, name):
-      return nn.Dense(
-        features,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=kernel_init,
-        bias_init=bias_init,
-        name=name,
-      )
-
-    drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    x = drop(nn.relu(dense(self.hidden, '0')(x)))
-    x = drop(nn.relu(dense(self.hidden, '3')(x)))
-    return dense(self.num_classes, '6')(x)
-
-
-class VGGStandard(nn.Module):
-  """Standard VGG: features -> AdaptiveAvgPool(pool_size) -> flatten -> MLP ``fc`` / ``fc2``.
-
-  ``__call__(x [B,H,W,3] float32, train=False)`` -> dict with ``features`` ``[B,h,w,C]`` (the
-  last conv's ReLU output, the reference's Grad-CAM target ``features[-1]``) and
-  ``softmax_logits`` / ``sigmoid_logits`` ``[B,K]`` (all float32). Dropout (in both MLPs)
-  is active only when ``train=True`` and then needs a ``'dropout'`` rng.
-  """
-
-  num_classes: int
-  cfg: tuple = VGG16_CFG
-  hidden: int = 4096
-  pool_size: int = 7
-  dropout_rate: float = 0.5
-  frozen_backbone: bool = True
-  dtype: Any = jnp.float32
-  arch: str = 'vgg16'  # only used to name the model in error messages
-  family = 'standard'
-
-  def setup(self):
-    self.features = VGGFeatures(self.cfg, dtype=self.dtype)
-    mlp = lambda: MLPHead(self.num_classes, self.hidden, self.dropout_rate, self.dtype)
-    self.fc = mlp()
-    self.fc2 = mlp()
-
-  def _flat(self, features):
-    return torch_flatten(adaptive_avg_pool(features.astype(self.dtype), self.pool_size))
-
-  def head(self, features: jax.Array) -> dict[str, jax.Array]:
-    """Pure head: ``features [B, h, w, C]`` -> logits ``[B, K]`` float32 (no dropout)."""
-    flat = self._flat(features)
-    return {
-      'softmax_logits': self.fc(flat).astype(jnp.float32),
-      'sigmoid_logits': self.fc2(flat).astype(jnp.float32),
-    }
-
-  def __call__(self, x, train: bool = False):
-    feats = self.features(x.astype(self.dtype))
-    if self.frozen_backbone:
-      feats = jax.lax.stop_gradient(feats)
-    flat = self._flat(feats)
-    soft = self.fc(flat, train)
-    if self.frozen_backbone:
-      soft = jax.lax.stop_gradient(soft)
-    return _outputs(feats, soft, self.fc2(flat, train))
+from dualsig_jax.models.layers import avg_pool_3x3_same, max_pool
 
 
 class InceptionD(InceptionBlock):
@@ -171,41 +64,13 @@ class InceptionE(InceptionBlock):
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
-class InceptionStandard(nn.Module):
-  """torchvision Inception3 through ``Mixed_7c``, GAP, dropout, Linear ``fc`` / ``fc2``.
+class InceptionTrunk(nn.Module):
+  """torchvision Inception3 through ``Mixed_7c``: ``__call__(x [B,H,W,3], train=False)`` ->
+  ``[B,h,w,2048]`` (the reference's Grad-CAM target; 5x5 at 224). No input transformation (the
+  reference builds it with ``transform_input=False``, also for torchvision's Google weights).
+  BatchNorm uses batch statistics only when ``train=True``. Inputs need >= 75 px."""
 
-  ``__call__(x [B,H,W,3] float32, train=False)`` -> dict with ``features`` ``[B,h,w,2048]``
-  (``Mixed_7c``, the reference's Grad-CAM target; 5x5 at 224), ``softmax_logits`` /
-  ``sigmoid_logits`` ``[B,K]`` (float32). No input transformation (the reference builds it
-  with ``transform_input=False``, also for torchvision's Google weights). BatchNorm uses batch
-  statistics and dropout is on only when ``train=True``. Inputs need >= 75 px.
-  """
-
-  num_classes: int
-  dropout_rate: float = 0.5
-  frozen_backbone: bool = True
   dtype: Any = jnp.float32
-  min_input_size = 96  # 75 is torchvision's minimum; init and shape probes use this
-
-  def setup(self):
-    kernel_init, bias_init = head_inits('inception', 'standard', 2048)
-    dense = lambda: nn.Dense(
-      self.num_classes,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      kernel_init=kernel_init,
-      bias_init=bias_init,
-    )
-    self.fc = dense()
-    self.fc2 = dense()
-
-  def head(self, features: jax.Array) -> dict[str, jax.Array]:
-    """Pure head: ``features [B, h, w, 2048]`` -> logits ``[B, K]`` float32 (no dropout)."""
-    pooled = global_avg_pool(features.astype(self.dtype))
-    return {
-      'softmax_logits': self.fc(pooled).astype(jnp.float32),
-      'sigmoid_logits': self.fc2(pooled).astype(jnp.float32),
-    }
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -227,11 +92,26 @@ class InceptionStandard(nn.Module):
       x = InceptionC(fb, d, channels_7x7=c7, name=name)(x)
     x = InceptionD(fb, d, name='Mixed_7a')(x)
     x = InceptionE(fb, d, name='Mixed_7b')(x)
-    feats = InceptionE(fb, d, name='Mixed_7c')(x)
-    if self.frozen_backbone:
-      feats = jax.lax.stop_gradient(feats)
-    pooled = nn.Dropout(self.dropout_rate, deterministic=not train)(global_avg_pool(feats))
-    soft = self.fc(pooled)
-    if self.frozen_backbone:
-      soft = jax.lax.stop_gradient(soft)
-    return _outputs(feats, soft, self.fc2(pooled))
+    return InceptionE(fb, d, name='Mixed_7c')(x)
+
+
+def spec() -> S.BackboneSpec:
+  """The standard InceptionV3: GAP, one dropout, torchvision's Linear as both heads."""
+  return S.BackboneSpec(
+    trunk=lambda lfm, dtype, rate: InceptionTrunk(dtype),  # lfm ignored, as the reference does
+    head=S.dense_head(S.torchvision_inception_fc_init, 2048),
+    head_kind='linear',
+    head_init=S.torchvision_inception_fc_init,
+    head_dropout=True,
+    head_dropout_name='Dropout_0',  # the name it had before issue 16: the same masks
+    torch_layout=S.TorchLayout(
+      torchvision_file='inception_v3_google-1a9a5a14.pth',
+      drop=('AuxLogits.',),
+      notes=(
+        'torchvision trained these weights with transform_input=True; the reference (and this '
+        'model) use transform_input=False with ImageNet mean/std inputs',
+      ),
+    ),
+    min_input_size=96,  # 75 is torchvision's minimum
+    **LR,
+  )

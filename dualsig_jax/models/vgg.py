@@ -1,7 +1,9 @@
-"""VGG16-CAM (wsolevaluation) and its CPU-sized sibling ``vgg_tiny``.
+"""VGG16 trunks of both families (wsolevaluation's VGG16-CAM, torchvision's VGG16) and the
+CPU-sized ``vgg_tiny``, with their specs.
 
 torch layout mirrored (key names): ``features.<i>`` (torch Sequential indices, ReLUs and
-pools counted), ``conv6``, ``fc`` (softmax head), ``fc2`` (sigmoid head).
+pools counted), ``conv6`` (CAM family); heads ``fc`` / ``fc2`` (standard family: torchvision's
+classifier MLP, ``classifier`` / ``classifier_2`` in torch, layers ``0``, ``3``, ``6``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dualsig_jax.models.layers import DualHeadMixin, linear_head, max_pool, torch_conv
+from dualsig_jax.models import spec as S
+from dualsig_jax.models.layers import adaptive_avg_pool, max_pool, torch_conv, torch_flatten
 
 # 'M' = 2x2/2 max pool. The last pool of torchvision's VGG16 is dropped (14x14 at 224).
 VGG16_CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512)
@@ -48,27 +51,107 @@ class VGGFeatures(nn.Module):
     return x
 
 
-class VGGCam(DualHeadMixin, nn.Module):
-  """VGG-CAM: features -> conv6 3x3 + ReLU -> GAP -> fc / fc2.
+class VGGCamTrunk(nn.Module):
+  """VGG-CAM's trunk: features -> conv6 3x3 + ReLU; ``[B, H, W, 3]`` -> ``[B, h, w, C6]``."""
 
-  ``__call__(x [B,H,W,3] float32, train=False)`` -> dict with ``features`` ``[B,h,w,C6]``,
-  ``softmax_logits`` / ``sigmoid_logits`` ``[B,K]`` (all float32).
-  """
-
-  num_classes: int
   cfg: tuple = VGG16_CFG
   conv6_features: int = 1024
-  frozen_backbone: bool = True
   dtype: Any = jnp.float32
 
   def setup(self):
     self.features = VGGFeatures(self.cfg, dtype=self.dtype)
     self.conv6 = torch_conv(self.conv6_features, 3, padding=1, dtype=self.dtype)
-    self.fc = linear_head(self.num_classes, self.dtype)
-    self.fc2 = linear_head(self.num_classes, self.dtype)
 
-  def __call__(self, x, train: bool = False):
-    del train  # no BatchNorm or dropout in VGG-CAM
-    x = self.features(x.astype(self.dtype))
-    x = nn.relu(self.conv6(x))
-    return self._outputs(x)
+  def __call__(self, x):
+    return nn.relu(self.conv6(self.features(x.astype(self.dtype))))
+
+
+class VGGTrunk(nn.Module):
+  """torchvision VGG's convs (the standard family): ``[B, H, W, 3]`` -> ``[B, h, w, C]``, the
+  last conv's ReLU output (the reference's Grad-CAM target ``features[-1]``)."""
+
+  cfg: tuple = VGG16_CFG
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.features = VGGFeatures(self.cfg, dtype=self.dtype)
+
+  def __call__(self, x):
+    return self.features(x.astype(self.dtype))
+
+
+class VGGClassifier(nn.Module):
+  """torchvision's VGG classifier on the map: AdaptiveAvgPool(pool_size), torch's C-major
+  flatten, ``nn.Sequential(Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear)`` with the
+  Dense layers named by their Sequential index ``'0'``, ``'3'``, ``'6'``.
+
+  ``__call__(features [B, h, w, C], train=False)`` -> ``[B, num_classes]``. Fresh layers follow
+  the reference: N(0, 0.01) weights, zero bias. Dropout is on only with ``train=True``.
+  """
+
+  num_classes: int
+  hidden: int = 4096
+  pool_size: int = 7
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features, train: bool = False):
+    x = torch_flatten(adaptive_avg_pool(features.astype(self.dtype), self.pool_size))
+    kernel_init, bias_init = S.linear_init(x.shape[-1])
+
+    def dense(n, name):
+      return nn.Dense(
+        n,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        name=name,
+      )
+
+    drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    x = drop(nn.relu(dense(self.hidden, '0')(x)))
+    x = drop(nn.relu(dense(self.hidden, '3')(x)))
+    return dense(self.num_classes, '6')(x)
+
+
+# main.py's lr rule for VGG: a torch name containing 'features.' is a feature parameter.
+_LR = dict(lr_patterns=('features.',), lr_on_match='feature')
+
+
+def cam_spec(base: tuple, conv6: int, torchvision: bool = True) -> S.BackboneSpec:
+  """VGG-CAM (wsolevaluation): trunk + conv6, GAP + Linear heads."""
+  return S.BackboneSpec(
+    trunk=lambda lfm, dtype, rate: VGGCamTrunk(vgg_cfg(base, lfm), conv6, dtype),
+    head=S.dense_head(S.linear_init),
+    head_kind='linear',
+    head_init=S.linear_init,
+    torch_layout=S.TorchLayout(
+      torchvision_file='vgg16-397923af.pth' if torchvision else '',
+      drop=('classifier.',),
+      new=('conv6.', 'fc.', 'fc2.'),
+      renumber_features=True,
+    ),
+    **_LR,
+  )
+
+
+def standard_spec(
+  base: tuple, hidden: int, pool_size: int, torchvision: bool = True
+) -> S.BackboneSpec:
+  """torchvision VGG (the reference's wsol/vgg.py): convs without the last pool, the classifier
+  MLP on an adaptive pool of the map as both heads (``classifier`` / ``classifier_2``)."""
+  return S.BackboneSpec(
+    trunk=lambda lfm, dtype, rate: VGGTrunk(vgg_cfg(base, lfm), dtype),
+    head=lambda k, dtype, rate: VGGClassifier(k, hidden, pool_size, rate, dtype),
+    head_kind='map',
+    head_init=S.linear_init,
+    torch_heads=('classifier', 'classifier_2'),
+    torch_layout=S.TorchLayout(
+      torchvision_file='vgg16-397923af.pth' if torchvision else '',
+      renumber_features=True,
+      head_out='6',
+    ),
+    **_LR,
+  )
