@@ -1,6 +1,8 @@
 """Trains the configured stages and evaluates: python train.py --config configs/synthetic.py
 --workdir runs/synthetic (see README). Logic lives in dualsig_jax.experiment."""
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -20,7 +22,11 @@ def main(argv):
   from dualsig_jax import experiment  # after the preflight: this imports JAX
 
   experiment.setup_logging()
-  experiment.run(_CONFIG.value, _WORKDIR.value, evaluate=not _NO_EVAL.value)
+  try:
+    experiment.run(_CONFIG.value, _WORKDIR.value, evaluate=not _NO_EVAL.value)
+  except experiment.USER_ERRORS as e:  # refused before any work: one line, not a traceback
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -7,6 +7,9 @@
     the same weights in torch on this machine: one forward, a backward per head for gradient
     methods, NumPy weights, then per image ``cv2.resize`` + normalization as the reference does.
     Goal >= 2x. The two sets of maps are also compared (max abs difference).
+(c) ScoreCAM and AblationCAM: ``cam.explain`` (all masked forwards batched on device) against
+    pytorch-grad-cam 1.5.7 itself on the torch twin with the same weights, target layer conv6,
+    images/s and the ratio (goal >= 3x). ``--only-perturbation`` runs this part alone.
 
 Usage: python bench/bench_cam.py [--arch vgg_tiny] [--batch 32] [--size 224] [--classes 200]
 """
@@ -19,7 +22,10 @@ import platform
 import sys
 import time
 
-import cv2
+# pytorch-grad-cam draws a tqdm bar per image in ScoreCAM / AblationCAM; not part of the work.
+os.environ.setdefault('TQDM_DISABLE', '1')
+
+import cv2  # noqa: E402
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,6 +156,10 @@ def main():
   ap.add_argument('--size', type=int, default=224)
   ap.add_argument('--classes', type=int, default=200)
   ap.add_argument('--reps', type=int, default=5)
+  ap.add_argument('--pert-batch', type=int, default=2, help='(c): images per call')
+  ap.add_argument('--pert-size', type=int, default=64, help='(c): image side')
+  ap.add_argument('--pert-chunk', type=int, default=64, help='(c): forwards per chunk, both')
+  ap.add_argument('--only-perturbation', action='store_true')
   args = ap.parse_args()
 
   print(
@@ -182,6 +192,9 @@ def main():
   tmodel = torch_models.build_torch_model(args.arch, args.classes)
   copy_vgg_weights(v, tmodel)
 
+  if args.only_perturbation:
+    perturbation_bench(args, model, v, tmodel)
+    return
   fwd = jax.jit(fns['apply_fn'])
 
   def jax_fwd():
@@ -261,6 +274,80 @@ def main():
     f'{"":10s} added work alone: {t_add * 1e3:.1f} ms (1 + added/fwd = {1 + t_add / t_fwd:.3f})'
   )
   print('\nTimes are minima over reps; ratios are medians of interleaved (forward, maps) pairs.')
+  perturbation_bench(args, model, v, tmodel)
+
+
+def import_grad_cam():
+  """pytorch_grad_cam 1.5.7; declares torchvision's nms/qnms schemas when its CUDA-built C++
+  ops cannot load beside the CPU torch (the methods never call them)."""
+  import importlib.util
+
+  spec = importlib.util.find_spec('torchvision')
+  try:
+    torch.ops.load_library(os.path.join(os.path.dirname(spec.origin), '_C.so'))
+  except (OSError, RuntimeError):
+    for op in ('nms', 'qnms'):
+      try:
+        getattr(torch.ops.torchvision, op)
+      except (AttributeError, RuntimeError):
+        lib = torch.library.Library('torchvision', 'FRAGMENT')
+        lib.define(f'{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
+        import_grad_cam.libs = [*getattr(import_grad_cam, 'libs', []), lib]  # keep alive
+  import pytorch_grad_cam
+
+  return pytorch_grad_cam
+
+
+class _Logits(torch.nn.Module):
+  """The torch twin's softmax-head logits as one tensor, as pytorch-grad-cam expects."""
+
+  def __init__(self, m):
+    super().__init__()
+    self.m = m
+
+  def forward(self, x):
+    return self.m(x)['logits']
+
+
+def perturbation_bench(args, model, v, tmodel):
+
+  gc = import_grad_cam()
+  rng = np.random.default_rng(1)
+  b, s = args.pert_batch, args.pert_size
+  x_np = rng.standard_normal((b, s, s, 3)).astype(np.float32)
+  x, x_t = jnp.asarray(x_np), torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
+  wrapped = _Logits(tmodel).eval()
+  chans = int(v['params']['conv6']['kernel'].shape[-1])
+  print(
+    f'\n(c) perturbation methods at conv6 ({chans} channels): {b} images x {s}^2, '
+    f'{b * chans} masked forwards per call, chunks of {args.pert_chunk}, min of {args.reps}'
+  )
+  print(
+    f'{"method":12s} {"jax s":>8s} {"torch s":>8s} {"jax img/s":>10s} {"torch img/s":>11s} '
+    f'{"ratio":>6s} | max|diff|'
+  )
+  for name, cls in (('scorecam', gc.ScoreCAM), ('ablationcam', gc.AblationCAM)):
+    cam = cls(wrapped, [tmodel.conv6])
+    cam.batch_size = args.pert_chunk
+
+    def run_jax(name=name):
+      return jax.block_until_ready(
+        C.explain(model, v, x, 'conv6', (name,), batch_size=args.pert_chunk, train=False)
+      )
+
+    def run_torch(cam=cam):
+      return cam(input_tensor=x_t, targets=None)
+
+    t_j, t_t, _ = paired(run_jax, run_torch, args.reps)
+    diff = float(np.max(np.abs(np.asarray(run_jax()[0][name]) - run_torch())))
+    print(
+      f'{name:12s} {t_j:8.3f} {t_t:8.3f} {b / t_j:10.2f} {b / t_t:11.2f} {t_t / t_j:6.2f} | '
+      f'{diff:.1e}'
+    )
+  print(
+    'AblationCAM at a layer without zeros (conv6 is before its ReLU): the package lowers the '
+    'ablation value by 1e7 per channel already ablated in a batch, explain does not.'
+  )
 
 
 if __name__ == '__main__':

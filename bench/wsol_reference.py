@@ -186,6 +186,33 @@ def realistic_map(rng, size=224, kind=None):
   return _norm(m)
 
 
+def speckle_heavy_map(rng, size=224):
+  """A float32 ``[size, size]`` map like an untrained or overfitted network's Grad-CAM: low-res
+  noise (14 to 112 cells) upsampled, per-pixel noise on top, then a ReLU above a random quantile:
+  thousands of small components and holes at most levels, zero regions with islands."""
+  r = int(rng.choice([14, 28, 56, 112]))
+  interp = cv2.INTER_LINEAR if rng.random() < 0.5 else cv2.INTER_CUBIC
+  m = cv2.resize(rng.standard_normal((r, r)).astype(np.float32), (size, size), interpolation=interp)
+  m += rng.uniform(0.05, 0.5) * rng.standard_normal((size, size)).astype(np.float32)
+  return _norm(np.maximum(m - np.quantile(m, rng.uniform(0.2, 0.7)), 0))
+
+
+def bench_set(name, rng, num_maps, size=224):
+  """The bench's map sets: ``'realistic'`` (kinds 0-5 in turn) or ``'speckle'`` (speckle-heavy
+  maps and nearest-upsampled 56x56 noise, kind 6, in turn: many components, holes and ties)."""
+  if name == 'realistic':
+    return [realistic_map(rng, size, kind=i % 6) for i in range(num_maps)]
+  if name == 'speckle':
+    return [
+      speckle_heavy_map(rng, size) if i % 2 == 0 else realistic_map(rng, size, kind=6)
+      for i in range(num_maps)
+    ]
+  raise ValueError(f'unknown map set {name!r}; valid: {list(BENCH_SETS)}')
+
+
+BENCH_SETS = ('realistic', 'speckle')
+
+
 def gt_boxes_near(rng, m):
   size = m.shape[0]
   q = m > rng.uniform(0.3, 0.9) * m.max() if m.max() > 0 else np.ones_like(m, bool)

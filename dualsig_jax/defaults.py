@@ -20,6 +20,9 @@ import ml_collections
 
 from dualsig_jax import vocab
 
+# The synthetic generator's shape/texture table size (data/synthetic_render.MAX_CLASSES).
+SYNTHETIC_MAX_CLASSES = 10
+
 # Vocabularies of config values (the names themselves are declared once in vocab.py).
 STAGES = vocab.STAGES
 SOURCES = vocab.SOURCES
@@ -40,10 +43,11 @@ LR_SCHEDULES = ('reference', 'steplr')
 FIDELITY_TARGETS = ('pred', 'label')
 
 # Fields that may differ between a run and its resume (the rest must match config.json).
-# input.num_workers is not one: grain's saved iterator state is tied to the worker count.
+# The process and device counts are not in config.json: a resume may change them too.
 RESUME_SAFE_FIELDS = (
   'stages',  # each stage's checkpoint records and checks its own model
   'log_every_steps',
+  'input.num_workers',  # the saved data position is in global batches (data/train_loader.py)
   'input.data_root',
   'input.mask_root',
   'input.metadata_root',
@@ -153,6 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
       num_plot_images=8,
       save_scoremaps=False,
       max_batches=0,  # > 0: evaluate only this many batches (quick checks)
+      # True: evaluate again a finished run (train.py on it otherwise prints its saved results).
+      force=False,
     )
   )
   return c
@@ -196,11 +202,20 @@ def _check(value, allowed, name):
     raise ValueError(f'config.{name}={value!r} is not one of {list(allowed)}')
 
 
-def _check_range(config, name, *, low=None, high=None, low_open=False, integer=False):
+def _get(config, name):
   value = config
   for part in name.split('.'):
     value = value[part]
-  if integer and (isinstance(value, bool) or int(value) != value):
+  return value
+
+
+def _check_range(config, name, *, low=None, high=None, low_open=False, integer=False):
+  value = _get(config, name)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f'config.{name}={value!r} must be a number')
+  if value != value:  # NaN compares false with every bound: out of every range
+    raise ValueError(f'config.{name}=nan is not a number; give a value in range')
+  if integer and int(value) != value:
     raise ValueError(f'config.{name}={value!r} must be an integer')
   bad = (low is not None and (value <= low if low_open else value < low)) or (
     high is not None and value > high
@@ -213,8 +228,22 @@ def _check_range(config, name, *, low=None, high=None, low_open=False, integer=F
     )
 
 
+def _check_nan(config):
+  """Refuses a NaN in any float field, whatever its range (NaN passes every comparison)."""
+  for name in field_names(config):
+    value = _get(config, name)
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if any(isinstance(v, float) and v != v for v in values):
+      raise ValueError(f'config.{name}={value!r} is not a number; give a value in range')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first field whose value is outside its vocabulary or range."""
+  """Raises ValueError naming the first field whose value is outside its vocabulary or range.
+
+  Every field is checked here, before JAX starts, so a bad value never costs a training run;
+  only what needs the devices (batch sizes vs the device count) waits for
+  `check_batch_split`."""
+  _check_nan(config)
   if not config.stages:
     raise ValueError('config.stages is empty')
   for s in config.stages:
@@ -242,6 +271,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_range(config, f'{stage}.lr_decay_frequency', low=1, integer=True)
     _check_range(config, f'{stage}.lr_decay_rate', low=0.0, low_open=True, high=1.0)
   _check_range(config, 'dual.temp', low=0.0, low_open=True)
+  _check_range(config, 'dual.gamma', low=0.0, low_open=True)
+  _check_range(config, 'dual.pos_weight')  # < 0: C - 1; any number, not NaN
+  _check_range(config, 'seed', low=0, integer=True)
+  # Booleans and strings need no check: ml_collections refuses a value of another type.
+  for name in ('input.resize_size', 'input.crop_size', 'input.eval_size'):
+    _check_range(config, name, low=1, integer=True)
+  syn = 'input.synthetic'
+  _check_range(config, f'{syn}.num_classes', low=2, high=SYNTHETIC_MAX_CLASSES, integer=True)
+  _check_range(config, f'{syn}.image_size', low=32, integer=True)
+  _check_range(config, f'{syn}.num_train', low=1, integer=True)
+  _check_range(config, f'{syn}.num_val', low=0, integer=True)
+  _check_range(config, f'{syn}.num_test', low=0, integer=True)
+  _check_range(config, f'{syn}.seed', low=0, integer=True)
+  if not config.eval.methods:
+    raise ValueError('config.eval.methods is empty; name at least one of ' + str(CAM_METHODS))
+  ious = config.eval.iou_threshold_list
+  if not ious or any(isinstance(t, bool) or t != int(t) or not 0 < t <= 100 for t in ious):
+    raise ValueError(
+      f'config.eval.iou_threshold_list={tuple(ious)!r} must hold integers in (0, 100] '
+      '(IoU thresholds in percent)'
+    )
+  _check_range(config, 'eval.num_plot_images', low=0, integer=True)
+  _check_range(config, 'eval.max_batches', low=0, integer=True)
   if 'vanilla' in config.stages and 'dual' in config.stages and config.dual.init_checkpoint:
     raise ValueError(
       f'config.dual.init_checkpoint={config.dual.init_checkpoint!r} is set, but config.stages '
@@ -250,7 +302,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_range(config, 'input.batch_size', low=1, integer=True)
   _check_range(config, 'input.num_workers', low=0, integer=True)
   _check_range(config, 'eval.batch_size', low=1, integer=True)
-  _check_range(config, 'eval.cam_curve_interval', low=0.0, low_open=True, high=0.5)
+  low, high = vocab.CAM_CURVE_INTERVAL_RANGE
+  _check_range(config, 'eval.cam_curve_interval', low=low, low_open=True, high=high)
   _check_range(config, 'eval.loc_threshold', low=0.0, high=1.0)
   _check_range(config, 'checkpoint.every_steps', low=1, integer=True)
   _check_range(config, 'checkpoint.max_to_keep', low=1, integer=True)
@@ -267,6 +320,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f'an MLP (classifier_2); plain CAM needs a linear head: use model.family="cam" for CAM, '
       f'or one of {list(vocab.GRADIENT_METHODS)}'
     )
+
+
+class BatchSplitError(ValueError):
+  """A global batch size does not split evenly over the run's devices or processes."""
+
+
+def check_batch_split(config: ml_collections.ConfigDict, *, devices: int, processes: int) -> None:
+  """Refuses global batch sizes that do not split evenly over `devices` devices of
+  `processes` processes (input.batch_size; eval.batch_size when the run evaluates).
+
+  Runs as soon as the device count is known, before data is generated or any stage trains."""
+  names = ['input.batch_size'] + (['eval.batch_size'] if 'dual' in config.stages else [])
+  for name in names:
+    value = _get(config, name)
+    for n, what in ((devices, 'devices'), (processes, 'processes')):
+      if value % n:
+        raise BatchSplitError(
+          f'config.{name}={value} does not split over the {n} {what} of this run; pick a '
+          f'multiple of {n}'
+        )
 
 
 def field_names(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:

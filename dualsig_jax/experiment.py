@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 
 import jax
 import ml_collections
 
 from dualsig_jax import data, defaults
+from dualsig_jax import workdir as workdir_lib
 from dualsig_jax.train import interrupt, loop, resume, sharding
+from dualsig_jax.train import stage as stage_lib
 
 log = logging.getLogger('dualsig_jax')
 
@@ -38,20 +43,113 @@ def check_labels(config: ml_collections.ConfigDict, splits) -> bool:
   return True
 
 
+# The errors of a run that are the user's to fix (train.py prints them in one line, exit 2).
+USER_ERRORS = (resume.ConfigChangedError, workdir_lib.WorkdirBusyError, defaults.BatchSplitError)
+
+EVALUATED_FILE = 'evaluated.json'  # what results.json was computed from (finished-run check)
+# Fields that do not change what an evaluation computes.
+_NOT_EVALUATED = (
+  'eval.force',
+  'log_every_steps',
+  'checkpoint.every_steps',
+  'checkpoint.max_to_keep',
+)
+
+
+def _evaluated_state(config, workdir: str) -> dict:
+  """The config and each stage's newest checkpoint step (and its contents' digest) that an
+  evaluation of `workdir` now would read."""
+  from dualsig_jax.train import checkpoints
+
+  values = resume.config_values(config)
+  stages = {}
+  for stage in defaults.STAGES:
+    numbered = workdir_lib.steps(workdir, stage)
+    if numbered:
+      step_dir = os.path.join(workdir_lib.checkpoint_dir(workdir, stage), str(numbered[-1]))
+      stages[stage] = {'step': numbered[-1], 'digest': checkpoints.manifest_digest(step_dir)}
+  return {
+    'config': {k: v for k, v in values.items() if k not in _NOT_EVALUATED},
+    'checkpoints': stages,
+  }
+
+
+def saved_results(config, workdir: str) -> dict | None:
+  """results.json of `workdir` when it was computed from this config and the current newest
+  checkpoints (recorded in evaluated.json), else None."""
+  try:
+    with open(os.path.join(workdir, EVALUATED_FILE), encoding='utf-8') as f:
+      record = json.load(f)
+    with open(os.path.join(workdir, 'results.json'), encoding='utf-8') as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return None
+  # Through JSON, so tuples compare as the lists the record holds.
+  now = json.loads(json.dumps(_evaluated_state(config, workdir)))
+  return results if record == now else None
+
+
+def _write_evaluated(config, workdir: str) -> None:
+  path = os.path.join(workdir, EVALUATED_FILE)
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(_evaluated_state(config, workdir), f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
+def _show_saved(workdir: str) -> None:
+  md = os.path.join(workdir, 'results.md')
+  if os.path.isfile(md):
+    with open(md, encoding='utf-8') as f:
+      print(f.read().rstrip())
+  log.info(
+    '%s is finished: every stage is trained and results.json was computed from these '
+    'checkpoints and this config, so it is not evaluated again (its results are above, in '
+    '%s). To evaluate again, add --config.eval.force=True',
+    workdir,
+    md,
+  )
+
+
+def _retrain_dual_if_its_input_changed(config, workdir: str) -> None:
+  """A dual stage trained from a vanilla checkpoint that has since changed is trained again."""
+  reason = stage_lib.dual_source_change(config, workdir)
+  if reason is None:
+    return
+  if jax.process_index() == 0:
+    stage_lib.retire_dual_stage(workdir, reason)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices('retire_dual_stage')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = True) -> dict:
   """Runs `config.stages` in order (each resumes if interrupted), then evaluates the final model.
 
   A workdir with checkpoints is resumed only with the config saved in it, up to the fields
-  of `defaults.RESUME_SAFE_FIELDS` (resume.check_and_write_config). SIGTERM / SIGINT stop the
-  run with a checkpoint and raise `interrupt.Interrupted` (a SystemExit with code 128 + signum);
-  no later stage or evaluation starts.
+  of `defaults.RESUME_SAFE_FIELDS` (resume.check_and_write_config). One run at a time: process
+  0 holds the workdir's lock (`workdir.locked`) for the whole run. A dual stage whose vanilla
+  checkpoint changed since it trained is trained again (`stage.dual_source_change`). A finished
+  run (every stage at its last step, results.json computed from those checkpoints and this
+  config) is not evaluated again unless `eval.force` (single-process runs); its saved results
+  are printed.
+  SIGTERM / SIGINT stop the run with a checkpoint and raise `interrupt.Interrupted` (a
+  SystemExit with code 128 + signum); no later stage or evaluation starts.
 
   Returns:
-    {'stages': {stage: train summary}, 'results': eval results dict or None}.
+    {'stages': {stage: train summary}, 'results': eval results dict or None,
+     'reused': True when the saved results were returned without evaluating}.
+  Raises:
+    one of USER_ERRORS (a changed config, another run holding the workdir, batch sizes that do
+    not split over the devices) before any data is generated or any step runs.
   """
   sharding.maybe_initialize_distributed()
   defaults.validate(config)
-  with interrupt.handling():
+  defaults.check_batch_split(config, devices=jax.device_count(), processes=jax.process_count())
+  lock = workdir_lib.locked(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, interrupt.handling():
+    if jax.process_index() == 0:
+      workdir_lib.remove_stale_temporaries(workdir, defaults.STAGES)
     resume.check_and_write_config(config, workdir, write=jax.process_index() == 0)
     if config.input.source == 'folder' and config.input.synthetic.generate:
       data.ensure_synthetic(config.input)
@@ -62,12 +160,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = Tru
     summaries = {}
     for stage in config.stages:
       interrupt.raise_if_requested(f'stopped before stage {stage}')
+      if stage == 'dual':
+        _retrain_dual_if_its_input_changed(config, workdir)
       summaries[stage] = loop.train_stage(config, workdir, stage)
-    results = None
-    if want_eval:
+    results, reused = None, False
+    # One process only: every process must take the same branch, and each reads its own view
+    # of the workdir (a multi-host run evaluates again rather than risk a split decision).
+    if want_eval and not config.eval.force and jax.process_count() == 1:
+      results = saved_results(config, workdir)
+      reused = results is not None
+      if reused and jax.process_index() == 0:
+        _show_saved(workdir)
+    if want_eval and not reused:
       from dualsig_jax import evaluate as evaluate_lib  # needs the CAM and WSOL libraries
 
       interrupt.raise_if_requested('stopped before evaluation')
       results = evaluate_lib.evaluate(config, workdir)
       interrupt.raise_if_requested('stopped during evaluation')
-  return {'stages': summaries, 'results': results}
+      if jax.process_index() == 0:
+        _write_evaluated(config, workdir)
+  return {'stages': summaries, 'results': results, 'reused': reused}

@@ -3,7 +3,7 @@
 A user's first `python train.py --config configs/imagenet.py` on a machine without data should
 not fail on one missing thing per run, each after JAX has started. `problems()` lists every
 missing input with the exact remedy; the entry points print them together and exit.
-Imports: os and the config only (no JAX, grain or TFDS).
+Imports: os, the config and the workdir layout only (no JAX, grain or TFDS).
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import os
 
 import ml_collections
 
+from dualsig_jax import workdir as workdir_lib  # light: os, fcntl and json only
 from dualsig_jax.data import paths  # light: os and importlib only
-
-_STAGE_DIR = os.path.join('{workdir}', '{stage}', 'checkpoints')
 
 
 def _convert_hint(config) -> str:
@@ -74,8 +73,8 @@ def problems(
   stages = tuple(config.stages)
   if 'dual' in stages and 'vanilla' not in stages:
     src = config.dual.init_checkpoint
-    own = workdir and os.path.isdir(_STAGE_DIR.format(workdir=workdir, stage='vanilla'))
-    resumed = workdir and os.path.isdir(_STAGE_DIR.format(workdir=workdir, stage='dual'))
+    own = workdir and os.path.isdir(workdir_lib.checkpoint_dir(workdir, 'vanilla'))
+    resumed = workdir and os.path.isdir(workdir_lib.checkpoint_dir(workdir, 'dual'))
     if not src and not own and not resumed and not for_eval:
       out.append(f'the dual stage needs the vanilla classifier: {_convert_hint(config)}')
     elif src and not os.path.isdir(src) and not resumed and not for_eval:
@@ -90,7 +89,7 @@ def problems(
         '`python -m dualsig_jax.convert` or a stage checkpoint folder (<workdir>/dual/checkpoints)'
       )
   elif for_eval and workdir:
-    if not os.path.isdir(_STAGE_DIR.format(workdir=workdir, stage='dual')):
+    if not os.path.isdir(workdir_lib.checkpoint_dir(workdir, 'dual')):
       out.append(
         f'{workdir} has no dual-stage checkpoint ({workdir}/dual/checkpoints): train first '
         f'with python train.py --config ... --workdir {workdir}'

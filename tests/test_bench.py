@@ -96,3 +96,23 @@ def test_loader_headroom_smoke(tmp_path):
   assert [(r['mode'], r['workers']) for r in result['loaders']] == [('train', 0), ('eval', 0)]
   for row in result['loaders']:
     assert math.isfinite(row['img_s']) and row['img_s'] > 0, row
+
+
+def test_wsol_bench_smoke(tmp_path):
+  # bench/bench_wsol.py at smoke size: both map sets, every run (one core, threads, processes,
+  # fallback) gives the reference's metrics and a positive ratio.
+  out = tmp_path / 'wsol.json'
+  cmd = [sys.executable, 'bench/bench_wsol.py', '--num_maps', '4', '--interval', '0.05']
+  cmd += ['--repeat', '1', '--workers', '2', '--out', str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result['kernel'].startswith('native: ')
+  assert [r['set'] for r in result['results']] == ['realistic', 'speckle']
+  for r in result['results']:
+    runs = [row['run'] for row in r['rows']]
+    assert runs[0].startswith('reference') and len(runs) == 5, runs
+    assert {'kernel, one core', 'kernel, 2 threads', 'kernel, 2 processes'} <= set(runs)
+    for row in r['rows'][1:]:
+      assert row['identical'] is True, row
+      assert math.isfinite(row['ratio']) and row['ratio'] > 0, row

@@ -85,7 +85,7 @@ def test_restore_variables_falls_back_past_a_damaged_step(ckpt, rel, named, capl
     variables['params']['fc']['kernel'], _state(4)['params']['fc']['kernel']
   )
   np.testing.assert_array_equal(variables['batch_stats']['bn']['mean'], np.full((2,), 4.0))
-  assert info == RECORD
+  assert info == {**RECORD, 'step': 4}
   warning = ' '.join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
   assert os.path.join(ckpt, '8') in warning and named in warning and 'damaged' in warning
 
@@ -153,3 +153,42 @@ def test_a_real_mismatch_is_still_reported_as_another_model(ckpt):
   target['params']['fc']['kernel'] = np.zeros((64, 5), np.float32)
   with pytest.raises(ValueError, match="does not match this experiment's model"):
     checkpoints.restore(mgr, 8, target, expected=RECORD)
+
+
+def _scribble(path: str) -> None:
+  """256 random bytes over the middle of a file, its size unchanged (silent corruption)."""
+  size = os.path.getsize(path)
+  with open(path, 'r+b') as f:
+    f.seek(max(0, size // 2 - 128))
+    f.write(np.random.default_rng(0).integers(0, 256, min(256, size), np.uint8).tobytes())
+  assert os.path.getsize(path) == size
+
+
+def test_silent_corruption_is_damage_falls_back_and_is_set_aside(ckpt, caplog):
+  step8 = os.path.join(ckpt, '8')
+  victim = _biggest_array_file(step8)
+  _scribble(victim)
+  mgr = checkpoints.manager(ckpt, max_to_keep=2)
+  with caplog.at_level(logging.WARNING, logger='dualsig_jax'):
+    step, state, skipped = checkpoints.restore_newest(
+      mgr, lambda s: checkpoints.restore(mgr, s, _state(0), _data_iter(), expected=RECORD)[0]
+    )
+  assert (step, skipped) == (4, [step8])
+  np.testing.assert_array_equal(
+    state['params']['fc']['kernel'], _state(4)['params']['fc']['kernel']
+  )
+  assert os.path.relpath(victim, step8) in caplog.text and 'checksum' in caplog.text
+  checkpoints.set_aside(mgr, skipped)
+  assert mgr.all_steps() == [4] and glob.glob(step8 + '.unreadable-*')
+  # The weights reader (dual stage start, evaluation) falls back the same way.
+  _scribble(os.path.join(ckpt, '4', 'meta', 'metadata'))
+  with pytest.raises(checkpoints.CheckpointCorruptError, match='meta/metadata'):
+    checkpoints.restore_variables(ckpt)
+
+
+def test_a_step_without_a_manifest_is_read_as_before(ckpt):
+  """Checkpoints written before the manifest existed (the pre-change fixture too) still load."""
+  os.remove(os.path.join(ckpt, '8', checkpoints.MANIFEST))
+  variables, info = checkpoints.restore_variables(ckpt)
+  assert info['step'] == 8
+  np.testing.assert_array_equal(variables['batch_stats']['bn']['mean'], np.full((2,), 8.0))

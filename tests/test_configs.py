@@ -147,3 +147,68 @@ def test_large_feature_map_mismatch_with_the_vanilla_checkpoint_is_refused(tmp_p
     c, str(tmp_path / 'w'), 'dual', stage.build_stage_model(c, 'dual')
   )
   assert 'fc2' in variables['params'] and 'freshly initialised' in origin
+
+
+def _float_fields():
+  c = defaults.base_config()
+  return [n for n in defaults.field_names(c) if isinstance(_get(c, n), float)]
+
+
+def _get(c, name):
+  for part in name.split('.'):
+    c = c[part]
+  return c
+
+
+def _set(c, name, value):
+  *sections, last = name.split('.')
+  for part in sections:
+    c = c[part]
+  c[last] = value
+
+
+@pytest.mark.parametrize('field', _float_fields())
+def test_nan_is_out_of_every_range(field):
+  c = importlib.import_module('configs.synthetic').get_config()
+  c.unlock()
+  _set(c, field, float('nan'))
+  with pytest.raises(ValueError, match=field.replace('.', r'\.') + '=nan'):
+    defaults.validate(c)
+
+
+@pytest.mark.parametrize(
+  'field,value',
+  [
+    ('eval.iou_threshold_list', (30, 150)),
+    ('eval.iou_threshold_list', (0, 50)),
+    ('eval.iou_threshold_list', ()),
+    ('eval.num_plot_images', -1),
+    ('eval.max_batches', -1),
+    ('eval.methods', ()),
+    ('input.eval_size', 0),
+    ('input.synthetic.num_train', 0),
+    ('input.synthetic.image_size', 8),
+    ('dual.gamma', 0.0),
+    ('seed', -1),
+  ],
+)
+def test_every_field_is_checked_before_training(field, value):
+  c = importlib.import_module('configs.synthetic').get_config()
+  c.unlock()
+  _set(c, field, value)
+  with pytest.raises(ValueError, match=field.replace('.', r'\.')):
+    defaults.validate(c)
+
+
+@pytest.mark.parametrize(
+  'field,value,devices,processes',
+  [('input.batch_size', 36, 8, 1), ('eval.batch_size', 30, 8, 1), ('eval.batch_size', 24, 8, 16)],
+)
+def test_batches_that_do_not_split_over_the_devices_are_named(field, value, devices, processes):
+  c = importlib.import_module('configs.synthetic').get_config('smoke')
+  c.unlock()
+  _set(c, field, value)
+  with pytest.raises(ValueError, match=field.replace('.', r'\.') + f'={value}'):
+    defaults.check_batch_split(c, devices=devices, processes=processes)
+  _set(c, field, 64)
+  defaults.check_batch_split(c, devices=8, processes=2)

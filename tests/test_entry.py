@@ -105,3 +105,41 @@ def test_evaluation_does_not_import_the_training_loop():
   r = _run('-c', code)
   assert r.returncode == 0, r.stderr
   assert r.stdout.strip().splitlines()[-1] == 'False False'
+
+
+def _train_8_devices(tmp_path, *overrides):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  args = [
+    'train.py',
+    '--config=configs/synthetic.py:smoke',
+    f'--workdir={tmp_path}/w',
+    f'--config.input.data_root={tmp_path}/data',
+    f'--config.input.metadata_root={tmp_path}/data/metadata',
+    *overrides,
+  ]
+  return subprocess.run(
+    [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+  )
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_one_line(tmp_path):
+  r = _train_8_devices(tmp_path, '--config.input.batch_size=36')
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip() == (
+    'error: config.input.batch_size=36 does not split over the 8 devices of this run; pick a '
+    'multiple of 8'
+  )
+  assert not (tmp_path / 'data').exists()
+
+
+def test_a_second_run_on_a_held_workdir_is_one_line(tmp_path):
+  import socket
+
+  from dualsig_jax import workdir
+
+  with workdir.locked(str(tmp_path / 'w')):
+    r = _train_8_devices(tmp_path)
+  assert r.returncode == 2, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: another run holds'), r.stderr
+  assert f'pid {os.getpid()} on host {socket.gethostname()}' in lines[0]

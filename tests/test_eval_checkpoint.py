@@ -116,6 +116,7 @@ def test_eval_py_evaluates_a_converted_reference_checkpoint(reference_checkpoint
   config.input.metadata_root = str(data_root / 'metadata')
   config.input.eval_size = EVAL_SIZE
   config.input.num_workers = 0
+  config.input.synthetic.generate = False  # read the set eval.py read, never regenerate it
   loader = data.make_eval_loader(config.input, 'test', batch_size=NUM_TEST)
   batch = next(iter(loader))
   images = np.asarray(batch['image'])

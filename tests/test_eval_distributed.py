@@ -15,8 +15,9 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from configs import synthetic  # noqa: E402
 from xla_flags import with_device_count  # noqa: E402
+
+from configs import synthetic  # noqa: E402
 
 # 35 = 4 global batches of 8 + 3 images: in the last batch process 0 has 3 images and a padding
 # row, process 1 only padding (it must still run the batch, or the collectives would hang).
@@ -140,12 +141,18 @@ def test_two_processes_give_the_metrics_of_one(setup):
   root = setup[0]
   ref = json.loads((root / 'one.0.json').read_text())
   got = [json.loads((root / f'two.{p}.json').read_text()) for p in range(2)]
+  # The evaluated checkpoints: the same steps, each run's own copy of the workdir.
+  for r, workdir in [(ref, one_dir)] + [(g, two_dir) for g in got]:
+    for stage, src in r.pop('checkpoints').items():
+      assert src == {'path': str(workdir / stage / 'checkpoints'), 'step': 1}, (stage, src)
   assert ref['num_images'] == NUM_TEST
   assert got[0] == got[1], 'the processes disagree on the results'
   assert got[0] == ref  # exact: integer counts and order-independent sums
   assert 'vanilla_softmax_top1' in ref['classification']
   # Process 0 alone writes the results; every process writes the maps of its own images.
-  assert json.loads((two_dir / 'results.json').read_text()) == ref
+  written = json.loads((two_dir / 'results.json').read_text())
+  assert written.pop('checkpoints')['dual']['path'] == str(two_dir / 'dual' / 'checkpoints')
+  assert written == ref
   assert (two_dir / 'plots' / 'cams_cam.png').exists()
   maps_one, maps_two = _scoremaps(one_dir), _scoremaps(two_dir)
   assert len(maps_one) == NUM_TEST * len(ref['methods']) * 2

@@ -13,6 +13,7 @@ from data_helpers import image_path, input_config, train_loader
 from PIL import Image
 
 from dualsig_jax.data import loaders, splits, transforms
+from dualsig_jax.data import train_loader as train_loader_lib
 from dualsig_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BadImageError
 
 # Fixtures shared with the other data tests (bound here so pytest finds them).
@@ -63,9 +64,14 @@ def test_skip_bad_images_train_only(data):
   with open(image_path(data, 'train', 9), 'wb') as f:
     f.write(b'garbage')
   data.skip_bad_images = True
+  data.augment = False  # metadata order, so the slots of the bad images are known
   loader = train_loader(data, batch_size=10)
-  n = sum(len(b['label']) for b in loader)
-  assert n == 190  # 198 good images -> 19 full batches of 10.
+  labels = np.concatenate([b['label'] for b in loader])
+  # Full batches: the slot of a bad image gets the next readable image of the epoch's order
+  # (the same whichever process reads it).
+  meta = splits.load_split(data, 'train')
+  want = [meta.labels[meta.image_ids[k + (k in (5, 9))]] for k in range(200)]
+  np.testing.assert_array_equal(labels, want)
   assert loader.skip_report.count() == 2
   ids = [e[0] for e in loader.skip_report.entries()]
   assert ids == ['images/train/00005.jpg', 'images/train/00009.jpg']
@@ -194,55 +200,137 @@ def test_no_augment_gives_metadata_order_and_centre_crops(data):
 
 def test_train_batch_normalization_matches_per_image_transform(data):
   # The loader crops uint8 per image and normalizes once per batch (less copying); the
-  # values must be exactly those of the per-image float transform on the same records/rngs.
-  import grain.python as grain
-
-  from dualsig_jax.data import transforms
-
-  class PerImage(grain.RandomMapTransform):
-    def random_map(self, element, rng):
-      return {
-        'image': transforms.train_transform(element['image'], rng, 72, 64),
-        'label': np.int32(element['label']),
-      }
-
+  # values must be exactly those of the per-image float transform on the same records and
+  # generators: epoch order train_order(seed, epoch), crop/flip from augment_rng(seed, e, pos).
   source, _ = splits.build_source(data, 'train', train=True)
-  shard = grain.ShardOptions(shard_index=0, shard_count=1, drop_remainder=True)
-  sampler = grain.IndexSampler(
-    num_records=len(source), shard_options=shard, shuffle=True, num_epochs=1, seed=5
-  )
-  ref = grain.DataLoader(
-    data_source=source,
-    sampler=sampler,
-    shard_options=shard,
-    operations=[PerImage(), grain.Batch(16, drop_remainder=True)],
-  )
+  order = train_loader_lib.train_order(5, 0, len(source))
   got = list(train_loader(data, seed=5))
   assert len(got) == 200 // 16
-  for x, y in zip(got, ref):
-    assert x['image'].dtype == y['image'].dtype == np.float32
-    np.testing.assert_array_equal(x['image'], y['image'])
-    np.testing.assert_array_equal(x['label'], y['label'])
+  for k, batch in enumerate(got):
+    assert batch['image'].dtype == np.float32 and batch['label'].dtype == np.int32
+    for row in range(16):
+      pos = k * 16 + row
+      rec = source[int(order[pos])]
+      want = transforms.train_transform(
+        rec['image'], train_loader_lib.augment_rng(5, 0, pos), 72, 64
+      )
+      np.testing.assert_array_equal(batch['image'][row], want)
+      assert batch['label'][row] == rec['label']
   crops = [np.random.default_rng(i).integers(0, 256, (5, 7, 3), dtype=np.uint8) for i in range(3)]
   np.testing.assert_array_equal(
     transforms.normalize_batch(crops), np.stack([transforms.normalize(c) for c in crops])
   )
 
 
+def _same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+
+
 def test_train_worker_processes_match_in_process(data):
+  # Batches are formed before the work is split over the workers: identical batches.
   ref = list(train_loader(data, seed=1, batch_size=20))
   data.num_workers = 2
   got = list(train_loader(data, seed=1, batch_size=20))
-  assert len(got) == len(ref) == 10
+  assert len(ref) == 10
+  _same_batches(got, ref)
 
-  # grain hands records to workers round-robin and each worker batches its own, so batch
-  # composition depends on the worker count; the records and their augmentations do not.
-  def rows(batches):
-    return sorted(
-      img.tobytes() + lab.tobytes() for b in batches for img, lab in zip(b['image'], b['label'])
+
+def _global(cfg, processes, global_batch, **kw):
+  """Global batches assembled from the per-process loaders (rows p*B..(p+1)*B of each)."""
+  per = [
+    list(
+      train_loader(
+        cfg,
+        process_index=p,
+        process_count=processes,
+        batch_size=global_batch // processes,
+        **kw,
+      )
     )
+    for p in range(processes)
+  ]
+  return [
+    {k: np.concatenate([per[p][i][k] for p in range(processes)]) for k in ('image', 'label')}
+    for i in range(len(per[0]))
+  ]
 
-  assert rows(got) == rows(ref)
+
+def test_global_batches_do_not_depend_on_the_process_count(data):
+  """The global batch sequence (order, crops, flips) is a function of the seed and the epoch
+  only: 1, 2 and 4 processes (one with worker processes) give the same batches, across an
+  epoch boundary (200 images, 24 per global batch: 8 per epoch, 8 dropped)."""
+  ref = _global(data, 1, 24, seed=7, num_epochs=2)
+  assert len(ref) == 16
+  _same_batches(_global(data, 2, 24, seed=7, num_epochs=2), ref)
+  data.num_workers = 2
+  _same_batches(_global(data, 4, 24, seed=7, num_epochs=2), ref)
+  # Epochs differ in order and augmentation; within an epoch every image appears once.
+  labels = [b['label'] for b in ref]
+  assert not np.array_equal(np.concatenate(labels[:8]), np.concatenate(labels[8:]))
+  order = train_loader_lib.train_order(7, 0, 200)
+  assert len(set(order[: 8 * 24].tolist())) == 8 * 24
+
+
+def test_train_state_resumes_on_another_process_count(data):
+  """A position saved by 2 processes with 2 workers each continues the same global sequence
+  in 1 process without workers (input.num_workers is resume-safe)."""
+  one = iter(train_loader(data, seed=2, num_epochs=None))
+  want = [next(one) for _ in range(15)]  # 12 per epoch: crosses into epoch 1
+  data.num_workers = 2
+  two = [
+    iter(
+      train_loader(data, seed=2, num_epochs=None, process_index=p, process_count=2, batch_size=8)
+    )
+    for p in range(2)
+  ]
+  for _ in range(5):
+    for it in two:
+      next(it)
+  states = [it.get_state() for it in two]
+  for it in two:
+    it.close()
+  data.num_workers = 0
+  assert states[0] == states[1]  # no process index in it: any process count can read it
+  resumed = iter(train_loader(data, seed=2, num_epochs=None))
+  resumed.set_state(states[0])
+  _same_batches([next(resumed) for _ in range(10)], want[5:])
+
+
+def test_train_state_refuses_another_sequence(data):
+  it = iter(train_loader(data, seed=2, num_epochs=None))
+  next(it)
+  state = it.get_state()
+  with pytest.raises(ValueError, match='global_batch_size=16, this run has 32'):
+    iter(train_loader(data, seed=2, num_epochs=None, batch_size=32)).set_state(state)
+  with pytest.raises(ValueError, match='seed=2, this run has 3'):
+    iter(train_loader(data, seed=3, num_epochs=None)).set_state(state)
+  old = b'{"version": 2, "last_seen_indices": {"0": 31}, "last_worker_index": 0}'
+  with pytest.raises(ValueError, match='previous train loader'):
+    iter(train_loader(data, seed=2, num_epochs=None)).set_state(old)
+
+
+def test_a_checkpoint_of_the_previous_loader_resumes_at_its_step(data, tmp_path, caplog):
+  """grain DataLoader states (before the global order) resume at the checkpoint's step."""
+  fresh = iter(train_loader(data, seed=2, num_epochs=None))
+  want = [next(fresh) for _ in range(6)]
+  folder = tmp_path / 'data'
+  folder.mkdir()
+  (folder / 'process_0-of-2.json').write_text('{"version": 2, "last_seen_indices": {"0": 9}}')
+  it = iter(train_loader(data, seed=2, num_epochs=None))
+  with pytest.raises(ValueError, match='previous train loader'):
+    it.load_state_dir(str(folder))
+  with caplog.at_level('WARNING', logger='dualsig_jax'):
+    it.load_state_dir(str(folder), step=5)
+  assert 'continuing at global batch 5' in caplog.text
+  np.testing.assert_array_equal(next(it)['image'], want[5]['image'])
+
+
+def test_train_split_smaller_than_a_global_batch_is_refused(data):
+  with pytest.raises(ValueError, match='200 images, fewer than one global batch of 256'):
+    train_loader(data, batch_size=128, process_count=2)
 
 
 def test_train_sharding_disjoint(data):
@@ -275,7 +363,7 @@ def test_train_iterator_state_restore(data, tmp_path):
   it2.set_state(state)
   for w in want:
     np.testing.assert_array_equal(next(it2)['image'], w['image'])
-  # The orbax handler named in the design.
+  # Through grain's orbax handler, as the checkpoints save it.
   import grain.python as grain
   import orbax.checkpoint as ocp
 
@@ -287,6 +375,9 @@ def test_train_iterator_state_restore(data, tmp_path):
   it4 = iter(train_loader(data, num_epochs=None))
   ckpt.restore(str(tmp_path / 'it'), it4)
   np.testing.assert_array_equal(next(it4)['image'], want[0]['image'])
+  it5 = iter(train_loader(data, num_epochs=None))
+  it5.load_state_dir(str(tmp_path / 'it'))  # what checkpoints.restore calls
+  np.testing.assert_array_equal(next(it5)['image'], want[0]['image'])
 
 
 def test_unknown_source_rejected(data):
@@ -308,7 +399,8 @@ def test_skip_report_folder_removed_with_the_loader(data):
   data.skip_bad_images = True
   data.num_workers = 2  # Skips recorded by worker processes, which must not remove the folder.
   loader = train_loader(data, batch_size=10)
-  assert sum(len(b['label']) for b in loader) == 190
+  # The skipped slot is filled with the next image of the epoch's order: full batches.
+  assert sum(len(b['label']) for b in loader) == 200
   log_dir = loader.skip_report.log_dir
   assert os.path.basename(log_dir).startswith('dualsig_skipped_')
   assert loader.skip_report.count() == 1 and os.path.isdir(log_dir)

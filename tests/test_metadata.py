@@ -249,3 +249,27 @@ def test_user_metadata_root_lacking_a_split_reads_the_shipped_one(tmp_path):
   assert loaders.load_split(cfg, 'train').image_ids == ['a/1.jpg', 'a/2.jpg']
   test = loaders.load_split(cfg, 'test')
   assert len(test) == 5794 and test.root.startswith(SHIPPED)
+
+
+def _bom_split(tmp_path, ids_text, labels_text):
+  d = tmp_path / 'SYNTH' / 'train'
+  d.mkdir(parents=True)
+  (d / 'image_ids.txt').write_bytes(ids_text.encode('utf-8'))
+  (d / 'class_labels.txt').write_bytes(labels_text.encode('utf-8'))
+  return d
+
+
+def test_a_utf8_bom_at_the_start_of_a_file_is_read_as_text(tmp_path):
+  """Windows editors save UTF-8 with a byte-order mark; it must not become part of an id."""
+  ids, labels = '\ufeffimages/a.jpg\nimages/b.jpg\n', '\ufeffimages/a.jpg,0\nimages/b.jpg,1\n'
+  _bom_split(tmp_path, ids, labels)
+  m = load_metadata(str(tmp_path), 'SYNTH', 'train', num_classes=2)
+  assert m.image_ids == ['images/a.jpg', 'images/b.jpg']
+  assert m.labels == {'images/a.jpg': 0, 'images/b.jpg': 1}
+
+
+def test_a_bom_inside_a_file_is_refused_at_its_line(tmp_path):
+  """A second BOM (two files pasted together) is invisible in an editor: named at file:line."""
+  d = _bom_split(tmp_path, 'images/a.jpg\n\ufeffimages/b.jpg\n', 'images/a.jpg,0\nimages/b.jpg,1\n')
+  with pytest.raises(MetadataError, match=rf'{d / "image_ids.txt"}:2: .*byte-order mark'):
+    load_metadata(str(tmp_path), 'SYNTH', 'train', num_classes=2)

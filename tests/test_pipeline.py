@@ -5,6 +5,7 @@ tests reuse its dataset and workdir.
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -260,6 +261,7 @@ def test_dual_checkpoint_of_another_model_is_refused_before_flax(smoke_run, smok
   shutil.copytree(stage_lib.checkpoint_dir(workdir, 'dual'), stage_lib.checkpoint_dir(bare, 'dual'))
   for meta in bare.glob('dual/checkpoints/*/meta'):
     shutil.rmtree(meta)
+    os.remove(meta.parent / 'checksums.json')  # nor the manifest, which came later still
   with pytest.raises(
     ValueError, match=r"'params/fc/bias' of shape \(10,\), the model expects \(5,\)"
   ):
@@ -272,3 +274,56 @@ def test_labels_beyond_num_classes_fail_before_training(smoke_data, tmp_path):
   with pytest.raises(ValueError, match='model.num_classes=5'):
     experiment.run(c, str(tmp_path), evaluate=False)
   assert not os.path.exists(tmp_path / 'vanilla'), 'training started'
+
+
+def _copy_run(smoke_run, tmp_path):
+  import shutil
+
+  config, workdir, out = smoke_run
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  return config, copy, out
+
+
+def test_a_finished_run_prints_its_saved_results(smoke_run, tmp_path, capsys, caplog, monkeypatch):
+  """Rerunning train.py on a finished workdir evaluates nothing: it prints the saved results
+  and says how to force a new evaluation (eval.force, which does evaluate again)."""
+  from dualsig_jax import evaluate as evaluate_lib
+  from dualsig_jax.train import stage as stage_lib
+
+  config, workdir, first = _copy_run(smoke_run, tmp_path)
+  progress = stage_lib.stage_progress(config, workdir)
+  assert progress['vanilla'] == {'step': 16, 'total': 16, 'finished': True}
+  assert progress['dual']['finished'] and progress['dual']['source_change'] is None
+  results_json = os.path.join(workdir, 'results.json')
+  mtime = os.path.getmtime(results_json)
+  calls = []
+  monkeypatch.setattr(evaluate_lib, 'evaluate', lambda c, w: calls.append(c) or {'fake': 1})
+  with caplog.at_level(logging.INFO, logger='dualsig_jax'):
+    out = experiment.run(config, workdir)
+  assert out['reused'] and not calls and os.path.getmtime(results_json) == mtime
+  assert out['results'] == json.loads(json.dumps(first['results']))
+  with open(os.path.join(workdir, 'results.md')) as f:
+    assert f.read().strip() in capsys.readouterr().out
+  assert '--config.eval.force=True' in caplog.text
+  forced = smoke_config(config.input.data_root, **{'eval.force': True})
+  forced.stages = ('dual',)  # (resume-safe; spares restoring the vanilla stage here)
+  out = experiment.run(forced, workdir)
+  assert not out['reused'] and len(calls) == 1 and out['results'] == {'fake': 1}
+
+
+def test_longer_vanilla_on_a_finished_run_retrains_the_dual_stage(smoke_run, tmp_path, caplog):
+  """vanilla.num_epochs 2 -> 3 on a finished run: the vanilla stage trains on to step 24 and
+  the dual stage, whose input changed, is trained again from it (old checkpoints kept)."""
+  config, workdir, _ = _copy_run(smoke_run, tmp_path)
+  longer = smoke_config(config.input.data_root, **{'vanilla.num_epochs': 3})
+  with caplog.at_level(logging.WARNING, logger='dualsig_jax'):
+    experiment.run(longer, workdir, evaluate=False)
+  assert smoke_helpers.checkpoint_steps(workdir, 'vanilla')[-1] == 24
+  start, end = _latest(workdir, 'vanilla'), _latest(workdir, 'dual')
+  for name in start['params']:
+    if name != 'fc2':
+      assert _same_tree(start['params'][name], end['params'][name]), name
+  assert _same_tree(start['batch_stats'], end['batch_stats'])
+  assert 'at step 16, which is now at step 24' in caplog.text
+  assert [p for p in os.listdir(os.path.join(workdir, 'dual')) if '.stale-' in p]

@@ -111,3 +111,66 @@ def test_damaged_newest_checkpoint_resumes_from_previous_and_logs_each_step_once
   starts = [r for r in smoke_helpers.metrics(workdir) if r.get('event') == 'start']
   assert [r['origin'] for r in starts][-1] == 'resumed from step 4'
   assert loss_steps(workdir) == [2, 4, 6, 8, 10, 12]
+
+
+def _workdir_with_real_checkpoint(tmp_path, config, *, record=True):
+  """config.json and one real (tiny) checkpoint step whose record holds the run's config, as
+  the loop writes it (stage.model_record)."""
+  import numpy as np
+
+  from dualsig_jax.train import checkpoints
+  from dualsig_jax.train import stage as stage_lib
+
+  workdir = str(tmp_path / 'run')
+  resume.check_and_write_config(config, workdir)
+  mgr = checkpoints.manager(stage_lib.checkpoint_dir(workdir, 'vanilla'), max_to_keep=2)
+  meta = stage_lib.model_record(config, 'vanilla')
+  if not record:
+    meta.pop('config')
+  checkpoints.save(mgr, 4, {'w': np.ones(3, np.float32)}, None, meta)
+  return workdir
+
+
+@pytest.mark.parametrize('damage', ['deleted', 'truncated', 'not an object'])
+def test_a_lost_config_json_still_guards_the_resume(tmp_path, damage):
+  """config.json deleted or cut: the checkpoint's copy of the config refuses a changed field
+  (and, with the same config, the resume goes on and config.json is written again)."""
+  config = smoke_config(tmp_path / 'data')
+  workdir = _workdir_with_real_checkpoint(tmp_path, config)
+  path = os.path.join(workdir, 'config.json')
+  if damage == 'deleted':
+    os.remove(path)
+  elif damage == 'truncated':
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+  else:
+    with open(path, 'w') as f:
+      f.write('[1, 2]')
+  changed = smoke_config(tmp_path / 'data', **{'vanilla.lr': 0.1})
+  with pytest.raises(resume.ConfigChangedError, match='vanilla.lr: 0.05 -> 0.1'):
+    resume.check_and_write_config(changed, workdir)
+  assert resume.check_and_write_config(config, workdir) == []
+  assert _saved(workdir)['vanilla']['lr'] == 0.05
+
+
+def test_without_config_json_nor_a_recorded_config_the_resume_is_refused(tmp_path):
+  config = smoke_config(tmp_path / 'data')
+  workdir = _workdir_with_real_checkpoint(tmp_path, config, record=False)
+  os.remove(os.path.join(workdir, 'config.json'))
+  with pytest.raises(
+    resume.ConfigChangedError, match='config.json cannot be checked: it is missing'
+  ):
+    resume.check_and_write_config(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'config.json'))
+
+
+def test_changed_fields_are_logged_once(tmp_path, caplog):
+  """train.py checks before JAX starts (write=False), then the run checks and writes: one line."""
+  config = smoke_config(tmp_path / 'data')
+  workdir = _workdir_with_checkpoint(tmp_path, config)
+  safe = smoke_config(tmp_path / 'data', **{'eval.batch_size': 16})
+  with caplog.at_level(logging.INFO, logger='dualsig_jax'):
+    resume.check_and_write_config(safe, workdir, write=False)
+    resume.check_and_write_config(safe, workdir)
+  lines = [r for r in caplog.records if 'changed fields' in r.getMessage()]
+  assert len(lines) == 1 and 'eval.batch_size: 32 -> 16' in lines[0].getMessage()

@@ -150,12 +150,13 @@ def test_interrupted_generation_leaves_the_target_untouched(tmp_path, monkeypatc
   with pytest.raises(KeyboardInterrupt):
     synthetic.ensure_synthetic(_cfg(tmp_path / 'd'))
   assert os.listdir(tmp_path) == []  # Neither a half-written set nor its temporary folder.
-  # A run killed outright leaves its temporary folder: the next run removes it.
+  # A run killed outright leaves its temporary folder: the next run names it and keeps it (only
+  # folders a run created itself are deleted: a sibling with that name may be the user's).
   stale = tmp_path / '.d.generating-12345'
   (stale / 'images').mkdir(parents=True)
   monkeypatch.undo()
   synthetic.ensure_synthetic(_cfg(tmp_path / 'd'))
-  assert sorted(os.listdir(tmp_path)) == ['d']
+  assert sorted(os.listdir(tmp_path)) == ['.d.generating-12345', 'd']
 
 
 def test_generate_false_needs_an_existing_set_and_keeps_user_files(tmp_path):
@@ -190,3 +191,42 @@ def test_cli_tiny_preset(tmp_path, capsys):
   assert 'wrote 140 images' in capsys.readouterr().out
   assert (tmp_path / '.complete').exists()
   assert len(load_metadata(str(tmp_path / 'metadata'), 'SYNTH', 'train')) == 20
+
+
+def _tiny(out, seed=0):
+  synthetic.main(
+    ['--out', str(out), '--preset', 'tiny', '--workers', '1', '--seed', str(seed)]
+    + ['--num_train', '6', '--num_val', '2', '--num_test', '2']
+  )
+
+
+@pytest.mark.parametrize('rel', ['images/mine.txt', 'metadata/SYNTH/notes.txt', 'masks/val/x'])
+def test_regeneration_keeps_or_refuses_files_it_did_not_write(tmp_path, rel):
+  """A user file anywhere inside a generated set: regeneration refuses, naming it."""
+  out = tmp_path / 'set'
+  _tiny(out)
+  (out / rel).write_text('k')
+  before = _tree(out)
+  with pytest.raises(SystemExit, match=rel):
+    _tiny(out, seed=2)
+  assert _tree(out) == before and (out / rel).read_text() == 'k'
+
+
+def test_a_sibling_named_like_a_backup_survives(tmp_path):
+  """Only folders this run created may be removed, whatever the siblings are called."""
+  for name in ('.set.old-bak', '.set.generating-x'):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'f').write_text('mine')
+  _tiny(tmp_path / 'set')
+  _tiny(tmp_path / 'set', seed=2)  # replaces the set: its own temporaries come and go
+  assert sorted(os.listdir(tmp_path)) == ['.set.generating-x', '.set.old-bak', 'set']
+  assert (tmp_path / '.set.old-bak' / 'f').read_text() == 'mine'
+
+
+def test_the_set_follows_the_umask(tmp_path):
+  old = os.umask(0o022)
+  try:
+    _tiny(tmp_path / 'set')
+  finally:
+    os.umask(old)
+  assert oct(os.stat(tmp_path / 'set').st_mode & 0o777) == oct(0o755)

@@ -85,7 +85,9 @@ def test_cli_boxes_end_to_end(box_dataset):
       str(out),
       '--no_progress',
       '--num_workers',
-      '0',
+      '2',
+      '--pool',
+      'process',
     ]
   )
   assert rc == 0
@@ -137,7 +139,7 @@ def test_cli_subprocess_largest_contour(box_dataset):
 
 
 @pytest.mark.parametrize(
-  'bad', ['missing', '3d', '1d', 'scalar', 'nan', 'range', 'empty', 'no_rows', 'no_cols']
+  'bad', ['missing', '3d', '1d', 'scalar', 'nan', 'range', 'empty', 'no_rows', 'no_cols', 'npz']
 )
 def test_cli_bad_map_names_the_file(box_dataset, bad, capsys):
   """Every unusable map is an error naming its file (empty ones used to fail deep in the
@@ -146,6 +148,10 @@ def test_cli_bad_map_names_the_file(box_dataset, bad, capsys):
   f = root / 'maps' / (ids[4] + '.npy')
   if bad == 'missing':
     os.remove(f)
+  elif bad == 'npz':  # an np.savez archive under the .npy name (np.load gives an NpzFile)
+    m = np.load(f)
+    with open(f, 'wb') as fh:
+      np.savez(fh, cam=m)
   else:
     m = np.load(f)
     m = {
@@ -177,7 +183,10 @@ def test_cli_bad_map_names_the_file(box_dataset, bad, capsys):
     ]
   )
   assert rc == 2
-  assert str(f) in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert str(f) in err and len(err.strip().splitlines()) == 1, err
+  if bad == 'npz':
+    assert 'np.savez' in err
 
 
 def test_cli_masks_end_to_end(tmp_path):
@@ -232,6 +241,22 @@ def test_cli_masks_end_to_end(tmp_path):
   got = json.loads(out.read_text())
   assert got['num_images'] == 10 and 'maxboxacc' not in got
   assert abs(got['pxap'] - ref_pxap(maps, gt_masks, 0.001)) <= 1e-9
+
+
+def test_cli_masks_without_mask_root_says_what_it_is(tmp_path, capsys):
+  """A split with masks (SYNTH has boxes and masks) and no --mask_root: one line saying what
+  the flag is for."""
+  meta = tmp_path / 'meta' / 'SYNTH' / 'test'
+  _write(str(meta / 'image_ids.txt'), ['test/0.jpg'])
+  _write(str(meta / 'class_labels.txt'), ['test/0.jpg,0'])
+  _write(str(meta / 'image_sizes.txt'), ['test/0.jpg,64,64'])
+  _write(str(meta / 'localization.txt'), ['test/0.jpg,1,1,30,30'])
+  _write(str(meta / 'localization_mask.txt'), ['test/0.jpg,masks/test/0.png,masks/test/0_i.png'])
+  args = ['--scoremap_root', str(tmp_path), '--metadata_root', str(tmp_path / 'meta')]
+  rc = cli_main(args + ['--dataset_name', 'SYNTH', '--split', 'test', '--no_progress'])
+  assert rc == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and '--mask_root' in err and 'relative to' in err, err
 
 
 def test_plots(tmp_path):

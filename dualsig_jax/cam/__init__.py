@@ -56,6 +56,13 @@ before its GAP + Dense head named ``fc``)::
     maps[('gradcam++', 'softmax')]   # [B, H, W] float32 in [0, 1]
 
 Method names: ``cam``, ``gradcam``, ``gradcam++``, ``xgradcam``, ``layercam``.
+
+Any model as it is (no ``features``/``head``/``sow``), Linen or NNX, at any layer, with every
+class-discriminative method of pytorch-grad-cam 1.5.7 (``EXPLAIN_METHODS``)::
+
+    from dualsig_jax import cam
+    maps, targets = cam.explain(model, variables, images, target_layer='layer4',
+                                methods=('gradcam', 'scorecam'))
 """
 
 from dualsig_jax.cam.compute import (
@@ -66,6 +73,7 @@ from dualsig_jax.cam.compute import (
   linear_head_fns,
   postprocess_maps,
 )
+from dualsig_jax.cam.explain import EXPLAIN_METHODS, explain
 from dualsig_jax.cam.fidelity import (
   FidelityAccumulator,
   average_drop,
@@ -73,6 +81,7 @@ from dualsig_jax.cam.fidelity import (
   increase_in_confidence,
   insertion_deletion,
 )
+from dualsig_jax.cam.guided import guided_backprop, guided_gradcam
 from dualsig_jax.cam.methods import (
   GRADIENT_METHODS,
   METHODS,
@@ -84,22 +93,28 @@ from dualsig_jax.cam.methods import (
   xgrad_cam,
 )
 from dualsig_jax.cam.resize import resize_maps
+from dualsig_jax.cam.road_metrics import cam_mult_image_confidence_change, road, road_combined
 
 # The documented surface (README "Using the CAM functions"); helpers such as the per-method
 # weight functions stay in their submodules (dualsig_jax.cam.methods, .compute, .resize).
 __all__ = [
   'BRANCHES',
+  'EXPLAIN_METHODS',
   'FidelityAccumulator',
   'GRADIENT_METHODS',
   'METHODS',
   'average_drop',
   'cam',
+  'cam_mult_image_confidence_change',
   'compute_cams',
   'compute_cams_multi',
   'confidence_change',
+  'explain',
   'feature_gradients',
   'grad_cam',
   'grad_cam_plus_plus',
+  'guided_backprop',
+  'guided_gradcam',
   'increase_in_confidence',
   'insertion_deletion',
   'layer_cam',
@@ -107,6 +122,8 @@ __all__ = [
   'normalize_scoremap',
   'postprocess_maps',
   'resize_maps',
+  'road',
+  'road_combined',
   'xgrad_cam',
 ]
 

@@ -1,4 +1,4 @@
-"""grain loaders: the shuffled, sharded, checkpointable train loader and padded eval loader.
+"""grain loaders: the train loader (built here, see train_loader.py) and the padded eval loader.
 
 Config fields read (``config.input``): resize_size, crop_size, eval_size, num_workers,
 skip_bad_images, and those of :mod:`dualsig_jax.data.splits` (source, dataset_name, data_root,
@@ -12,16 +12,11 @@ import math
 import grain.python as grain
 import numpy as np
 
-from dualsig_jax.data import splits
+from dualsig_jax.data import splits, workers
 from dualsig_jax.data.metadata import Metadata, check_labels
 from dualsig_jax.data.sources import SkipReport, TfdsSource
-from dualsig_jax.data.transforms import (
-  build_mask,
-  eval_transform,
-  normalize_batch,
-  rescale_boxes,
-  train_crop,
-)
+from dualsig_jax.data.train_loader import TrainLoader
+from dualsig_jax.data.transforms import build_mask, eval_transform, rescale_boxes
 
 # TFDS eval batches need a box count fixed before reading; more boxes than this raise.
 TFDS_MAX_BOXES = 16
@@ -47,58 +42,6 @@ def _workers(input_cfg) -> int:
   return n
 
 
-class _DropSkipped(grain.FilterTransform):
-  """Drops records whose image was skipped (``skip_bad_images``)."""
-
-  def filter(self, element):
-    return element['image'] is not None
-
-
-class _TrainMap(grain.RandomMapTransform):
-  """Raw record -> {'image': uint8 [C, C, 3] (resized, cropped, flipped), 'label': int32}."""
-
-  def __init__(self, resize_size, crop_size, augment=True):
-    self.resize_size, self.crop_size = int(resize_size), int(crop_size)
-    self.augment = bool(augment)
-
-  def random_map(self, element, rng):
-    return {
-      'image': train_crop(element['image'], rng, self.resize_size, self.crop_size, self.augment),
-      'label': np.int32(element['label']),
-    }
-
-
-class _NormalizingBatch:
-  """grain ``batch_fn``: B train examples -> {'image': float32 [B, C, C, 3], 'label': int32 [B]}.
-
-  Normalizes the uint8 crops straight into the batch array. Normalizing per example and then
-  stacking (grain's default) made a float32 temporary per image and copied the float batch
-  (19 MB at B=32, 224 px) once more into shared memory. In worker processes grain calls
-  ``enable_shared_memory_output`` and the batch array *is* the shared memory block the main
-  process maps (no pickling, no copy). Same float32 values as ``train_transform``.
-  """
-
-  def __init__(self):
-    self._shared_memory = False
-
-  def enable_shared_memory_output(self):
-    self._shared_memory = True
-
-  def __call__(self, values):
-    images = [v['image'] for v in values]
-    shape = (len(images),) + images[0].shape
-    if self._shared_memory:
-      from grain.multiprocessing import SharedMemoryArray  # pylint: disable=import-outside-toplevel
-
-      out = SharedMemoryArray(shape, dtype=np.float32)
-    else:
-      out = np.empty(shape, np.float32)
-    return {
-      'image': normalize_batch(images, out),
-      'label': np.array([v['label'] for v in values], np.int32),
-    }
-
-
 def make_train_loader(
   input_cfg,
   *,
@@ -108,28 +51,29 @@ def make_train_loader(
   process_count: int,
   batch_size: int,
   num_classes: int | None = None,
-) -> grain.DataLoader:
+) -> TrainLoader:
   """Shuffled training loader over ``input_cfg.train_split`` for this process.
 
-  ``input.augment=False`` gives the split in metadata order (per shard), centre crops and no
-  flips: the same batches every run, for parity checks against other frameworks and debugging.
+  Every process count and worker count gives the same global batches (see
+  :mod:`~dualsig_jax.data.train_loader`). ``input.augment=False`` gives the split in metadata
+  order, centre crops and no flips: the same batches every run, for parity checks against
+  other frameworks and debugging.
 
   Args:
-    seed: order and augmentation seed (same seed and worker count -> same batches; other
-      worker counts give the same augmented records, grouped into batches differently).
+    seed: order and augmentation seed.
     num_epochs: passes over the data (None = forever).
-    process_index, process_count: this host's disjoint shard (grain ShardOptions, remainder
-      dropped so every host yields the same number of batches).
-    batch_size: per-process batch size.
+    process_index, process_count: this process reads rows ``[p*B, (p+1)*B)`` of every global
+      batch of ``B * process_count`` images.
+    batch_size: per-process batch size ``B``.
     num_classes: the model's class count; when given, labels are checked against it first
       (:func:`~dualsig_jax.data.metadata.check_labels`).
 
   Returns:
-    grain DataLoader; ``iter(loader)`` yields dicts with ``image`` float32 ``[B, C, C, 3]``
-    (ImageNet-normalized, C = crop_size) and ``label`` int32 ``[B]``. The iterator's
-    ``get_state()``/``set_state()`` (or ``grain.PyGrainCheckpointHandler``) save/resume it.
-    ``loader.skip_report`` (a :class:`SkipReport`, or None) counts skipped bad images when
-    ``input.skip_bad_images`` is on.
+    A :class:`~dualsig_jax.data.train_loader.TrainLoader`; ``iter(loader)`` yields dicts with
+    ``image`` float32 ``[B, C, C, 3]`` (ImageNet-normalized, C = crop_size) and ``label``
+    int32 ``[B]``. The iterator's ``get_state()``/``set_state()`` (or
+    ``grain.PyGrainCheckpointSave``) save/resume it. ``loader.skip_report`` (a
+    :class:`SkipReport`, or None) counts skipped bad images when ``input.skip_bad_images`` is on.
   """
   skip_report = SkipReport() if splits.get(input_cfg, 'skip_bad_images', False) else None
   source, meta = splits.build_source(
@@ -137,37 +81,19 @@ def make_train_loader(
   )
   if num_classes is not None:
     check_labels(meta, num_classes)
-  shard = grain.ShardOptions(
-    shard_index=int(process_index), shard_count=int(process_count), drop_remainder=True
-  )
-  sampler = grain.IndexSampler(
-    num_records=len(source),
-    shard_options=shard,
-    shuffle=bool(splits.get(input_cfg, 'augment', True)),
+  return TrainLoader(
+    source,
+    seed=seed,
     num_epochs=num_epochs,
-    seed=int(seed),
+    process_index=process_index,
+    process_count=process_count,
+    batch_size=batch_size,
+    resize_size=input_cfg.resize_size,
+    crop_size=input_cfg.crop_size,
+    shuffle=bool(splits.get(input_cfg, 'augment', True)),
+    num_workers=_workers(input_cfg),
+    skip_report=skip_report,
   )
-  ops = ([_DropSkipped()] if skip_report else []) + [
-    _TrainMap(input_cfg.resize_size, input_cfg.crop_size, splits.get(input_cfg, 'augment', True)),
-    grain.Batch(batch_size=int(batch_size), drop_remainder=True, batch_fn=_NormalizingBatch()),
-  ]
-  workers = _workers(input_cfg)
-  # grain's default ReadOptions (16 reader threads and a 500-record buffer *per worker*) suit
-  # remote storage; here a read is a CPU-bound JPEG decode, so with worker processes those
-  # threads only fight the transform for the GIL and the cores (measured ~10-25% slower on
-  # 2 cores). Each worker decodes inline instead; without workers keep grain's threads.
-  read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0) if workers else None
-  loader = grain.DataLoader(
-    data_source=source,
-    sampler=sampler,
-    operations=ops,
-    worker_count=workers,
-    worker_buffer_size=2,
-    shard_options=shard,
-    read_options=read_options,
-  )
-  loader.skip_report = skip_report
-  return loader
 
 
 def steps_per_epoch(input_cfg, global_batch: int) -> int:
@@ -276,17 +202,26 @@ class EvalLoader:
   def __len__(self) -> int:
     return self._num_batches
 
-  def __iter__(self):
-    # Batches are formed before the work is split across worker processes (grain's dataset
-    # API shards the *batched* dataset), so every batch has the rows described above for any
-    # worker count. A DataLoader would batch inside each worker instead, mixing rows.
-    ds = grain.MapDataset.source(_EvalSource(self._source, self._positions))
-    ds = ds.map(self._map).batch(self.batch_size, drop_remainder=False).to_iter_dataset()
-    if self._num_workers > 0:
-      ds = ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=self._num_workers, per_worker_buffer_size=2)
-      )
-    return iter(ds)
+  def __iter__(self) -> workers.ClosingIterator:
+    return self.iterate()
+
+  def iterate(self, limit: int | None = None) -> workers.ClosingIterator:
+    """An iterator over the first ``limit`` batches (all when None).
+
+    Its worker processes stop and its shared memory is released when it is exhausted, after
+    ``limit`` batches, at ``close()`` / the end of a ``with`` block, or at exit; so
+    ``itertools.islice(loader, n)`` leaves them running until exit, ``iterate(n)`` does not.
+    """
+
+    def make():
+      # Batches are formed before the work is split across worker processes (grain's dataset
+      # API shards the *batched* dataset), so every batch has the rows described above for
+      # any worker count.
+      ds = grain.MapDataset.source(_EvalSource(self._source, self._positions))
+      ds = ds.map(self._map).batch(self.batch_size, drop_remainder=False).to_iter_dataset()
+      return iter(workers.prefetch(ds, self._num_workers))
+
+    return workers.ClosingIterator(make, limit=limit)
 
 
 def make_eval_loader(

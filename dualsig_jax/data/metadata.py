@@ -149,11 +149,19 @@ def check_labels(metadata: Metadata, num_classes: int) -> None:
 
 
 def _read_lines(path: str):
-  """Yields (line_number, fields) for non-blank lines of a comma separated file."""
+  """Yields (line_number, fields) for non-blank lines of a comma separated file.
+
+  A byte-order mark at the start of the file (UTF-8 as some editors save it) is dropped; one
+  anywhere else would become an invisible part of an id, so it is refused at file:line."""
   try:
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8-sig') as f:
       for num, line in enumerate(f, start=1):
         line = line.rstrip('\r\n')
+        if '\ufeff' in line:
+          raise MetadataError(
+            f'{path}:{num}: a byte-order mark (U+FEFF, invisible in most editors) inside the '
+            'text, e.g. from files pasted together; remove it'
+          )
         if line.strip():
           yield num, line.split(',')
   except UnicodeDecodeError as e:
@@ -197,21 +205,61 @@ def load_metadata(
   Returns:
     :class:`Metadata`. Raises :class:`MetadataError` (a ``ValueError``) on bad input.
   """
+  root = _split_root(metadata_root, dataset_name, split)
+  if num_classes is None:
+    num_classes = NUM_CLASSES.get(dataset_name)
+  image_ids, where = _read_ids(
+    os.path.join(root, 'image_ids_proxy.txt' if proxy else 'image_ids.txt')
+  )
+  labels_file = os.path.join(root, 'class_labels.txt')
+  labels, label_where = _read_labels(labels_file, num_classes)
+  if require_labels:
+    _each_has(image_ids, labels, where, f'label in {labels_file}')
+  sizes_file = os.path.join(root, 'image_sizes.txt')
+  sizes = _read_sizes(sizes_file)
+  if os.path.isfile(sizes_file):
+    _each_has(image_ids, sizes, where, f'size in {sizes_file}')
+  boxes, masks = {}, {}
+  loc_file = os.path.join(root, 'localization.txt')
+  if os.path.isfile(loc_file):
+    if dataset_name in MASK_DATASETS:
+      masks = _read_masks(loc_file)
+    else:
+      boxes = _read_boxes(loc_file, sizes, sizes_file, where, image_ids)
+  mask_file = os.path.join(root, 'localization_mask.txt')
+  if os.path.isfile(mask_file):
+    masks = _read_masks(mask_file)
+  if masks:
+    _check_masks(masks, image_ids, where)
+  return Metadata(
+    image_ids=image_ids,
+    labels={i: labels[i] for i in image_ids if i in labels},
+    sizes=sizes,
+    boxes=boxes,
+    masks=masks,
+    where=where,
+    dataset_name=dataset_name,
+    split=split,
+    root=root,
+    label_where={i: label_where[i] for i in image_ids if i in label_where},
+  )
+
+
+def _split_root(metadata_root, dataset_name, split):
+  """The split's metadata folder; an error listing the dataset's splits when it is missing."""
   root = os.path.join(metadata_root, dataset_name, split)
   if not os.path.isdir(root):
-    avail = (
-      sorted(os.listdir(os.path.join(metadata_root, dataset_name)))
-      if os.path.isdir(os.path.join(metadata_root, dataset_name))
-      else []
-    )
+    parent = os.path.join(metadata_root, dataset_name)
+    avail = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
     raise MetadataError(
       f'no metadata folder {root!r} (dataset {dataset_name!r}, split '
       f'{split!r}); splits available there: {avail}'
     )
-  if num_classes is None:
-    num_classes = NUM_CLASSES.get(dataset_name)
+  return root
 
-  ids_file = os.path.join(root, 'image_ids_proxy.txt' if proxy else 'image_ids.txt')
+
+def _read_ids(ids_file):
+  """``image_ids.txt`` -> (ids in file order, {id: 'abs path:line'}); duplicates refused."""
   if not os.path.isfile(ids_file):
     raise MetadataError(f'missing {ids_file}')
   image_ids, where = [], {}
@@ -226,73 +274,60 @@ def load_metadata(
     image_ids.append(image_id)
   if not image_ids:
     raise MetadataError(f'{ids_file}: no image ids')
+  return image_ids, where
 
+
+def _read_labels(labels_file, num_classes):
+  """``class_labels.txt`` -> ({id: label}, {id: 'abs path:line'}); ({}, {}) without the file."""
   labels, label_where = {}, {}
-  labels_file = os.path.join(root, 'class_labels.txt')
-  if os.path.isfile(labels_file):
-    abs_labels = os.path.abspath(labels_file)
-    for num, fields in _read_lines(labels_file):
-      _expect(fields, 2, labels_file, num, 'path,label')
-      (label,) = _ints(fields[1:], labels_file, num, 'label')
-      if label < 0 or (num_classes is not None and label >= num_classes):
-        raise MetadataError(
-          f'{labels_file}:{num}: label {label} out of range '
-          f'[0, {num_classes if num_classes is not None else "inf"})'
-        )
-      _no_conflict(labels, label_where, fields[0], label, f'{abs_labels}:{num}', 'label')
-      labels[fields[0]], label_where[fields[0]] = label, f'{abs_labels}:{num}'
-  if require_labels:
-    for image_id in image_ids:
-      if image_id not in labels:
-        raise MetadataError(
-          f'{where[image_id]}: image id {image_id!r} has no label in {labels_file}'
-        )
+  if not os.path.isfile(labels_file):
+    return labels, label_where
+  abs_labels = os.path.abspath(labels_file)
+  for num, fields in _read_lines(labels_file):
+    _expect(fields, 2, labels_file, num, 'path,label')
+    (label,) = _ints(fields[1:], labels_file, num, 'label')
+    if label < 0 or (num_classes is not None and label >= num_classes):
+      raise MetadataError(
+        f'{labels_file}:{num}: label {label} out of range '
+        f'[0, {num_classes if num_classes is not None else "inf"})'
+      )
+    _no_conflict(labels, label_where, fields[0], label, f'{abs_labels}:{num}', 'label')
+    labels[fields[0]], label_where[fields[0]] = label, f'{abs_labels}:{num}'
+  return labels, label_where
 
+
+def _read_sizes(sizes_file):
+  """``image_sizes.txt`` -> {id: (w, h)}; {} without the file."""
   sizes, size_where = {}, {}
-  sizes_file = os.path.join(root, 'image_sizes.txt')
-  if os.path.isfile(sizes_file):
-    abs_sizes = os.path.abspath(sizes_file)
-    for num, fields in _read_lines(sizes_file):
-      _expect(fields, 3, sizes_file, num, 'path,w,h')
-      w, h = _ints(fields[1:], sizes_file, num, 'width,height')
-      if w <= 0 or h <= 0:
-        raise MetadataError(f'{sizes_file}:{num}: non-positive size {w}x{h}')
-      _no_conflict(sizes, size_where, fields[0], (w, h), f'{abs_sizes}:{num}', 'size')
-      sizes[fields[0]], size_where[fields[0]] = (w, h), f'{abs_sizes}:{num}'
-    for image_id in image_ids:
-      if image_id not in sizes:
-        raise MetadataError(f'{where[image_id]}: image id {image_id!r} has no size in {sizes_file}')
+  if not os.path.isfile(sizes_file):
+    return sizes
+  abs_sizes = os.path.abspath(sizes_file)
+  for num, fields in _read_lines(sizes_file):
+    _expect(fields, 3, sizes_file, num, 'path,w,h')
+    w, h = _ints(fields[1:], sizes_file, num, 'width,height')
+    if w <= 0 or h <= 0:
+      raise MetadataError(f'{sizes_file}:{num}: non-positive size {w}x{h}')
+    _no_conflict(sizes, size_where, fields[0], (w, h), f'{abs_sizes}:{num}', 'size')
+    sizes[fields[0]], size_where[fields[0]] = (w, h), f'{abs_sizes}:{num}'
+  return sizes
 
-  boxes, masks = {}, {}
-  loc_file = os.path.join(root, 'localization.txt')
-  if os.path.isfile(loc_file):
-    if dataset_name in MASK_DATASETS:
-      masks = _read_masks(loc_file)
-    else:
-      boxes = _read_boxes(loc_file, sizes, sizes_file, where, image_ids)
-  mask_file = os.path.join(root, 'localization_mask.txt')
-  if os.path.isfile(mask_file):
-    masks = _read_masks(mask_file)
-  if masks:
-    for image_id in image_ids:
-      if image_id not in masks:
-        raise MetadataError(f'{where[image_id]}: image id {image_id!r} has no mask line')
-      if masks[image_id][1] is None:
-        raise MetadataError(
-          f'{where[image_id]}: image id {image_id!r} has no ignore path on its first mask line'
-        )
-  return Metadata(
-    image_ids=image_ids,
-    labels={i: labels[i] for i in image_ids if i in labels},
-    sizes=sizes,
-    boxes=boxes,
-    masks=masks,
-    where=where,
-    dataset_name=dataset_name,
-    split=split,
-    root=root,
-    label_where={i: label_where[i] for i in image_ids if i in label_where},
-  )
+
+def _each_has(image_ids, values, where, what):
+  """Refuses the first id (in image_ids.txt order) missing from ``values``."""
+  for image_id in image_ids:
+    if image_id not in values:
+      raise MetadataError(f'{where[image_id]}: image id {image_id!r} has no {what}')
+
+
+def _check_masks(masks, image_ids, where):
+  """Every id has a mask line, and an ignore path on its first one."""
+  for image_id in image_ids:
+    if image_id not in masks:
+      raise MetadataError(f'{where[image_id]}: image id {image_id!r} has no mask line')
+    if masks[image_id][1] is None:
+      raise MetadataError(
+        f'{where[image_id]}: image id {image_id!r} has no ignore path on its first mask line'
+      )
 
 
 def _no_conflict(values, value_where, image_id, value, here, what):

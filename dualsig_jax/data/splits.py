@@ -11,10 +11,10 @@ the reference reads them (a flat root that would mix two splits is refused).
 
 from __future__ import annotations
 
-from dualsig_jax import vocab
 import logging
 import os
 
+from dualsig_jax import vocab
 from dualsig_jax.data import paths
 from dualsig_jax.data.metadata import NUM_CLASSES, Metadata, load_metadata
 from dualsig_jax.data.sources import FolderSource, TfdsBoxes, TfdsSource
@@ -95,7 +95,7 @@ def _read_ids(input_cfg, split):
   path = os.path.join(paths.split_metadata_dir(input_cfg, split), 'image_ids.txt')
   if not os.path.isfile(path):
     return set()
-  with open(path, encoding='utf-8') as f:
+  with open(path, encoding='utf-8-sig') as f:
     return {line.strip() for line in f if line.strip()}
 
 

@@ -17,7 +17,8 @@ Layout (wsolevaluation, dataset name ``SYNTH``; ids relative to ``out``, the dat
 
 A set is generated into a temporary folder next to ``out`` and renamed into place, so ``out``
 never holds a half-written set; :func:`ensure_synthetic` refuses a folder holding anything but
-a complete generated set, so it never deletes files it did not write.
+a complete generated set (any file, at any depth, that the generator did not write is named),
+so it never deletes files it did not write, nor any folder this run did not create.
 
 The ignore mask is a 1-pixel band around the object outline (JPEG blurs the edge), so PxAP
 ignores the ambiguous boundary the way OpenImages ignores ambiguous instances.
@@ -28,7 +29,6 @@ CLI: ``python -m dualsig_jax.data.synthetic --out DIR [--seed 0 --num_classes 10
 
 from __future__ import annotations
 
-from dualsig_jax import vocab
 import argparse
 import contextlib
 import fcntl
@@ -36,14 +36,15 @@ import json
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 
 import cv2
 import numpy as np
 
+from dualsig_jax import vocab
 from dualsig_jax.data.paths import SHIPPED_NAMES
 from dualsig_jax.data.synthetic_render import (  # noqa: F401  (SHAPES, TEXTURES: public API)
   MAX_CLASSES,
@@ -166,8 +167,39 @@ def generate(
   return params
 
 
-# What a generated set holds at its top level ('.lock': written by earlier versions).
-_OWNED = ('images', 'masks', 'metadata', 'synthetic.json', _MARKER, '.lock')
+# Top-level entries a generated set may hold besides its files ('.lock': earlier versions).
+_LEGACY = ('.lock',)
+_META_FILES = ('image_ids.txt', 'class_labels.txt', 'image_sizes.txt', 'localization.txt')
+
+
+def _split_files(params: dict) -> dict:
+  """{split: (image ids, metadata file names)} of a set generated with ``params``."""
+  out = {}
+  for split in SPLITS:
+    ids = [f'{i:05d}' for i in range(int(params[f'num_{split}']))]
+    names = _META_FILES + (() if split == 'train' else ('localization_mask.txt',))
+    out[split] = (ids, names)
+  return out
+
+
+def _written_metadata(params: dict) -> set:
+  """Paths (files and folders, relative to a ``SYNTH`` metadata folder) the generator writes."""
+  out = {_MARKER}
+  for split, (_, names) in _split_files(params).items():
+    out |= {split} | {f'{split}/{n}' for n in names}
+  return out
+
+
+def _written_set(params: dict) -> set:
+  """Paths (files and folders, relative to the data root) that ``generate`` writes."""
+  out = {'synthetic.json', _MARKER, 'images', 'masks', 'metadata', 'metadata/SYNTH'}
+  out |= {f'metadata/SYNTH/{p}' for p in _written_metadata(params) if p != _MARKER}
+  for split, (ids, _) in _split_files(params).items():
+    out |= {f'images/{split}'} | {f'images/{split}/{i}.jpg' for i in ids}
+    if split != 'train':
+      out |= {f'masks/{split}'}
+      out |= {f'masks/{split}/{i}{s}.png' for i in ids for s in ('', '_ignore')}
+  return out
 
 
 def synth_metadata_root(data_root: str, metadata_root: str | None) -> str:
@@ -191,15 +223,23 @@ def _is_complete(out_dir, params):
   return _marker(out_dir) == params
 
 
-def _foreign(folder, owned):
-  """Entries of ``folder`` that a generated set does not hold (all of them without a marker)."""
+def _foreign(folder, written):
+  """Paths under ``folder`` that the generator did not write: every entry without a marker,
+  else every file or folder (at any depth) outside ``written(marker params)``."""
+  params = _marker(folder)
   entries = sorted(os.listdir(folder))
-  if _marker(folder) is None:
+  try:
+    expected = set(written(params)) | set(_LEGACY) if params is not None else None
+  except (KeyError, TypeError, ValueError):  # a marker of another format: trust nothing
+    expected = None
+  if expected is None:
     return entries
-  extra = [e for e in entries if e not in owned]
-  if 'metadata' in owned and os.path.isdir(os.path.join(folder, 'metadata')):
-    extra += [f'metadata/{e}' for e in os.listdir(os.path.join(folder, 'metadata')) if e != 'SYNTH']
-  return extra
+  found = []
+  for dirpath, dirs, files in os.walk(folder):
+    rel = os.path.relpath(dirpath, folder)
+    for e in sorted(dirs) + sorted(files):
+      found.append(e if rel == '.' else f'{rel}/{e}')
+  return sorted(p for p in found if p not in expected)
 
 
 def _refuse(folder, foreign, what):
@@ -207,7 +247,8 @@ def _refuse(folder, foreign, what):
   raise FileExistsError(
     f'{what} {folder!r} holds files that are not a complete generated SYNTH set ({listed}); '
     'the generator only writes into a new or empty folder, or replaces a set it generated '
-    '(one with a .complete marker and nothing else), and never deletes anything else. Point it '
+    '(one with a .complete marker and only the files it wrote), and never deletes anything '
+    'else: move those files out, or point it '
     'at a new folder, or set --config.input.synthetic.generate=False to use the images and '
     'metadata that are there.'
   )
@@ -229,32 +270,46 @@ def _locked(path):
     os.close(fd)
 
 
-def _put_in_place(tmp, target, owned):
-  """Moves the finished folder ``tmp`` to ``target`` (absent, empty, or a generated set).
+def _new_folder(parent, prefix):
+  """A new folder ``parent/prefix<pid>-<random>`` made with the umask's mode (mkdtemp's 0700
+  would survive the rename and hide the set from other users)."""
+  while True:
+    path = os.path.join(parent, f'{prefix}{os.getpid()}-{secrets.token_hex(4)}')
+    try:
+      os.mkdir(path)
+      return path
+    except FileExistsError:
+      continue
+
+
+def _put_in_place(tmp, target):
+  """Moves the finished folder ``tmp`` to ``target`` (absent, empty, or a generated set whose
+  every file the generator wrote, checked by the caller).
 
   A new target is one rename. An existing one keeps its inode (it may be a mount point or the
-  target of a link): its generator-written entries are moved aside, ``tmp``'s moved in with the
-  completion marker last, then the old entries are deleted.
+  target of a link): its entries are moved aside into a folder this call creates, ``tmp``'s
+  moved in with the completion marker last, then that folder is deleted.
   """
   if not os.path.lexists(target):
     os.rename(tmp, target)
     return
   parent, name = os.path.split(target)
-  old = tempfile.mkdtemp(prefix=f'.{name}.old-', dir=parent)
+  old = _new_folder(parent, f'.{name}.old-')
   for e in os.listdir(target):
-    if e in owned:
-      shutil.move(os.path.join(target, e), os.path.join(old, e))
+    shutil.move(os.path.join(target, e), os.path.join(old, e))
   for e in sorted(os.listdir(tmp), key=lambda e: e == _MARKER):
     shutil.move(os.path.join(tmp, e), os.path.join(target, e))
   os.rmdir(tmp)
   shutil.rmtree(old)
 
 
-def _fill(target, params, write, owned, what):
+def _fill(target, params, write, written, what):
   """Makes ``target`` hold ``write(tmp)``'s output and the marker of ``params``.
 
   ``write`` fills a temporary folder next to ``target``; on any error (or interrupt) that folder
-  is removed and ``target`` is untouched. Returns False when ``target`` was already complete.
+  is removed and ``target`` is untouched. ``written(params)``: the relative paths a set of
+  ``params`` holds (anything else in ``target`` is refused, never deleted). Returns False when
+  ``target`` was already complete.
   """
   target = os.path.realpath(target)
   parent, name = os.path.split(target)
@@ -264,19 +319,27 @@ def _fill(target, params, write, owned, what):
     if os.path.lexists(target):
       if not os.path.isdir(target):
         raise FileExistsError(f'{what} {target!r} exists and is not a folder')
-      foreign = _foreign(target, owned)
+      foreign = _foreign(target, written)
       if foreign:
         _refuse(target, foreign, what)
-    # Leftovers of runs killed outright (this process holds the lock: none is in use).
-    for e in os.listdir(parent):
-      if e.startswith((f'.{name}.generating-', f'.{name}.old-')):
-        shutil.rmtree(os.path.join(parent, e), ignore_errors=True)
-    tmp = tempfile.mkdtemp(prefix=f'.{name}.generating-', dir=parent)
+    # A run killed outright leaves its temporary folder; only this run's own folders are ever
+    # deleted (a sibling may be the user's, whatever its name), so leftovers are only named.
+    stale = [
+      e for e in os.listdir(parent) if e.startswith((f'.{name}.generating-', f'.{name}.old-'))
+    ]
+    if stale:
+      log.warning(
+        'folders next to %s look like leftovers of an interrupted generation (kept; remove '
+        'them if they are not yours): %s',
+        target,
+        ', '.join(sorted(stale)),
+      )
+    tmp = _new_folder(parent, f'.{name}.generating-')
     try:
       write(tmp)
       with open(os.path.join(tmp, _MARKER), 'w') as f:
         json.dump(params, f)
-      _put_in_place(tmp, target, owned)
+      _put_in_place(tmp, target)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
@@ -299,14 +362,16 @@ def ensure_synthetic(input_cfg, *, workers: int | None = None) -> str:
   out = input_cfg['data_root']
   if not out:
     raise ValueError('input.data_root must name the folder for the synthetic benchmark')
-  if _fill(out, params, lambda d: generate(d, workers=workers, **params), _OWNED, 'data root'):
+  if _fill(
+    out, params, lambda d: generate(d, workers=workers, **params), _written_set, 'data root'
+  ):
     log.info('generated the SYNTH benchmark in %s (%s)', out, params)
   meta_root = synth_metadata_root(out, input_cfg.get('metadata_root', ''))
   src = os.path.join(os.path.realpath(out), 'metadata', 'SYNTH')
   dst = os.path.join(meta_root, 'SYNTH')
   if os.path.realpath(dst) != src:
     copy = lambda d: shutil.copytree(src, d, dirs_exist_ok=True)
-    _fill(dst, params, copy, ('train', 'val', 'test', _MARKER), 'SYNTH metadata copy')
+    _fill(dst, params, copy, _written_metadata, 'SYNTH metadata copy')
   return out
 
 
@@ -323,7 +388,7 @@ def main(argv=None):
   t0 = time.time()
   try:
     done = _fill(
-      args.out, params, lambda d: generate(d, workers=args.workers, **params), _OWNED, '--out'
+      args.out, params, lambda d: generate(d, workers=args.workers, **params), _written_set, '--out'
     )
   except FileExistsError as e:
     raise SystemExit(str(e)) from None

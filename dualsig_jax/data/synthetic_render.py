@@ -9,6 +9,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from dualsig_jax import defaults
+
 SHAPES = (
   'disc',
   'square',
@@ -34,6 +36,8 @@ TEXTURES = (
   'sectors',
 )
 MAX_CLASSES = len(SHAPES)
+# The config schema checks input.synthetic.num_classes without importing cv2.
+assert MAX_CLASSES == defaults.SYNTHETIC_MAX_CLASSES
 
 
 def class_names(num_classes: int) -> list[str]:

@@ -10,13 +10,14 @@ uint8 image before the float conversion because that is cheaper and exact.
 
 from __future__ import annotations
 
-from dualsig_jax import vocab
 import functools
 import warnings
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from dualsig_jax import vocab
 
 IMAGENET_MEAN = np.array(vocab.IMAGENET_MEAN, dtype=np.float32)
 IMAGENET_STD = np.array(vocab.IMAGENET_STD, dtype=np.float32)
@@ -149,15 +150,21 @@ def eval_transform(img: Image.Image, eval_size: int) -> np.ndarray:
   return normalize(np.asarray(img))
 
 
-def rescale_boxes(boxes: np.ndarray, size: tuple[int, int], eval_size: int) -> np.ndarray:
+def rescale_boxes(
+  boxes: np.ndarray, size: tuple[int, int], eval_size: int | tuple[int, int]
+) -> np.ndarray:
   """Original-pixel boxes ``[N, 4]`` (x0,y0,x1,y1) -> eval-size boxes, int32 ``[N, 4]``.
 
-  The reference's rule ``int(x * S / w)`` (x with w, y with h), in float64 like Python floats.
+  The reference's rule (its ``resize_bbox``) ``int(x * S / w)`` (x with w, y with h), in float64
+  like Python floats; the one rule of the eval loader and the WSOL CLI. ``size`` is the
+  original (w, h); ``eval_size`` the target side S, or its (W, H) (score maps of any shape).
   """
   w, h = size
+  new_w, new_h = (eval_size, eval_size) if np.ndim(eval_size) == 0 else eval_size
   boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+  scale = np.array([new_w, new_h, new_w, new_h], dtype=np.float64)
   div = np.array([w, h, w, h], dtype=np.float64)
-  return np.trunc(boxes * float(eval_size) / div).astype(np.int32)
+  return np.trunc(boxes * scale / div).astype(np.int32)
 
 
 def _read_mask(path: str, eval_size: int, where: str) -> np.ndarray:

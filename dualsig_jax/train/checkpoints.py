@@ -1,17 +1,22 @@
 """Orbax checkpoints of a stage: train state, grain iterator state and a small JSON record.
 
-Layout: `<workdir>/<stage>/checkpoints/<step>/{state,data,meta}`. The JSON record names the
-experiment's model (arch, classes, shapes) so a workdir holding another experiment's checkpoint
-is refused with a clear message instead of an opaque shape error.
+Layout: `<workdir>/<stage>/checkpoints/<step>/{state,data,meta,checksums.json}`. The JSON
+record names the experiment's model (arch, classes, shapes) so a workdir holding another
+experiment's checkpoint is refused with a clear message instead of an opaque shape error.
 
 A damaged step (a file truncated by a full disk or a copy cut short) is reported as damage,
 naming the step folder and the file (`CheckpointCorruptError`), never as a model mismatch;
 readers fall back to the newest readable step with a warning (`restore_newest`).
+
+Each step also gets `checksums.json` (sha256 of every file of the step, written once the step is
+complete): a file whose bytes changed at the same size, which no parser notices, is damage like
+a truncated one. Steps written before the manifest existed are read unverified.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -64,12 +69,78 @@ def step_dir(mgr: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(mgr.directory), str(step))
 
 
+MANIFEST = 'checksums.json'
+
+
+def _digests(path: str) -> dict[str, str]:
+  """{file relative to the step folder `path`: sha256 hex} of every file but the manifest."""
+  out = {}
+  for dirpath, _, files in os.walk(path):
+    for name in files:
+      full = os.path.join(dirpath, name)
+      rel = os.path.relpath(full, path)
+      if rel in (MANIFEST, MANIFEST + '.tmp'):
+        continue
+      h = hashlib.sha256()
+      with open(full, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+          h.update(chunk)
+      out[rel] = h.hexdigest()
+  return out
+
+
+def write_manifest(path: str) -> None:
+  """Writes `path/checksums.json` (atomically) for the complete step folder `path`."""
+  tmp = os.path.join(path, MANIFEST + '.tmp')
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump({'sha256': _digests(path)}, f, indent=0, sort_keys=True)
+  os.replace(tmp, os.path.join(path, MANIFEST))
+
+
+def verify_manifest(path: str) -> bool:
+  """Checks every file of the step folder `path` against its manifest.
+
+  Returns False for a step without a manifest (written before manifests existed).
+  Raises:
+    CheckpointCorruptError naming the first file that is missing or whose bytes changed.
+  """
+  manifest = os.path.join(path, MANIFEST)
+  if not os.path.isfile(manifest):
+    return False
+  try:
+    with open(manifest, encoding='utf-8') as f:
+      recorded = json.load(f)['sha256']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise _corrupt(path, MANIFEST, f'the checksum manifest is unreadable ({e})') from e
+  actual = _digests(path)
+  for rel in sorted(recorded):
+    if rel not in actual:
+      raise _corrupt(path, rel, 'the file is missing')
+    if actual[rel] != recorded[rel]:
+      raise _corrupt(path, rel, 'its bytes differ from those saved (checksum mismatch)')
+  return True
+
+
+def manifest_digest(path: str) -> str | None:
+  """sha256 of the step folder `path`'s manifest (identifies the step's exact contents), or
+  None when it has none."""
+  try:
+    with open(os.path.join(path, MANIFEST), 'rb') as f:
+      return hashlib.sha256(f.read()).hexdigest()
+  except OSError:
+    return None
+
+
 def save(mgr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -> None:
+  """Saves one step (state, data iterator when given, JSON record) and its checksum manifest."""
   items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
   if data_iter is not None:
     items['data'] = grain.PyGrainCheckpointSave(data_iter)
   mgr.save(step, args=ocp.args.Composite(**items), force=True)
   mgr.wait_until_finished()
+  # The step folder is complete (renamed into place): every process's files are in it.
+  if jax.process_index() == 0:
+    write_manifest(step_dir(mgr, step))
 
 
 def _short(e: BaseException) -> str:
@@ -93,15 +164,19 @@ def _culprit(e: BaseException, where: str) -> str:
   return rel
 
 
-def check_files(path: str, *, data: bool) -> None:
-  """Parses the JSON files of the step folder `path` (cheap, and names the broken file).
+def check_files(path: str, *, data: bool, verify: bool = True) -> None:
+  """Checks the files of the step folder `path` against its checksum manifest (`verify`), then
+  parses its JSON files (names the broken file in both cases).
 
   Raises:
-    CheckpointCorruptError: the state folder is missing, or a JSON file (the model record,
-      Orbax's tree metadata, the grain iterator state when `data`) is missing or unparsable.
+    CheckpointCorruptError: a file's bytes differ from the manifest, the state folder is
+      missing, or a JSON file (the model record, Orbax's tree metadata, the grain iterator
+      state when `data`) is missing or unparsable.
   """
   if not os.path.isdir(os.path.join(path, 'state')):
     raise _corrupt(path, 'state', 'the folder is missing')
+  if verify:
+    verify_manifest(path)
   files = [f for item, f in _JSON_FILES if os.path.isdir(os.path.join(path, item))]
   if data:
     found = sorted(glob.glob(os.path.join(path, 'data', '*.json')))
@@ -125,7 +200,7 @@ def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
   path = step_dir(mgr, step)
   if not os.path.isdir(os.path.join(path, 'meta')):
     return {}
-  check_files(path, data=False)
+  check_files(path, data=False, verify=False)  # the callers verify the step once
   return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
 
@@ -219,8 +294,11 @@ def restore(
       )
   if data_iter is not None:
     try:
-      mgr.restore(step, args=ocp.args.Composite(data=grain.PyGrainCheckpointRestore(data_iter)))
-    except Exception as e:  # noqa: BLE001 (the JSON parsed: grain refuses its content)
+      if hasattr(data_iter, 'load_state_dir'):  # the train loader: any process count
+        data_iter.load_state_dir(os.path.join(path, 'data'), step=step)
+      else:
+        mgr.restore(step, args=ocp.args.Composite(data=grain.PyGrainCheckpointRestore(data_iter)))
+    except Exception as e:  # noqa: BLE001 (the JSON parsed: the loader refuses its content)
       raise ValueError(
         f'cannot restore the data loader state of step {step} from {where}: it does not match '
         f"this config's input pipeline ({_short(e)}); resume with the input settings of the "
@@ -298,7 +376,7 @@ def restore_variables(path: str) -> tuple[dict, dict]:
     except Exception as e:  # noqa: BLE001 (no target: any failure is a damaged file)
       raise _corrupt(where, _culprit(e, where), _short(e)) from e
     variables = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
-    return variables, info
+    return variables, {**info, 'step': int(step)}
 
   _, (variables, info), _ = restore_newest(mgr, read)
   return variables, info

@@ -7,6 +7,7 @@ workers shut down (see interrupt.py); the stage then raises `interrupt.Interrupt
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -39,16 +40,6 @@ class _Log:
         f.write(json.dumps(record) + '\n')
 
 
-def _close_iterator(it) -> None:
-  """Shuts grain's worker processes down now: left to garbage collection they outlive the
-  stage, and a killed parent leaves them (and multiprocessing's resource tracker) running."""
-  for obj in (it, getattr(it, '_iterator', None)):
-    close = getattr(obj, 'close', None)
-    if callable(close):
-      close()
-      return
-
-
 def _stop_agreed(step: int, every: int) -> bool:
   """Whether to stop after `step`: a signal reached this process (single host), or any
   process (multi-host, agreed every `every` steps so all save the same step together)."""
@@ -65,21 +56,22 @@ def _stop_agreed(step: int, every: int) -> bool:
   return signum != 0
 
 
-def _restore_or_init(config, workdir, stage, model, mgr, data_iter, make_state, meta):
+def _restore_or_init(config, workdir, st, data_iter):
   """(state, start step or None, origin note): the newest readable checkpoint of the stage
-  (damaged newer steps are set aside), else the stage's starting weights."""
-  if not mgr.all_steps():
-    variables, origin = stage_lib.initial_variables(config, workdir, stage, model)
-    return make_state(variables), None, origin
+  (damaged newer steps are set aside; `data_iter` continues from its batch), else the
+  stage's starting weights."""
+  if not st.mgr.all_steps():
+    variables, origin = stage_lib.initial_variables(config, workdir, st.name, st.model)
+    return st.make_state(variables), None, origin
   # Resuming: the checkpoint overwrites every leaf, so only the structure is needed here.
-  target = make_state(stage_lib.fresh_variables(config, model))
+  target = st.make_state(stage_lib.fresh_variables(config, st.model))
 
   def read(step):
-    return checkpoints.restore(mgr, step, target, data_iter, expected=meta)[0]
+    return checkpoints.restore(st.mgr, step, target, data_iter, expected=st.meta)[0]
 
-  start, state, skipped = checkpoints.restore_newest(mgr, read)
+  start, state, skipped = checkpoints.restore_newest(st.mgr, read)
   if skipped:
-    checkpoints.set_aside(mgr, skipped)
+    checkpoints.set_aside(st.mgr, skipped)
   return state, start, f'resumed from step {start}'
 
 
@@ -100,179 +92,263 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, stage: str) -> 
     return _train_stage(config, workdir, stage)
 
 
-def _train_stage(config, workdir, stage):
+@dataclasses.dataclass
+class _Stage:
+  """What one stage's run is made of (built by `_set_up`)."""
+
+  name: str
+  config: ml_collections.ConfigDict
+  section: ml_collections.ConfigDict  # config.vanilla or config.dual
+  unfreeze: str
+  mesh: jax.sharding.Mesh
+  model: object
+  ckpt_dir: str
+  mgr: object  # orbax CheckpointManager
+  meta: dict  # the model record saved with every checkpoint
+  steps_per_epoch: int
+  total: int  # the step the stage ends at
+  local_batch: int
+  tx: object = None  # set by make_state, with labels and schedules
+  labels: object = None
+  schedules: dict | None = None
+
+  def make_state(self, variables):
+    """A TrainState of `variables` (and this stage's optimizer, built here)."""
+    self.tx, self.labels, self.schedules = optim.make_optimizer(
+      variables['params'],
+      arch=self.config.model.arch,
+      stage=self.name,
+      optim_cfg=self.section,
+      steps_per_epoch=self.steps_per_epoch,
+      unfreeze=self.unfreeze,
+      family=self.config.model.family,
+    )
+    return create_state(variables, self.tx, self.config.seed)
+
+
+def _set_up(config, workdir, stage) -> _Stage:
+  """Mesh, model, checkpoint manager and step counts of `stage` (nothing trained yet)."""
   settings = stage_lib.stage_settings(config, stage)
   o = settings.section
   mesh = sharding.make_mesh()
   local_batch = sharding.check_global_batch(config.input.batch_size, mesh)
-  model = stage_lib.build_stage_model(config, stage)
-  ckpt_dir = stage_lib.checkpoint_dir(workdir, stage)
   spe = data.steps_per_epoch(config.input, config.input.batch_size)
-  total = o.max_steps if o.max_steps > 0 else o.num_epochs * spe
-  mgr = checkpoints.manager(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep)
-  meta = stage_lib.model_record(config, stage)
-  tx, labels, schedules = None, None, None
+  ckpt_dir = stage_lib.checkpoint_dir(workdir, stage)
+  return _Stage(
+    name=stage,
+    config=config,
+    section=o,
+    unfreeze=settings.unfreeze,
+    mesh=mesh,
+    model=stage_lib.build_stage_model(config, stage),
+    ckpt_dir=ckpt_dir,
+    mgr=checkpoints.manager(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep),
+    meta=stage_lib.model_record(config, stage),
+    steps_per_epoch=spe,
+    total=stage_lib.total_steps(config, stage, spe),
+    local_batch=local_batch,
+  )
 
-  def make_state(variables):
-    nonlocal tx, labels, schedules
-    tx, labels, schedules = optim.make_optimizer(
-      variables['params'],
-      arch=config.model.arch,
-      stage=stage,
-      optim_cfg=o,
-      steps_per_epoch=spe,
-      unfreeze=settings.unfreeze,
-      family=config.model.family,
-    )
-    return create_state(variables, tx, config.seed)
 
+def _open_data(config, st: _Stage):
+  """This process's endless train iterator (global batches of the stage's seed)."""
   loader = data.make_train_loader(
     config.input,
-    seed=config.seed + (stage == 'dual'),
-    # Endless sampler (the loop counts steps): its repr, which grain
-    # checks on restore, must not depend on max_steps / num_epochs.
+    seed=config.seed + (st.name == 'dual'),
+    # Endless (the loop counts steps), so the saved position does not depend on max_steps /
+    # num_epochs.
     num_epochs=None,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
-    batch_size=local_batch,
+    batch_size=st.local_batch,
   )
-  data_iter = iter(loader)
-  bar = None
-  try:
-    state, start, origin = _restore_or_init(
-      config, workdir, stage, model, mgr, data_iter, make_state, meta
+  return iter(loader)
+
+
+def _compile_step(config, st: _Stage):
+  """The jitted, sharded train step: (state, global batch) -> (state, metrics)."""
+  repl = sharding.replicated(st.mesh)
+  return jax.jit(
+    functools.partial(
+      train_step, model=st.model, tx=st.tx, **stage_lib.step_kwargs(config, st.name)
+    ),
+    in_shardings=(repl, sharding.data_sharded(st.mesh)),
+    out_shardings=(repl, repl),
+    donate_argnums=(0,),
+  )
+
+
+def _log_start(config, st: _Stage, logger: _Log, origin: str, first: int) -> dict:
+  """Logs the stage's plan and trainable groups; returns the groups (name -> arrays)."""
+  groups = optim.describe_labels(st.labels)
+  if not logger.on:
+    return groups
+  n_train = sum(len(v) for k, v in groups.items() if k != 'frozen')
+  log.info(
+    'stage %s: %s; %d steps (%d per epoch), batch %d on %d devices',
+    st.name,
+    origin,
+    st.total,
+    st.steps_per_epoch,
+    config.input.batch_size,
+    st.mesh.devices.size,
+  )
+  log.info(
+    'stage %s trains %d parameter arrays (feature lr group: %s; classifier lr x%g: %s); %d frozen',
+    st.name,
+    n_train,
+    groups['feature'],
+    st.section.lr_classifier_ratio,
+    groups['classifier'],
+    len(groups['frozen']),
+  )
+  logger.write(
+    dict(
+      stage=st.name,
+      step=first,
+      event='start',
+      origin=origin,
+      trainable=groups['feature'] + groups['classifier'],
+      lr_groups={k: v for k, v in groups.items() if k != 'frozen'},
     )
+  )
+  return groups
+
+
+def _finite_loss(st: _Stage, metrics, at: int) -> float:
+  """The step's loss; FloatingPointError (naming the kept checkpoint) when it is not finite."""
+  v = float(metrics['loss'])
+  if not np.isfinite(v):
+    raise FloatingPointError(
+      f'stage {st.name}: loss became {v} at step {at}; stopping. The last good checkpoint '
+      f'(step {st.mgr.latest_step()}) is kept in {st.ckpt_dir}'
+    )
+  return v
+
+
+class _Progress:
+  """metrics.jsonl records and the progress bar, every `log_every_steps` steps."""
+
+  def __init__(self, st: _Stage, logger: _Log, groups: dict, first: int):
+    self.st, self.logger, self.groups = st, logger, groups
+    self.bar = tqdm(
+      total=st.total,
+      initial=first,
+      desc=st.name,
+      disable=jax.process_index() != 0,
+      dynamic_ncols=True,
+    )
+    self.t0, self.images = time.perf_counter(), 0
+
+  def step(self, batch_size: int) -> None:
+    self.images += batch_size
+    self.bar.update(1)
+
+  def write(self, step: int, metrics, loss: float) -> None:
+    sched = self.st.schedules
+    rec = {k: float(v) for k, v in metrics.items()}
+    rec.update(
+      stage=self.st.name,
+      step=step,
+      lr=float(sched['feature'](step - 1)),
+      lr_classifier=float(sched['classifier'](step - 1)),
+      images_per_s=self.images / max(time.perf_counter() - self.t0, 1e-9),
+    )
+    self.logger.write(rec)
+    # The bar shows the lr of a group that trains (fc2 of VGG16 / InceptionV3 is in the
+    # classifier group, at lr x lr_classifier_ratio).
+    shown = rec['lr_classifier'] if not self.groups['feature'] else rec['lr']
+    self.bar.set_postfix(loss=f'{loss:.4f}', lr=f'{shown:.2g}', img_s=f'{rec["images_per_s"]:.0f}')
+    self.t0, self.images = time.perf_counter(), 0
+
+  def close(self) -> None:
+    self.bar.close()
+
+
+def _next_batch(data_iter):
+  """The next local batch, or None when a stop was requested and the read failed.
+
+  Ctrl-C in a terminal reaches the grain workers too; one that died of it fails next(). The
+  batches consumed so far are in the iterator's state: the caller saves and stops.
+  """
+  try:
+    return next(data_iter)  # endless, see _open_data
+  except Exception:
+    if interrupt.requested() is None or jax.process_count() > 1:
+      raise
+    return None
+
+
+def _run_steps(config, st: _Stage, state, data_iter, progress: _Progress, start):
+  """Steps from `state.step` to `st.total` (or a stop signal), logging and checkpointing.
+
+  Returns (step reached, last logged loss, last saved step or None).
+  """
+  step_fn = _compile_step(config, st)
+  step, saved, metrics, last_loss = int(state.step), start, None, float('nan')
+
+  def save(at):
+    checkpoints.save(st.mgr, at, jax.device_get(state), data_iter, st.meta)
+    return at
+
+  with interrupt.deferred():
+    while step < st.total and not _stop_agreed(step, config.log_every_steps):
+      batch = _next_batch(data_iter)
+      if batch is None:
+        break
+      gbatch = sharding.to_global({'image': batch['image'], 'label': batch['label']}, st.mesh)
+      state, metrics = step_fn(state, gbatch)
+      step += 1
+      progress.step(config.input.batch_size)
+      if step % config.log_every_steps == 0 or step == st.total:
+        last_loss = _finite_loss(st, metrics, step)
+        progress.write(step, metrics, last_loss)
+      if step % config.checkpoint.every_steps == 0 or step == st.total:
+        last_loss = _finite_loss(st, metrics, step)
+        saved = save(step)
+    stopped = interrupt.requested() is not None
+    if stopped and metrics is not None and saved != step:
+      _finite_loss(st, metrics, step)
+      saved = save(step)
+    if metrics is None and start is None and not stopped:
+      saved = save(step)  # a stage with nothing to train still records its starting point
+  return step, last_loss, saved
+
+
+def _train_stage(config, workdir, stage):
+  st = _set_up(config, workdir, stage)
+  data_iter = _open_data(config, st)
+  progress = None
+  try:
+    state, start, origin = _restore_or_init(config, workdir, st, data_iter)
     logger = _Log(workdir)
     if logger.on:
       # Records after the step this stage starts from would otherwise be written twice.
       resume.truncate_metrics(logger.path, stage, start or 0)
-    groups = optim.describe_labels(labels)
-    repl = sharding.replicated(mesh)
-    state = jax.device_put(state, repl)
-    step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, **stage_lib.step_kwargs(config, stage)),
-      in_shardings=(repl, sharding.data_sharded(mesh)),
-      out_shardings=(repl, repl),
-      donate_argnums=(0,),
-    )
-
-    first = int(state.step)
-    if logger.on:
-      n_train = sum(len(v) for k, v in groups.items() if k != 'frozen')
-      log.info(
-        'stage %s: %s; %d steps (%d per epoch), batch %d on %d devices',
-        stage,
-        origin,
-        total,
-        spe,
-        config.input.batch_size,
-        mesh.devices.size,
-      )
-      log.info(
-        'stage %s trains %d parameter arrays (feature lr group: %s; classifier lr x%g: %s)'
-        '; %d frozen',
-        stage,
-        n_train,
-        groups['feature'],
-        o.lr_classifier_ratio,
-        groups['classifier'],
-        len(groups['frozen']),
-      )
-      logger.write(
-        dict(
-          stage=stage,
-          step=first,
-          event='start',
-          origin=origin,
-          trainable=groups['feature'] + groups['classifier'],
-          lr_groups={k: v for k, v in groups.items() if k != 'frozen'},
-        )
-      )
-
-    bar = tqdm(
-      total=total,
-      initial=first,
-      desc=f'{stage}',
-      disable=jax.process_index() != 0,
-      dynamic_ncols=True,
-    )
-    last_loss, t0, t_images = float('nan'), time.perf_counter(), 0
-    step = first
-
-    def check_finite(metrics, at):
-      v = float(metrics['loss'])
-      if not np.isfinite(v):
-        raise FloatingPointError(
-          f'stage {stage}: loss became {v} at step {at}; stopping. The last good checkpoint '
-          f'(step {mgr.latest_step()}) is kept in {ckpt_dir}'
-        )
-      return v
-
-    def save(at):
-      checkpoints.save(mgr, at, jax.device_get(state), data_iter, meta)
-
-    metrics, saved = None, start
-    with interrupt.deferred():
-      while step < total:
-        if _stop_agreed(step, config.log_every_steps):
-          break
-        try:
-          batch = next(data_iter)  # endless sampler, see make_train_loader above
-        except Exception:
-          # Ctrl-C in a terminal reaches the grain workers too; one that died of it fails
-          # next(). The batches consumed so far are in the iterator's state: save and stop.
-          if interrupt.requested() is None or jax.process_count() > 1:
-            raise
-          break
-        gbatch = sharding.to_global({'image': batch['image'], 'label': batch['label']}, mesh)
-        state, metrics = step_fn(state, gbatch)
-        step += 1
-        t_images += config.input.batch_size
-        bar.update(1)
-        if step % config.log_every_steps == 0 or step == total:
-          last_loss = check_finite(metrics, step)
-          dt = time.perf_counter() - t0
-          rec = {k: float(v) for k, v in metrics.items()}
-          rec.update(
-            stage=stage,
-            step=step,
-            lr=float(schedules['feature'](step - 1)),
-            lr_classifier=float(schedules['classifier'](step - 1)),
-            images_per_s=t_images / max(dt, 1e-9),
-          )
-          logger.write(rec)
-          # The bar shows the lr of a group that trains (fc2 of VGG16 / InceptionV3 is in the
-          # classifier group, at lr x lr_classifier_ratio).
-          shown = rec['lr_classifier'] if not groups['feature'] else rec['lr']
-          bar.set_postfix(
-            loss=f'{last_loss:.4f}', lr=f'{shown:.2g}', img_s=f'{rec["images_per_s"]:.0f}'
-          )
-          t0, t_images = time.perf_counter(), 0
-        if step % config.checkpoint.every_steps == 0 or step == total:
-          last_loss = check_finite(metrics, step)
-          save(step)
-          saved = step
-      if interrupt.requested() is not None and metrics is not None and saved != step:
-        check_finite(metrics, step)
-        save(step)
-        saved = step
-      if metrics is None and start is None and interrupt.requested() is None:
-        save(step)
-        saved = step
+    groups = _log_start(config, st, logger, origin, int(state.step))
+    state = jax.device_put(state, sharding.replicated(st.mesh))
+    progress = _Progress(st, logger, groups, int(state.step))
+    step, last_loss, saved = _run_steps(config, st, state, data_iter, progress, start)
   finally:
     # Deferred: a Ctrl-C raised inside grain's teardown would be printed and swallowed.
     with interrupt.deferred():
-      if bar is not None:
-        bar.close()
-      _close_iterator(data_iter)
+      if progress is not None:
+        progress.close()
+      data_iter.close()  # the workers stop now, not at garbage collection
+  _raise_if_stopped(st, step, saved)
+  return {'step': step, 'checkpoint_dir': st.ckpt_dir, 'loss': last_loss}
+
+
+def _raise_if_stopped(st: _Stage, step: int, saved) -> None:
+  """Raises interrupt.Interrupted, saying where the run stopped, after a signal."""
   signum = interrupt.requested()
-  if signum is not None:
-    done = 'finished' if step >= total else 'stopped'
-    where = f'step {saved} saved in {ckpt_dir}' if saved is not None else 'no checkpoint yet'
-    message = (
-      f'stage {stage} {done} at step {step} on {interrupt.signal_name(signum)} ({where}); '
-      'run the same command again to resume'
-    )
-    log.warning('%s', message)
-    raise interrupt.Interrupted(signum, message)
-  return {'step': step, 'checkpoint_dir': ckpt_dir, 'loss': last_loss}
+  if signum is None:
+    return
+  done = 'finished' if step >= st.total else 'stopped'
+  where = f'step {saved} saved in {st.ckpt_dir}' if saved is not None else 'no checkpoint yet'
+  message = (
+    f'stage {st.name} {done} at step {step} on {interrupt.signal_name(signum)} ({where}); '
+    'run the same command again to resume'
+  )
+  log.warning('%s', message)
+  raise interrupt.Interrupted(signum, message)

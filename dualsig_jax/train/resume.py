@@ -4,7 +4,9 @@ A workdir with checkpoints belongs to the config saved next to them (`config.jso
 with another batch size or learning rate would silently mix two experiments, so only the
 fields of `defaults.RESUME_SAFE_FIELDS` may change. metrics.jsonl is cut back to the step a
 stage resumes from, so the records a killed run wrote after its last checkpoint are not
-repeated. No JAX here (the entry points may call it before JAX starts).
+repeated. Every checkpoint step also records the config (`stage.model_record`): when
+config.json is missing or unreadable, that copy guards the resume, and with neither the resume
+is refused. No JAX here (the entry points may call it before JAX starts).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 import ml_collections
 
 from dualsig_jax import defaults
+from dualsig_jax import workdir as workdir_lib
 
 log = logging.getLogger('dualsig_jax')
 
@@ -50,20 +53,42 @@ def is_resume_safe(name: str) -> bool:
 
 def has_checkpoint(workdir: str) -> bool:
   """Whether any stage of `workdir` has a complete checkpoint step (a numeric folder)."""
-  for stage in defaults.STAGES:
-    d = os.path.join(workdir, stage, 'checkpoints')
-    if os.path.isdir(d) and any(p.isdigit() for p in os.listdir(d)):
-      return True
-  return False
+  return any(workdir_lib.steps(workdir, stage) for stage in defaults.STAGES)
 
 
-def _read_saved(path: str) -> dict | None:
+def _read_saved(path: str) -> tuple[dict | None, str]:
+  """(flattened config.json, '') or (None, why it cannot be read)."""
   try:
     with open(path, encoding='utf-8') as f:
-      return _flatten(json.load(f))
-  except (OSError, ValueError) as e:
-    log.warning('cannot read %s (%s): the config of this resume is not checked', path, e)
-    return None
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError('not a JSON object')
+    return _flatten(saved), ''
+  except FileNotFoundError:
+    return None, 'it is missing'
+  except (OSError, ValueError, UnicodeDecodeError) as e:
+    return None, f'it is unreadable ({e})'
+
+
+def checkpoint_config(workdir: str) -> tuple[dict | None, str]:
+  """(config recorded in the newest checkpoint step that has one, where) or (None, '').
+
+  Reads `<step>/meta/metadata` (the step's JSON record, see stage.model_record) as plain JSON.
+  """
+  found = []
+  for stage in defaults.STAGES:
+    for step in workdir_lib.steps(workdir, stage):
+      found.append((step, stage))
+  for step, stage in sorted(found, reverse=True):
+    path = os.path.join(workdir_lib.checkpoint_dir(workdir, stage), str(step), 'meta', 'metadata')
+    try:
+      with open(path, encoding='utf-8') as f:
+        record = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+      continue
+    if isinstance(record, dict) and isinstance(record.get('config'), dict):
+      return dict(record['config']), path
+  return None, ''
 
 
 def _show(v) -> str:
@@ -89,8 +114,25 @@ def check_and_write_config(
   path = os.path.join(workdir, CONFIG_FILE)
   new = config_values(config)
   changed: list[str] = []
-  resuming = os.path.isfile(path) and has_checkpoint(workdir)
-  old = _read_saved(path) if resuming else None
+  resuming = has_checkpoint(workdir)
+  old, lost = None, False
+  if resuming:
+    old, why = _read_saved(path)
+    if old is None:
+      # Without config.json the checkpoint's own copy of the config guards the resume.
+      old, where = checkpoint_config(workdir)
+      if old is None:
+        raise ConfigChangedError(
+          f'{workdir} holds checkpoints, but its saved config {path} cannot be checked: {why}, '
+          'and no checkpoint step records its config; resuming could mix two experiments. '
+          'Restore config.json (a config.<time>.json next to it is an earlier one), or use a '
+          'fresh --workdir'
+        )
+      if write:
+        log.warning(
+          '%s: %s; checking this resume against the config recorded in %s', path, why, where
+        )
+      path, lost = where, True
   if old is not None:
     common = sorted(set(old) & set(new))
     changed = [k for k in common if old[k] != new[k]]
@@ -107,24 +149,26 @@ def check_and_write_config(
         f'saved values. Fields that may change on resume: {safe}'
       )
     schema = sorted(set(old) ^ set(new))
-    if schema:
+    # Logged by the writing call only (the entry point checks first with write=False).
+    if schema and write:
       log.warning('%s and this config differ in which fields exist: %s', path, schema)
-    if changed:
+    if changed and write:
       log.info(
         'resuming %s with changed fields: %s',
         workdir,
         '; '.join(f'{k}: {_show(old[k])} -> {_show(new[k])}' for k in changed),
       )
-    elif not schema:
+    elif not schema and not lost:
       return []
   if write:
     os.makedirs(workdir, exist_ok=True)
-    if resuming:
-      os.replace(path, os.path.join(workdir, f'config.{time.strftime("%Y%m%d-%H%M%S")}.json'))
-    tmp = path + '.tmp'
+    saved = os.path.join(workdir, CONFIG_FILE)
+    if resuming and os.path.exists(saved):
+      os.replace(saved, os.path.join(workdir, f'config.{time.strftime("%Y%m%d-%H%M%S")}.json'))
+    tmp = saved + '.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, path)
+    os.replace(tmp, saved)
   return changed
 
 

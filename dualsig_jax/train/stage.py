@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +21,10 @@ import ml_collections
 import numpy as np
 
 from dualsig_jax import models, vocab
-from dualsig_jax.train import checkpoints
+from dualsig_jax import workdir as workdir_lib
+from dualsig_jax.train import checkpoints, resume
+
+log = logging.getLogger('dualsig_jax')
 
 # Config dtype name -> compute dtype (the names are vocab.DTYPES).
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -93,8 +99,7 @@ def build_stage_model(config: ml_collections.ConfigDict, stage: str = 'dual'):
   )
 
 
-def checkpoint_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage, 'checkpoints')
+checkpoint_dir = workdir_lib.checkpoint_dir  # `<workdir>/<stage>/checkpoints`, defined once
 
 
 def vanilla_source(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -110,7 +115,9 @@ def vanilla_source(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def model_record(config: ml_collections.ConfigDict, stage: str) -> dict:
-  """What a checkpoint records of the model that wrote it (checked on load and resume)."""
+  """What a checkpoint records of the model that wrote it (checked on load and resume), and
+  the run's whole config (`config`: dotted name -> value), which guards a resume whose
+  config.json is lost (resume.check_and_write_config)."""
   return dict(
     stage=stage,
     arch=config.model.arch,
@@ -118,6 +125,7 @@ def model_record(config: ml_collections.ConfigDict, stage: str) -> dict:
     num_classes=int(config.model.num_classes),
     large_feature_map=bool(config.model.large_feature_map),
     experiment=config.experiment,
+    config=resume.config_values(config),
   )
 
 
@@ -192,6 +200,8 @@ def initial_variables(config: ml_collections.ConfigDict, workdir: str, stage: st
     )
   loaded, info = checkpoints.restore_variables(src)
   check_source_matches(info, config, src)
+  if jax.process_index() == 0:
+    _write_source_record(workdir, src, info.get('step'))
   merged, left = overlay_variables(fresh, loaded, where=src)
   missing = [n for n in left if not n.startswith('params/fc2/')]
   if missing:
@@ -253,3 +263,97 @@ def load_dual_variables(config: ml_collections.ConfigDict, workdir: str, model=N
   model = model if model is not None else build_stage_model(config, 'dual')
   check_structure(variables, config, model, where=path)
   return variables
+
+
+# ------------------------------------------------------------------- what each stage stands on
+
+SOURCE_FILE = 'source.json'  # <workdir>/dual/source.json: the vanilla step the dual stage read
+
+
+def _source_identity(src: str, step: int | None) -> dict:
+  """The vanilla checkpoint `src` at `step`: its path, step and manifest digest (None for a
+  converted folder, which has no steps)."""
+  digest = None if step is None else checkpoints.manifest_digest(os.path.join(src, str(step)))
+  return {'path': os.path.abspath(src), 'step': step, 'digest': digest}
+
+
+def _write_source_record(workdir: str, src: str, step: int | None) -> None:
+  path = os.path.join(workdir, 'dual', SOURCE_FILE)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(_source_identity(src, step), f)
+  os.replace(path + '.tmp', path)
+
+
+def dual_source_change(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Why the dual stage's checkpoints no longer match the vanilla checkpoint they started
+  from (e.g. the vanilla stage trained on after `vanilla.num_epochs` grew), or None.
+
+  None also when there is nothing to compare: no dual checkpoint, no record (runs before the
+  record existed), a converted starting folder, or a vanilla folder without steps."""
+  if not workdir_lib.steps(workdir, 'dual'):
+    return None
+  try:
+    with open(os.path.join(workdir, 'dual', SOURCE_FILE), encoding='utf-8') as f:
+      rec = json.load(f)
+  except (OSError, ValueError):
+    return None
+  src = vanilla_source(config, workdir)
+  if rec.get('step') is None or not os.path.isdir(src):
+    return None
+  numbered = sorted(int(p) for p in os.listdir(src) if p.isdigit())
+  if not numbered:
+    return None
+  now = _source_identity(src, numbered[-1])
+  if (now['step'], now['digest']) == (rec['step'], rec.get('digest')):
+    return None
+  if now['step'] != rec['step']:
+    what = f'is now at step {now["step"]}'
+  else:
+    what = f'step {now["step"]} now holds other weights'
+  return (
+    f'the dual stage of {workdir} was trained from the vanilla checkpoint {src} at step '
+    f'{rec["step"]}, which {what}'
+  )
+
+
+def retire_dual_stage(workdir: str, reason: str) -> str:
+  """Moves `<workdir>/dual/checkpoints` (and its source record) aside to
+  `<workdir>/dual/checkpoints.stale-<time>` so the dual stage trains again from the current
+  vanilla weights; returns the new folder. Call on process 0."""
+  stamp = time.strftime('%Y%m%d-%H%M%S')
+  old = checkpoint_dir(workdir, 'dual')
+  new = f'{old}.stale-{stamp}'
+  os.rename(old, new)
+  record = os.path.join(workdir, 'dual', SOURCE_FILE)
+  if os.path.exists(record):
+    os.replace(record, os.path.join(new, SOURCE_FILE))
+  log.warning('%s: the dual stage is trained again from it (its old checkpoints: %s)', reason, new)
+  return new
+
+
+def total_steps(config: ml_collections.ConfigDict, stage: str, steps_per_epoch: int) -> int:
+  """The step a stage trains to: `max_steps` when > 0, else `num_epochs` epochs."""
+  sec = config[stage]
+  return int(sec.max_steps) if sec.max_steps > 0 else int(sec.num_epochs) * int(steps_per_epoch)
+
+
+def stage_progress(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Where each stage of `config.stages` stands in `workdir` (for reports and eval.py):
+  {stage: {'step': newest checkpoint step or None, 'total': the step the config trains it
+  to, 'finished': step >= total}}. The dual entry also has 'source_change': the reason its
+  vanilla input changed since it trained (`dual_source_change`), or None.
+
+  Reads the train split's metadata (its size sets the steps per epoch)."""
+  from dualsig_jax import data  # the loaders: only needed here
+
+  spe = data.steps_per_epoch(config.input, config.input.batch_size)
+  out = {}
+  for stage in config.stages:
+    numbered = workdir_lib.steps(workdir, stage)
+    step = numbered[-1] if numbered else None
+    total = total_steps(config, stage, spe)
+    out[stage] = {'step': step, 'total': total, 'finished': step is not None and step >= total}
+    if stage == 'dual':
+      out[stage]['source_change'] = dual_source_change(config, workdir)
+  return out

@@ -8,8 +8,8 @@
  *                     components that do not reach the image border) and all GT boxes;
  *   largest[i]        best IoU of the largest contour's box (largest cv2.contourArea), and
  *   largest_first[i]  its IoU with the first GT box;
- *   flags[i]          bit 0: several contours share the largest area (the caller resolves the
- *                     tie in OpenCV's contour order); bit 1: the level has no contour.
+ *   flags[i]          bit 0: several contours share the largest area (resolved here in
+ *                     OpenCV's order, see below); bit 1: the level has no contour.
  * Forests are built by adding the pixels one level after the other (union-find), on a grid
  * padded by one pixel so that neighbours need no bounds checks:
  *   e: the lowest level at which each pixel is background connected to the outside, by a flood
@@ -27,6 +27,7 @@ typedef struct {
   int32_t *size;
   int16_t *x0, *y0, *x1, *y1; /* inclusive box of a root's set, image coordinates */
   int32_t *area;              /* 2 * contour area of a root's filled component, or NULL */
+  int32_t *first;             /* with area: lowest (raster-first) pixel of a root's set */
   double *score;              /* cached best IoU of a root's box */
   uint8_t *dirty;             /* the box changed since score was computed */
   int32_t *roots;             /* roots listed for reporting, in any order */
@@ -46,9 +47,10 @@ static int forest_init(forest *f, int32_t n, int with_area) {
   f->roots = malloc(sizeof(int32_t) * n);
   f->pos = malloc(sizeof(int32_t) * n);
   f->area = with_area ? malloc(sizeof(int32_t) * n) : NULL;
+  f->first = with_area ? malloc(sizeof(int32_t) * n) : NULL;
   f->num_roots = 0;
   if (!f->parent || !f->size || !f->x0 || !f->y0 || !f->x1 || !f->y1 || !f->score ||
-      !f->dirty || !f->roots || !f->pos || (with_area && !f->area))
+      !f->dirty || !f->roots || !f->pos || (with_area && (!f->area || !f->first)))
     return -1;
   for (int32_t i = 0; i < n; i++) f->parent[i] = -1;
   return 0;
@@ -66,6 +68,7 @@ static void forest_free(forest *f) {
   free(f->roots);
   free(f->pos);
   free(f->area);
+  free(f->first);
 }
 
 static inline int32_t find(int32_t *parent, int32_t p) {
@@ -100,7 +103,10 @@ static int32_t link(forest *f, int32_t ra, int32_t rb) {
   if (f->y0[rb] < f->y0[ra]) f->y0[ra] = f->y0[rb];
   if (f->x1[rb] > f->x1[ra]) f->x1[ra] = f->x1[rb];
   if (f->y1[rb] > f->y1[ra]) f->y1[ra] = f->y1[rb];
-  if (f->area) f->area[ra] += f->area[rb];
+  if (f->area) {
+    f->area[ra] += f->area[rb];
+    if (f->first[rb] < f->first[ra]) f->first[ra] = f->first[rb];
+  }
   f->dirty[ra] = 1;
   unlist(f, rb);
   if (!listed) unlist(f, ra);
@@ -114,7 +120,7 @@ static void attach(forest *f, int32_t p, int16_t x, int16_t y, int32_t r) {
     f->size[p] = 1;
     f->x0[p] = f->x1[p] = x;
     f->y0[p] = f->y1[p] = y;
-    if (f->area) f->area[p] = 0;
+    if (f->area) f->area[p] = 0, f->first[p] = p;
     f->dirty[p] = 1;
     f->pos[p] = f->num_roots;
     f->roots[f->num_roots++] = p;
@@ -122,6 +128,7 @@ static void attach(forest *f, int32_t p, int16_t x, int16_t y, int32_t r) {
   }
   f->parent[p] = r;
   f->size[r]++;
+  if (f->first && p < f->first[r]) f->first[r] = p; /* padded indices follow raster order */
   if (x < f->x0[r]) f->x0[r] = x, f->dirty[r] = 1;
   if (x > f->x1[r]) f->x1[r] = x, f->dirty[r] = 1;
   if (y < f->y0[r]) f->y0[r] = y, f->dirty[r] = 1;
@@ -339,6 +346,13 @@ int wsol_level_ious(const uint8_t *q, int32_t h, int32_t w, const int16_t *lut,
       continue;
     }
     if (!holes) multi[i] = best_of_roots(&t, 1, h, w, gt, num_gt);
+    /* Largest contour, first in OpenCV's list on ties (Python's max). Tied contours are outer
+       borders of components not inside another one (a nested contour is smaller than the one
+       around it, a hole's border ties only with its own outer border, listed before it), and
+       OpenCV lists those in reverse order of discovery: the raster scan meets a component at
+       its first pixel, and each new contour is inserted as its parent's first child. So the
+       tied component whose first pixel comes last wins (checked against OpenCV's own order by
+       tests/test_wsol_box.py on random maps with hundreds of ties). */
     int32_t best = t.roots[0], ties = 1;
     for (int32_t k = 1; k < t.num_roots; k++) {
       int32_t s = t.roots[k];
@@ -347,6 +361,7 @@ int wsol_level_ious(const uint8_t *q, int32_t h, int32_t w, const int16_t *lut,
         ties = 1;
       } else if (t.area[s] == t.area[best]) {
         ties++;
+        if (t.first[s] > t.first[best]) best = s;
       }
     }
     if (ties > 1) flags[i] |= 1;

@@ -1,9 +1,11 @@
 """Streaming box metrics (MaxBoxAcc, MaxBoxAccV2, GT-known / Top-1 Loc), wsolevaluation protocol.
 
 Counts per (IoU threshold, CAM threshold) are accumulated, never maps, so memory is flat in the
-number of images. Per-image work (:func:`dualsig_jax.wsol.levels.image_box_ious`) runs in a
-process pool (``num_workers``), because it is CPU-bound; workers are started with ``spawn`` so
-that the evaluator is safe to use from a program that already runs JAX threads.
+number of images. Per-image work (:func:`dualsig_jax.wsol.levels.image_box_ious`) is CPU-bound
+and spends its time in the compiled kernel (ctypes releases the GIL) or in OpenCV (which does
+too), so it runs on a thread pool by default: no process start, nothing to pickle, and safe in a
+plain script without an ``if __name__ == '__main__'`` guard. ``pool='process'`` (opt-in) uses
+``spawn`` workers instead, safe next to JAX's threads but needing that guard in scripts.
 """
 
 from __future__ import annotations
@@ -15,17 +17,25 @@ import os
 
 import numpy as np
 
+from dualsig_jax import vocab
 from dualsig_jax.wsol.levels import image_box_ious
 
-__all__ = ['BoxEvaluator', 'check_scoremaps', 'cam_thresholds']
+__all__ = ['BoxEvaluator', 'POOLS', 'check_scoremaps', 'cam_thresholds']
 
-_POOLS: dict[int, concurrent.futures.ProcessPoolExecutor] = {}
+# BoxEvaluator(pool=...): where per-image work runs when num_workers > 1.
+POOLS = ('thread', 'process')
+_EXECUTORS: dict[tuple[str, int, int], concurrent.futures.Executor] = {}
 
 
 def cam_thresholds(interval: float) -> np.ndarray:
-  """``np.arange(0, 1, interval)`` (float64), the reference's CAM threshold list."""
-  if not 0 < interval < 1:
-    raise ValueError(f'cam_curve_interval must be in (0, 1), got {interval}')
+  """``np.arange(0, 1, interval)`` (float64), the reference's CAM threshold list.
+
+  ``interval`` must lie in ``vocab.CAM_CURVE_INTERVAL_RANGE`` (> 0 and <= 1), the range the
+  config schema checks too; ValueError otherwise (NaN included).
+  """
+  low, high = vocab.CAM_CURVE_INTERVAL_RANGE
+  if not low < interval <= high:
+    raise ValueError(f'cam_curve_interval must be > {low} and <= {high}; got {interval}')
   return np.arange(0, 1, interval)
 
 
@@ -87,19 +97,27 @@ def _count_chunk(maps, boxes, correct, thresholds, ious):
   return out
 
 
-def _pool(num_workers):
-  if num_workers not in _POOLS:
-    _POOLS[num_workers] = concurrent.futures.ProcessPoolExecutor(
-      num_workers, mp_context=multiprocessing.get_context('spawn')
-    )
-  return _POOLS[num_workers]
+def _executor(pool, num_workers):
+  # By pid too: a forked child inherits the dict but not the parent's worker threads.
+  key = (pool, num_workers, os.getpid())
+  if key not in _EXECUTORS:
+    if pool == 'thread':
+      _EXECUTORS[key] = concurrent.futures.ThreadPoolExecutor(
+        num_workers, thread_name_prefix='wsol-box'
+      )
+    else:
+      _EXECUTORS[key] = concurrent.futures.ProcessPoolExecutor(
+        num_workers, mp_context=multiprocessing.get_context('spawn')
+      )
+  return _EXECUTORS[key]
 
 
 @atexit.register
 def _shutdown_pools():
-  for pool in _POOLS.values():
-    pool.shutdown(wait=False, cancel_futures=True)
-  _POOLS.clear()
+  for (_, _, pid), ex in _EXECUTORS.items():
+    if pid == os.getpid():  # never a parent's pool from a forked child
+      ex.shutdown(wait=False, cancel_futures=True)
+  _EXECUTORS.clear()
 
 
 class BoxEvaluator:
@@ -111,8 +129,10 @@ class BoxEvaluator:
     multi_contour_eval: MaxBoxAcc over all contours' boxes (MaxBoxAccV2 protocol); False: the
       largest contour only (the original MaxBoxAcc).
     loc_threshold: CAM threshold of GT-known / Top-1 Loc (nearest threshold of the list).
-    num_workers: processes for per-image work; None = ``os.cpu_count()``; 0 = in this process.
-      Small batches (fewer than 2 images per worker) are always done in-process.
+    num_workers: parallel workers for per-image work; None = ``os.cpu_count()``; 0 or 1 = in
+      the calling thread. Small batches (fewer than 2 images per worker) are always done there.
+    pool: ``'thread'`` (default; the kernel and OpenCV release the GIL) or ``'process'``
+      (spawned workers: a script using it needs an ``if __name__ == '__main__'`` guard).
   """
 
   def __init__(
@@ -122,7 +142,11 @@ class BoxEvaluator:
     multi_contour_eval=True,
     loc_threshold=0.2,
     num_workers=None,
+    pool='thread',
   ):
+    if pool not in POOLS:
+      raise ValueError(f'pool={pool!r} is not one of {list(POOLS)}')
+    self.pool = pool
     self.iou_threshold_list = [int(i) for i in iou_threshold_list]
     if not self.iou_threshold_list or any(not 0 < i <= 100 for i in self.iou_threshold_list):
       raise ValueError(
@@ -169,7 +193,7 @@ class BoxEvaluator:
     if workers <= 1:
       self.counts += _count_chunk(maps, boxes, correct, *args)
     else:
-      pool = _pool(self.num_workers)
+      pool = _executor(self.pool, self.num_workers)
       # A few chunks per worker: per-map cost varies ~10x (noisy maps), so this balances load.
       chunks = min(len(maps) // 2, 4 * workers)
       bounds = np.linspace(0, len(maps), chunks + 1).astype(int)

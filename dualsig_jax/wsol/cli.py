@@ -1,10 +1,14 @@
 """``python -m dualsig_jax.wsol``: a drop-in for wsolevaluation's ``evaluate_wsol``.
 
-Reads ``<scoremap_root>/<image_id>.npy`` for every id of ``<metadata_root>/<NAME>/<SPLIT>``,
-rescales GT boxes from ``image_sizes.txt`` to each map's size with ``int(x * W / w)`` (the
-reference's ``resize_bbox``), and/or builds GT masks (instances > 0.5 after nearest resize; ignore
-region minus instances = 255) read from ``--mask_root``. Prints the metrics as JSON and writes
-them to ``--output_json``.
+Reads ``<scoremap_root>/<image_id>.npy`` for every id of ``<metadata_root>/<NAME>/<SPLIT>``
+(the layout ``eval.save_scoremaps=True`` writes). Box metrics (MaxBoxAcc(V2), GT-known Loc) when
+the split has boxes: GT boxes are rescaled from ``image_sizes.txt`` to each map's size with the
+reference's ``int(x * W / w)``. PxAP when the split has masks (OpenImages; SYNTH has boxes and
+masks): ``--mask_root`` is the folder the mask paths of ``localization.txt`` /
+``localization_mask.txt`` are relative to (SYNTH: its data root; OpenImages: the folder holding
+``test/...`` or ``OpenImages/test/...``); GT masks are instances > 0.5 after a nearest resize,
+the ignore region minus the instances = 255. Prints every metric the split has as one JSON
+(box metrics and ``pxap`` together) and writes it to ``--output_json``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import sys
 import cv2
 import numpy as np
 
-from dualsig_jax.wsol.box import BoxEvaluator
+from dualsig_jax.data.transforms import rescale_boxes
+from dualsig_jax.wsol.box import POOLS, BoxEvaluator
 from dualsig_jax.wsol.mask import MaskEvaluator
 
 _BATCH = 64
@@ -34,14 +39,21 @@ def str2bool(v: str) -> bool:
 
 
 def load_scoremap(path: str) -> np.ndarray:
-  """Loads one ``.npy`` map; ``ValueError`` naming the file if missing, not 2-D, empty, NaN, or
-  outside [0, 1]."""
+  """Loads one ``.npy`` map; ``ValueError`` naming the file if missing, unreadable, not a plain
+  array (an ``np.savez`` archive), not 2-D, empty, NaN, or outside [0, 1]."""
   if not os.path.isfile(path):
     raise ValueError(f'{path}: score map file is missing')
   try:
     m = np.load(path, allow_pickle=False)
   except Exception as e:  # noqa: BLE001 - any unreadable file is reported with its name
     raise ValueError(f'{path}: cannot read score map ({e})') from None
+  if not isinstance(m, np.ndarray):  # np.load gives an NpzFile for an np.savez archive
+    if hasattr(m, 'close'):
+      m.close()
+    raise ValueError(
+      f'{path}: not a .npy array but a {type(m).__name__} (an np.savez archive?); '
+      'save each map with np.save'
+    )
   if m.ndim != 2:
     raise ValueError(f'{path}: score map must be 2-D; got shape {m.shape}')
   if m.size == 0:
@@ -53,17 +65,6 @@ def load_scoremap(path: str) -> np.ndarray:
   if (m < 0).any() or (m > 1).any():
     raise ValueError(f'{path}: score map must lie in [0, 1]; min={m.min()}, max={m.max()}')
   return m
-
-
-def resize_box(box, image_size, map_size):
-  """The reference's ``resize_bbox``: ``int(x * new_w / w)`` in float64 per coordinate.
-
-  Args: box (x0, y0, x1, y1) ints; image_size (w, h); map_size (w, h). Returns 4 ints.
-  """
-  x0, y0, x1, y1 = map(float, box)
-  w, h = map(float, image_size)
-  nw, nh = map(float, map_size)
-  return int(x0 * nw / w), int(y0 * nh / h), int(x1 * nw / w), int(y1 * nh / h)
 
 
 def _mask_file(mask_root, dataset_name, path):
@@ -97,6 +98,71 @@ def load_gt_mask(mask_root, dataset_name, mask_paths, ignore_path, size):
   return inst.astype(np.uint8) + 255 * ignore.astype(np.uint8)
 
 
+_BOX_KEYS = (
+  'maxboxacc',
+  'maxboxacc_v2',
+  'maxboxacc_v1',
+  'gt_known_loc',
+  'best_threshold',
+  'loc_threshold',
+  'multi_contour_eval',
+)
+
+
+def _evaluators(meta, mask_root, box_kwargs, cam_curve_interval):
+  """(BoxEvaluator or None, MaskEvaluator or None) for what the split localizes."""
+  where = f'{meta.dataset_name}/{meta.split}'
+  box_eval = mask_eval = None
+  if meta.boxes:
+    if not meta.sizes:
+      raise ValueError(f'{where}: boxes need image_sizes.txt to be rescaled')
+    box_eval = BoxEvaluator(cam_curve_interval=cam_curve_interval, **box_kwargs)
+  if meta.masks:
+    if mask_root is None:
+      raise ValueError(
+        f'{where} has GT masks (PxAP): pass --mask_root, the folder its mask paths are '
+        'relative to (SYNTH: its data root)'
+      )
+    mask_eval = MaskEvaluator(cam_curve_interval)
+  if box_eval is None and mask_eval is None:
+    raise ValueError(f'{where}: no localization.txt / localization_mask.txt')
+  return box_eval, mask_eval
+
+
+def _accumulate(pending, meta, box_eval, mask_eval, mask_root):
+  """Adds ``pending`` [(map, image_id)], maps of one shape, to the evaluators."""
+  maps = np.stack([m for m, _ in pending])
+  h, w = maps.shape[1:]
+  if box_eval is not None:
+    boxes = [
+      rescale_boxes(meta.boxes[i], meta.sizes[i], (w, h)).astype(np.int64) for _, i in pending
+    ]
+    box_eval.accumulate(maps, boxes)
+  if mask_eval is not None:
+    masks = np.stack(
+      [load_gt_mask(mask_root, meta.dataset_name, *meta.masks[i], (w, h)) for _, i in pending]
+    )
+    mask_eval.accumulate(maps, masks)
+
+
+def _map_batches(scoremap_root, meta, need_boxes, progress):
+  """Yields lists of (map, image_id): at most _BATCH maps of one shape, in image_ids order."""
+  from tqdm import tqdm
+
+  pending = []
+  desc = f'wsol {meta.dataset_name}/{meta.split}'
+  for image_id in tqdm(meta.image_ids, desc=desc, disable=not progress, file=sys.stderr):
+    m = load_scoremap(os.path.join(scoremap_root, image_id + '.npy'))
+    if need_boxes and image_id not in meta.boxes:
+      raise ValueError(f'{image_id}: no box in localization.txt')
+    if pending and (m.shape != pending[0][0].shape or len(pending) >= _BATCH):
+      yield pending
+      pending = []
+    pending.append((m, image_id))
+  if pending:
+    yield pending
+
+
 def evaluate_wsol(
   scoremap_root,
   metadata_root,
@@ -109,85 +175,35 @@ def evaluate_wsol(
   loc_threshold=0.2,
   num_workers=None,
   progress=True,
+  pool='thread',
 ) -> dict:
-  """Evaluates saved maps. Returns the JSON-able result dict (see module docstring)."""
+  """Evaluates saved maps (see the module docstring).
+
+  Returns:
+    the JSON-able dict: box metrics (``maxboxacc`` {iou: %}, ``maxboxacc_v2``, ``maxboxacc_v1``,
+    ``gt_known_loc``, ``best_threshold``, ``loc_threshold``, ``multi_contour_eval``) when the
+    split has boxes, ``pxap`` when it has masks, and ``num_images``.
+  """
   from dualsig_jax.data.metadata import load_metadata  # the shared metadata reader
 
   meta = load_metadata(metadata_root, dataset_name, split, require_labels=False)
-  ids = meta.image_ids
-  box_eval = mask_eval = None
-  if meta.boxes:
-    if not meta.sizes:
-      raise ValueError(f'{dataset_name}/{split}: boxes need image_sizes.txt to be rescaled')
-    box_eval = BoxEvaluator(
-      iou_threshold_list,
-      cam_curve_interval,
-      multi_contour_eval,
-      loc_threshold,
-      num_workers=num_workers,
-    )
-  if meta.masks:
-    if mask_root is None:
-      raise ValueError(f'{dataset_name}/{split} has mask localization: pass --mask_root')
-    mask_eval = MaskEvaluator(cam_curve_interval)
-  if box_eval is None and mask_eval is None:
-    raise ValueError(f'{dataset_name}/{split}: no localization.txt / localization_mask.txt')
-
-  from tqdm import tqdm
-
-  pending = []  # (map, image_id) with one shared shape
-
-  def flush():
-    if not pending:
-      return
-    maps = np.stack([m for m, _ in pending])
-    h, w = maps.shape[1:]
-    if box_eval is not None:
-      boxes = [
-        np.array(
-          [resize_box(b, meta.sizes[i], (w, h)) for b in meta.boxes[i]], dtype=np.int64
-        ).reshape(-1, 4)
-        for _, i in pending
-      ]
-      box_eval.accumulate(maps, boxes)
-    if mask_eval is not None:
-      masks = np.stack(
-        [load_gt_mask(mask_root, dataset_name, *meta.masks[i], (w, h)) for _, i in pending]
-      )
-      mask_eval.accumulate(maps, masks)
-    pending.clear()
-
-  for image_id in tqdm(
-    ids, desc=f'wsol {dataset_name}/{split}', disable=not progress, file=sys.stderr
-  ):
-    m = load_scoremap(os.path.join(scoremap_root, image_id + '.npy'))
-    if box_eval is not None and image_id not in meta.boxes:
-      raise ValueError(f'{image_id}: no box in localization.txt')
-    if pending and (m.shape != pending[0][0].shape or len(pending) >= _BATCH):
-      flush()
-    pending.append((m, image_id))
-  flush()
-
+  box_kwargs = dict(
+    iou_threshold_list=iou_threshold_list,
+    multi_contour_eval=multi_contour_eval,
+    loc_threshold=loc_threshold,
+    num_workers=num_workers,
+    pool=pool,
+  )
+  box_eval, mask_eval = _evaluators(meta, mask_root, box_kwargs, cam_curve_interval)
+  for pending in _map_batches(scoremap_root, meta, box_eval is not None, progress):
+    _accumulate(pending, meta, box_eval, mask_eval, mask_root)
   result = {}
   if box_eval is not None:
     r = box_eval.compute()
-    result.update(
-      {
-        k: r[k]
-        for k in (
-          'maxboxacc',
-          'maxboxacc_v2',
-          'maxboxacc_v1',
-          'gt_known_loc',
-          'best_threshold',
-          'loc_threshold',
-          'multi_contour_eval',
-        )
-      }
-    )
+    result.update({k: r[k] for k in _BOX_KEYS})
   if mask_eval is not None:
     result['pxap'] = mask_eval.compute()['pxap']
-  result['num_images'] = len(ids)
+  result['num_images'] = len(meta.image_ids)
   return result
 
 
@@ -201,7 +217,12 @@ def main(argv=None):
   p.add_argument('--metadata_root', required=True)
   p.add_argument('--dataset_name', required=True)
   p.add_argument('--split', required=True)
-  p.add_argument('--mask_root', default=None)
+  p.add_argument(
+    '--mask_root',
+    default=None,
+    help='folder the GT mask paths are relative to; needed when the split has masks (PxAP): '
+    'OpenImages, and SYNTH (its data root)',
+  )
   p.add_argument('--cam_curve_interval', type=float, default=0.001)
   p.add_argument('--iou_threshold_list', type=int, nargs='+', default=[30, 50, 70])
   p.add_argument('--multi_contour_eval', type=str2bool, nargs='?', const=True, default=True)
@@ -210,7 +231,13 @@ def main(argv=None):
     '--num_workers',
     type=int,
     default=None,
-    help='processes for box evaluation (default: all cores; 0: in-process)',
+    help='parallel workers for box evaluation (default: all cores; 0: in the main thread)',
+  )
+  p.add_argument(
+    '--pool',
+    choices=POOLS,
+    default='thread',
+    help='where the workers run: threads (default) or spawned processes',
   )
   p.add_argument('--output_json', default=None)
   p.add_argument('--no_progress', action='store_true')
@@ -228,6 +255,7 @@ def main(argv=None):
       args.loc_threshold,
       args.num_workers,
       not args.no_progress,
+      args.pool,
     )
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)

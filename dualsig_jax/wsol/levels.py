@@ -7,30 +7,17 @@ uint8, and for every CAM threshold t (1000 of them at interval 0.001) binarizes 
 ``cv2.contourArea`` (first one on ties, as Python's ``max``).
 
 ``int(t * qmax)`` takes at most 256 distinct values, and thresholds giving the same level set are
-merged (:func:`distinct_levels`). Two exact ways to get every level's contours from there:
+merged (:func:`distinct_levels`). Every distinct level's contours then come from:
 
-- the compiled kernel (:mod:`dualsig_jax.wsol.native`, the default): the level sets are nested,
-  so one union-find pass over the pixels holds all levels' components, boxes and contour areas
-  without tracing (its cost does not grow with the number of levels or of contours);
-  levels where several contours share the largest area are traced, for OpenCV's tie order;
-- the traced path (no C compiler, or ``native=False``), described below.
-
-Why the traced path is much faster than the reference and still exact:
-- contours are traced once per distinct level set and mapped back to the thresholds;
-- each level set is cropped to its own foreground bounding box before tracing (OpenCV pads the
-  image with zeros, so the traced contours, their order and their hierarchy are unchanged; the
-  ``offset`` argument restores the coordinates);
-- ``CHAIN_APPROX_SIMPLE`` as the reference: in this OpenCV build it costs the same as ``NONE``
-  and yields ~3x fewer points to reduce (boxes and shoelace areas are those of the reference);
-- speckle is removed from every level at once (:func:`despeckle`, one clamp per map): noisy
-  maps have tens of thousands of components and holes of 1-3 pixels, whose
-  contours cost most of the tracing time but whose boxes are tiny. Their contribution is
-  restored exactly: their boxes' IoUs are computed per pixel and merged into the levels where
-  they could change the best IoU, and levels where they could matter for the largest contour
-  (largest area <= 6, or a tie for the largest, or nothing left) are traced again from the
-  original map;
-- bounding boxes and areas of all contours of all levels are computed in a few vectorized numpy
-  reductions instead of ~1000 Python-level ``boundingRect``/``contourArea`` calls per level.
+- the compiled kernel (:mod:`dualsig_jax.wsol.native`, built at install time): the level sets are
+  nested, so one union-find pass over the pixels holds all levels' components, boxes and contour
+  areas without tracing (its cost does not grow with the number of levels or of contours),
+  ties of the largest area resolved in OpenCV's contour order;
+- or, without the kernel, the one exact fallback: the reference's own computation once per
+  distinct level (``findContours(RETR_TREE)`` of the level set, cropped to its foreground's
+  bounding box, which OpenCV's zero padding makes equivalent; boxes and shoelace areas of all
+  contours in a few vectorized numpy reductions, the first largest contour on ties as Python's
+  ``max``), :func:`exact_level_ious`.
 """
 
 from __future__ import annotations
@@ -43,7 +30,8 @@ from dualsig_jax.wsol import native as native_kernel
 __all__ = [
   'quantize',
   'threshold_cutoffs',
-  'despeckle',
+  'exact_level_ious',
+  'level_lut',
   'distinct_levels',
   'level_contours',
   'box_iou',
@@ -78,146 +66,17 @@ def threshold_cutoffs(qmax: int, thresholds: np.ndarray) -> np.ndarray:
   return (np.asarray(thresholds, dtype=np.float64) * np.float64(qmax)).astype(np.int64)
 
 
-def _window(offsets):
-  """(kernel, anchor) for cv2 morphology over ``q[y + dy, x + dx]`` for ``(dy, dx)`` in offsets."""
-  dys, dxs = [o[0] for o in offsets], [o[1] for o in offsets]
-  kernel = np.zeros((max(dys) - min(dys) + 1, max(dxs) - min(dxs) + 1), np.uint8)
-  for dy, dx in offsets:
-    kernel[dy - min(dys), dx - min(dxs)] = 1
-  return kernel, (-min(dxs), -min(dys))
-
-
-def _ring(pixels, conn):
-  """Offsets of the ``conn``-neighbours of a set of pixel offsets, the set itself excluded."""
-  steps = (
-    [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)]
-    if conn == 8
-    else [(-1, 0), (1, 0), (0, -1), (0, 1)]
-  )
-  return sorted({(y + a, x + b) for y, x in pixels for a, b in steps} - set(pixels))
-
-
-def _small_sets(size, conn):
-  """All ``conn``-connected pixel sets of 1..size pixels, as offsets from their raster-first pixel."""
-  steps = (
-    [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)]
-    if conn == 8
-    else [(-1, 0), (1, 0), (0, -1), (0, 1)]
-  )
-  found, frontier = set(), {((0, 0),)}
-  for _ in range(size):
-    found |= frontier
-    grown = set()
-    for cells in frontier:
-      for y, x in cells:
-        for a, b in steps:
-          new = set(cells) | {(y + a, x + b)}
-          if len(new) > len(cells):
-            oy, ox = min(new)
-            grown.add(tuple(sorted((cy - oy, cx - ox) for cy, cx in new)))
-    frontier = grown
-  return sorted(found, key=lambda c: (len(c), c))
-
-
-# Components (8-connected) and holes (4-connected) of at most _SPECKLE pixels, with the window of
-# their surrounding ring. _SPECKLE_AREA bounds their contours' cv2.contourArea.
-_SPECKLE, _SPECKLE_AREA = 3, 6.0
-_SETS = sorted(
-  [(True, px, _window(_ring(px, 8))) for px in _small_sets(_SPECKLE, 8)]
-  + [(False, px, _window(_ring(px, 4))) for px in _small_sets(_SPECKLE, 4)],
-  key=lambda s: len(s[1]),
-)
-_NOISY = 2000  # see despeckle: how many small speckles make larger ones worth removing
-
-
-def despeckle(q: np.ndarray, noisy: int = _NOISY):
-  """Removes components and holes of up to 3 pixels from every level set at once.
-
-  A pixel set S (8-connected) is a whole 8-connected component of ``q > c`` iff
-  ``ring_max(S) <= c < min(q[S])`` (``ring_max``: the maximum over its 8-neighbours, 0 outside
-  the image). Since components shrink as c grows, the levels where a pixel's component has at
-  most k pixels form one interval ``[c0, q)``, so ``q' = min(q, c0)`` removes exactly those
-  components at every level. Likewise holes (4-connected background components, never touching
-  the image border) of pixel set S exist exactly on ``[max(q[S]), ring_min(S))``
-  (``ring_min``: minimum over its 4-neighbours, 0 off the image) and ``q' = max(q, c1)`` fills
-  them. A pixel is never in both cases, a removed component and a filled hole never touch, and
-  no other contour passes through them (neither is 4-adjacent to another component's
-  background), so every other contour is traced identically (checked by brute force in
-  tests/test_wsol_box.py). Single pixels are always removed, sets of 2 only when at least
-  ``noisy // 10`` single ones were found, sets of 3 only when at least ``noisy`` smaller ones
-  were (exact either way; the extra morphology passes only pay off on noisy maps).
-
-  Args:
-    q: uint8 ``[H, W]``.
-    noisy: see above (0: always remove all sets up to 3 pixels).
-  Returns:
-    ``(qc, lo, hi, boxes)``: uint8 ``[H, W]`` cleaned map; int64 ``[N]``, ``[N]``, ``[N, 4]``
-    for every removed contour: it exists for cutoffs ``lo <= c < hi``; its reference box
-    ``(x, y, min(x + w, W - 1), min(y + h, H - 1))`` of its ``boundingRect``. Each has
-    ``cv2.contourArea <= _SPECKLE_AREA``.
-  """
-  height, width = q.shape
-  c0 = np.full(q.shape, 256, np.int16)  # 256: never removed
-  c1 = np.zeros(q.shape, np.int16)  # 0: never filled
-  los, his, boxes = [], [], []
-  for fg, pixels, (kernel, anchor) in _SETS:
-    if len(pixels) > 1 and sum(map(len, los)) < (noisy if len(pixels) > 2 else noisy // 10):
-      break  # larger sets only pay off on noisy maps (any size limit is exact)
-    op = cv2.dilate if fg else cv2.erode
-    ring = op(q, kernel, anchor=anchor, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    dys, dxs = [o[0] for o in pixels], [o[1] for o in pixels]
-    # Anchors whose whole set lies inside the image (sets reaching outside cannot exist).
-    ys = slice(max(0, -min(dys)), height - max(0, max(dys)))
-    xs = slice(max(0, -min(dxs)), width - max(0, max(dxs)))
-    at = [
-      (slice(ys.start + dy, ys.stop + dy), slice(xs.start + dx, xs.stop + dx)) for dy, dx in pixels
-    ]
-    ring = ring[ys, xs]
-    if fg:
-      lo, hi = ring, np.minimum.reduce([q[a] for a in at])
-    else:
-      lo, hi = np.maximum.reduce([q[a] for a in at]), ring
-    mask = lo < hi
-    if not mask.any():  # cheap test first: smooth maps have few speckles
-      continue
-    py, px = np.divmod(np.flatnonzero(mask), mask.shape[1])
-    hit = (py, px)
-    lo, hi = lo[mask].astype(np.int64), hi[mask].astype(np.int64)
-    for a in at:  # views: updated in place
-      if fg:
-        c0[a][hit] = np.minimum(c0[a][hit], lo)
-      else:
-        c1[a][hit] = np.maximum(c1[a][hit], hi)
-    py, px = py + ys.start, px + xs.start
-    g = 0 if fg else 1  # a hole's contour runs through its 4-neighbours
-    x0, x1 = px + min(dxs) - g, px + max(dxs) + g
-    y0, y1 = py + min(dys) - g, py + max(dys) + g
-    los.append(lo)
-    his.append(hi)
-    boxes.append(
-      np.stack(
-        [x0, y0, np.minimum(x1 + 1, width - 1), np.minimum(y1 + 1, height - 1)], axis=1
-      ).astype(np.int64)
-    )
-  qc = np.minimum(np.maximum(q, c1), c0).astype(np.uint8)
-  if not los:
-    return qc, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64)
-  return qc, np.concatenate(los), np.concatenate(his), np.concatenate(boxes)
-
-
-def level_contours(q: np.ndarray, levels: np.ndarray, mode: int = cv2.RETR_TREE):
+def level_contours(q: np.ndarray, levels: np.ndarray):
   """Boxes and areas of all contours of ``q > c`` for every cutoff ``c`` in ``levels``.
 
   Args:
     q: uint8 ``[H, W]`` quantized map.
     levels: int64 ``[L]`` cutoffs.
-    mode: ``cv2.RETR_TREE`` (the reference's order) or ``cv2.RETR_LIST`` (same contours, other
-      order, a little cheaper; only for callers that do not depend on the order).
   Returns:
     ``(boxes, areas, counts)``: int64 ``[K, 4]`` reference boxes ``(x, y, min(x+w, W-1),
     min(y+h, H-1))`` from ``boundingRect``; float64 ``[K]`` ``cv2.contourArea`` values; int64
     ``[L]`` number of contours per level. Contours of one level are contiguous and in
-    ``cv2.findContours(mode)`` order; levels in the order given.
+    ``cv2.findContours(RETR_TREE)`` order (the reference's); levels in the order given.
   """
   height, width = q.shape
   levels = np.asarray(levels, dtype=np.int64)
@@ -237,7 +96,7 @@ def level_contours(q: np.ndarray, levels: np.ndarray, mode: int = cv2.RETR_TREE)
     ya, yb, xa, xb = int(y0[i]), int(y1[i]), int(x0[i]), int(x1[i])
     # A uint8 scalar keeps the comparison in uint8 (an int64 one upcasts: 5x slower).
     binary = np.greater(q[ya:yb, xa:xb], np.uint8(levels[i])).view(np.uint8)
-    found = find(binary, mode, method, offset=(xa, ya))[0]
+    found = find(binary, cv2.RETR_TREE, method, offset=(xa, ya))[0]
     counts[i] = len(found)
     contours.extend(found)
 
@@ -301,12 +160,36 @@ def distinct_levels(q: np.ndarray, cutoffs: np.ndarray):
     ``(levels, inverse)``: int64 ``[L]`` ascending, int64 ``[T]`` with ``q > levels[inverse[t]]``
     the same set as ``q > cutoffs[t]``.
   """
-  uniq, inv = np.unique(cutoffs, return_inverse=True)
+  cutoffs = np.asarray(cutoffs, dtype=np.int64).reshape(-1)
+  if len(cutoffs) > 1 and (cutoffs[1:] >= cutoffs[:-1]).all():
+    uniq, inv = cutoffs, None  # ascending thresholds (the evaluators'): no sort needed
+  else:
+    uniq, inv = np.unique(cutoffs, return_inverse=True)
   above = q.size - np.cumsum(np.bincount(q.ravel(), minlength=256))  # [256]: #(q > c)
   count = above[uniq]
   new = np.ones(len(uniq), bool)
   new[1:] = count[1:] != count[:-1]  # above is non-increasing: equal sets are neighbours
-  return uniq[new], (np.cumsum(new) - 1)[inv.reshape(-1)]
+  index = np.cumsum(new) - 1
+  return uniq[new], index if inv is None else index[inv.reshape(-1)]
+
+
+def level_lut(levels: np.ndarray) -> np.ndarray:
+  """int16 ``[256]``: the level index of each uint8 value (``#levels < value``), the kernel's
+  input; level i keeps the pixels whose index is > i."""
+  return np.searchsorted(levels, np.arange(256), side='left').astype(np.int16)
+
+
+def exact_level_ious(q: np.ndarray, levels: np.ndarray, gt_boxes: np.ndarray):
+  """Per-level IoUs by tracing every level set with OpenCV, as the reference (the fallback).
+
+  Args:
+    q: uint8 ``[H, W]``.
+    levels: int64 ``[L]`` cutoffs.
+    gt_boxes: int64 ``[G, 4]``, G >= 1.
+  Returns:
+    ``(multi, largest, largest_first)``, float64 ``[L]`` each (see :func:`image_box_ious`).
+  """
+  return _level_ious(*level_contours(q, levels), gt_boxes)
 
 
 def image_box_ious(
@@ -319,7 +202,7 @@ def image_box_ious(
     gt_boxes: int ``[G, 4]`` (x0, y0, x1, y1) in scoremap pixels, G >= 1.
     thresholds: float64 ``[T]`` CAM thresholds.
     native: use the compiled kernel (:mod:`dualsig_jax.wsol.native`): None = when it is
-      available, True = required (RuntimeError if not), False = the traced numpy/OpenCV path.
+      available, True = required (RuntimeError if not), False = the exact OpenCV fallback.
   Returns:
     dict of float64 ``[T]`` arrays:
       ``multi``: best IoU over all contours' boxes and all GT boxes (MaxBoxAccV2);
@@ -334,69 +217,32 @@ def image_box_ious(
   if res is None:
     if native:
       raise RuntimeError(
-        'native=True but the WSOL box kernel is unavailable (see warnings) or the map is larger '
-        f'than it handles; map shape {q.shape}'
+        f'native=True but the WSOL box kernel is unavailable ({native_kernel.status()}) or '
+        f'the map is larger than it handles; map shape {q.shape}'
       )
-    res = _traced_ious(q, levels, gt_boxes)
+    res = exact_level_ious(q, levels, gt_boxes)
   return {k: r[inverse] for k, r in zip(('multi', 'largest', 'largest_first'), res)}
 
 
 def _kernel_ious(q, levels, gt_boxes):
   """Per-level (multi, largest, largest_first) by the compiled kernel, or None."""
-  lut = np.searchsorted(levels, np.arange(256), side='left').astype(np.int16)  # #levels < value
-  out = native_kernel.level_ious(q, lut, len(levels), gt_boxes)
+  out = native_kernel.level_ious(q, level_lut(levels), len(levels), gt_boxes)
   if out is None:
     return None
   multi, largest, largest_first, flags = out
   zero = box_iou(np.zeros((1, 4), np.int64), gt_boxes)[0]
   empty = (flags & 2) != 0
   multi[empty], largest[empty], largest_first[empty] = zero.max(), zero.max(), zero[0]
-  # Largest area shared by several components: the first in OpenCV's order wins; trace.
-  tie = np.flatnonzero((flags & 1) != 0)
-  if len(tie):
-    r = _level_ious(*level_contours(q, levels[tie]), gt_boxes)
-    largest[tie], largest_first[tie] = r[1], r[2]
-  return multi, largest, largest_first
-
-
-def _traced_ious(q, levels, gt_boxes):
-  """Per-level (multi, largest, largest_first) by tracing the level sets with OpenCV."""
-  qc, spk_lo, spk_hi, spk_boxes = despeckle(q, _NOISY)
-  # RETR_LIST: the order only matters for ties of the largest area, and those levels are
-  # traced again below in the reference's RETR_TREE order.
-  multi, largest, largest_first, seg_max, ties, counts = _level_ious(
-    *level_contours(qc, levels, cv2.RETR_LIST), gt_boxes
-  )
-  # Levels whose largest contour might be a removed speckle (area <= _SPECKLE_AREA) or
-  # whose tie-break might depend on them: trace the original level set.
-  has_fg = int(q.max()) > levels
-  redo = has_fg & ((seg_max <= _SPECKLE_AREA) | (ties > 1) | (counts == 0))
-  if len(spk_lo):
-    spk_iou = box_iou(spk_boxes, gt_boxes).max(axis=1)
-    # Only levels where some speckle could beat the best IoU of the traced contours.
-    fix = np.flatnonzero(~redo & (multi < spk_iou.max()))
-    for f in np.array_split(fix, -(-len(fix) // 32)) if len(fix) else []:  # bounded memory
-      keep = spk_iou > multi[f].min()
-      lo, hi, val = spk_lo[keep][None], spk_hi[keep][None], spk_iou[keep][None]
-      lv = levels[f][:, None]
-      best = np.where((lv >= lo) & (lv < hi), val, -1.0).max(axis=1, initial=-1.0)  # [F, P]
-      multi[f] = np.maximum(multi[f], best)
-  redo = np.flatnonzero(redo)
-  if len(redo):
-    r = _level_ious(*level_contours(q, levels[redo]), gt_boxes)
-    multi[redo], largest[redo], largest_first[redo] = r[0], r[1], r[2]
   return multi, largest, largest_first
 
 
 def _level_ious(boxes, areas, counts, gt_boxes):
-  """Per level: best IoU of all boxes, IoUs of the largest contour, its area, #ties, counts."""
+  """Per level: best IoU of all contours' boxes, IoUs of the (first) largest contour's box."""
   num_levels = len(counts)
-  zero = box_iou(np.zeros((1, 4), np.int64), gt_boxes)[0]
+  zero = box_iou(np.zeros((1, 4), np.int64), gt_boxes)[0]  # the reference's box of no contour
   multi = np.full(num_levels, zero.max())
   largest = np.full(num_levels, zero.max())
   largest_first = np.full(num_levels, zero[0])
-  seg_max = np.full(num_levels, -1.0)
-  ties = np.zeros(num_levels, np.int64)
   if len(boxes):
     ious = box_iou(boxes, gt_boxes)
     best = ious.max(axis=1)
@@ -404,11 +250,11 @@ def _level_ious(boxes, areas, counts, gt_boxes):
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[nonempty]
     multi[nonempty] = np.maximum.reduceat(best, starts)
     level_of = np.repeat(np.arange(num_levels), counts)
+    seg_max = np.full(num_levels, -1.0)
     seg_max[nonempty] = np.maximum.reduceat(areas, starts)
     cand = np.flatnonzero(areas == seg_max[level_of])
-    ties = np.bincount(level_of[cand], minlength=num_levels)
     lv, first = np.unique(level_of[cand], return_index=True)  # first max: Python max() ties
     pick = cand[first]
     largest[lv] = best[pick]
     largest_first[lv] = ious[pick, 0]
-  return multi, largest, largest_first, seg_max, ties, counts
+  return multi, largest, largest_first
