@@ -31,6 +31,10 @@ _LR = {
   ('inception_v3', 'cam'): 5e-4,
   ('inception_v3', 'standard'): 5e-4,
 }
+# Not in the paper: ResNet18 / ResNet34 take ResNet50's values [here].
+_LR.update(
+  {(a, f): _LR[('resnet50', f)] for a in ('resnet18', 'resnet34') for f in ('cam', 'standard')}
+)
 
 
 def get_config(arg=None):

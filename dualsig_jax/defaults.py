@@ -175,13 +175,14 @@ def dataset_config(
   """The common part of a real-dataset config: the paper's `dual` stage on one backbone with the
   shipped wsolevaluation metadata (unlocked; the config file sets its schedule and locks).
 
-  `arch` is the config argument: 'vgg16', 'resnet50', 'inception_v3', optionally with
+  `arch` is the config argument: 'vgg16', 'resnet50', 'inception_v3' (the paper's), 'resnet18'
+  or 'resnet34', optionally with
   ',standard' for the reference's gradient-method models (e.g. `configs/cub.py:vgg16,standard`).
   """
   arch, _, family = (arch or default_arch).partition(',')
   family = family or 'cam'
-  if arch not in PAPER_BACKBONES:
-    raise ValueError(f'{config_file}: unknown backbone {arch!r}; valid: {list(PAPER_BACKBONES)}')
+  if arch not in vocab.CONFIG_ARCHS:
+    raise ValueError(f'{config_file}: unknown backbone {arch!r}; valid: {list(vocab.CONFIG_ARCHS)}')
   if family not in FAMILIES:
     raise ValueError(f'{config_file}: unknown model family {family!r}; valid: {list(FAMILIES)}')
   c = base_config()
@@ -333,13 +334,19 @@ def check_batch_split(config: ml_collections.ConfigDict, *, devices: int, proces
   Runs as soon as the device count is known, before data is generated or any stage trains."""
   names = ['input.batch_size'] + (['eval.batch_size'] if 'dual' in config.stages else [])
   for name in names:
-    value = _get(config, name)
-    for n, what in ((devices, 'devices'), (processes, 'processes')):
-      if value % n:
-        raise BatchSplitError(
-          f'config.{name}={value} does not split over the {n} {what} of this run; pick a '
-          f'multiple of {n}'
-        )
+    per_process_batch(name, _get(config, name), devices=devices, processes=processes)
+
+
+def per_process_batch(name: str, global_batch: int, *, devices: int, processes: int) -> int:
+  """The one batch-split rule: `global_batch` (the config field `name`) must divide by the
+  device and the process count; returns each process's share. Raises BatchSplitError."""
+  for n, what in ((devices, 'devices'), (processes, 'processes')):
+    if global_batch % n:
+      raise BatchSplitError(
+        f'config.{name}={global_batch} does not split over the {n} {what} of this run; pick a '
+        f'multiple of {n}'
+      )
+  return global_batch // processes
 
 
 def field_names(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:

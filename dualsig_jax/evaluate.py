@@ -6,8 +6,8 @@ needs a correct softmax prediction), maps of the predicted class k* feed Average
 Increase in Confidence. The vanilla checkpoint's Top-1 comes from one extra forward per batch.
 
 Multi-host: every process reads its own shard of the split, each forward pass is sharded over
-all devices of all processes, and the per-process counts are summed exactly before any metric
-is computed (see `_combine_processes`), so N processes give the metrics of one. Process 0
+all devices of all processes, and the evaluators' states are combined exactly before any metric
+is computed (`dualsig_jax.combine`), so N processes give the metrics of one. Process 0
 writes results.json, results.md and the plots; with `eval.save_scoremaps` every process writes
 the maps of its own images (distinct files) under `<workdir>/scoremaps`.
 """
@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from dualsig_jax import cam, data, defaults, models, report, wsol
+from dualsig_jax import cam, combine, data, defaults, models, report, wsol
 from dualsig_jax.cam.fidelity import FidelityAccumulator
 from dualsig_jax.train import checkpoints, sharding
 from dualsig_jax.train import stage as stage_lib
@@ -32,9 +32,6 @@ log = logging.getLogger('dualsig_jax')
 BRANCHES = report.BRANCHES
 # Heads whose Top-1 is counted ('vanilla' = the softmax head of the vanilla checkpoint).
 TOP1_HEADS = ('softmax', 'sigmoid', 'vanilla')
-# Integer state of the WSOL evaluators that is summed across processes.
-BOX_COUNT_FIELDS = ('counts', 'num_images', 'num_with_pred')
-MASK_COUNT_FIELDS = ('gt_true_hist', 'gt_false_hist', 'num_images')
 # What eval.py reports in one line: a wrong checkpoint (missing, damaged, another model's) or a
 # setting that does not fit this machine (the batch over the devices).
 USER_ERRORS = (FileNotFoundError, ValueError, checkpoints.CheckpointCorruptError)
@@ -72,7 +69,7 @@ def evaluate(
   defaults.validate(config)
   split = split or config.input.eval_split
   mesh = sharding.make_mesh()
-  local_batch = _local_batch_size(config.eval.batch_size, mesh)
+  local_batch = sharding.check_global_batch(config.eval.batch_size, mesh, 'eval.batch_size')
   model = stage_lib.build_stage_model(config, 'dual')
   if variables is not None:
     sources = {'dual': {'path': None, 'step': None}}
@@ -80,6 +77,8 @@ def evaluate(
     path = checkpoint or stage_lib.checkpoint_dir(workdir, 'dual')
     variables, info = _load_dual(config, path, model)
     sources = {'dual': {'path': os.path.abspath(path), 'step': info.get('step')}}
+    if checkpoint is None:
+      sources['dual'].update(_dual_progress(config, workdir, info.get('step')))
   vanilla, vanilla_source = _vanilla_variables(config, workdir, variables)
   if vanilla_source is not None:
     sources['vanilla'] = vanilla_source
@@ -140,7 +139,7 @@ def evaluate(
     finish(*pending)
   bar.close()
 
-  _combine_processes(acc)
+  combine.combine_over_processes(acc.evaluators())
   results, curves = acc.results(split)
   results['checkpoints'] = sources
   results['paper'] = report.paper_comparison(
@@ -151,14 +150,29 @@ def evaluate(
   return results
 
 
-def _local_batch_size(global_batch: int, mesh) -> int:
-  ndev, nproc = mesh.devices.size, jax.process_count()
-  if global_batch % ndev or global_batch % nproc:
-    raise ValueError(
-      f'eval.batch_size={global_batch} must be divisible by the {ndev} devices and the '
-      f'{nproc} processes; pick a multiple of {ndev}'
+def _dual_progress(config, workdir: str, step: int | None) -> dict:
+  """{'total': the step the config trains the dual stage to, 'finished': bool} for the workdir's
+  own dual checkpoint, with a warning when it is unfinished or its vanilla input has changed
+  since it trained; {} when that cannot be told (e.g. no train split on this machine)."""
+  try:
+    progress = stage_lib.stage_progress(config, workdir).get('dual')
+  except (OSError, ValueError) as e:  # an eval-only machine may lack the train split
+    log.info('not checking whether the dual stage finished: %s', e)
+    return {}
+  if progress is None:
+    return {}
+  total = progress['total']
+  finished = step is not None and step >= total
+  if not finished and jax.process_index() == 0:
+    log.warning(
+      'evaluating an unfinished dual stage: checkpoint step %s of %s (rerun train.py with the '
+      'same --workdir to finish it)',
+      step,
+      total,
     )
-  return global_batch // nproc
+  if progress.get('source_change') and jax.process_index() == 0:
+    log.warning('the dual stage is stale: %s', progress['source_change'])
+  return {'total': int(total), 'finished': bool(finished)}
 
 
 def _load_dual(config, path: str, model) -> tuple[dict, dict]:
@@ -253,8 +267,7 @@ class _Accumulators:
     self.methods = tuple(eval_cfg.methods)
     self.keys = [f'{m}/{b}' for m in self.methods for b in BRANCHES]
     self.heads = TOP1_HEADS if with_vanilla else BRANCHES
-    self.correct = {h: 0 for h in self.heads}
-    self.num_images = 0
+    self.top1 = combine.Counts((*self.heads, 'num_images'))  # correct predictions per head
     self.box = {}
     if metadata.boxes:
       self.box = {
@@ -278,8 +291,8 @@ class _Accumulators:
     valid = np.asarray(batch['valid'], bool)
     labels = np.asarray(batch['label'])
     for h in self.heads:
-      self.correct[h] += int(((out['pred'][h] == labels) & valid).sum())
-    self.num_images += int(valid.sum())
+      self.top1.add(h, ((out['pred'][h] == labels) & valid).sum())
+    self.top1.add('num_images', valid.sum())
     for k in self.keys:
       self.fid[k].accumulate({'drop': out['drop'][k], 'increase': out['increase'][k]}, valid)
     if not valid.any():  # a padding batch of a short shard: nothing to localize
@@ -294,14 +307,22 @@ class _Accumulators:
       if self.mask:
         self.mask[k].accumulate(maps, np.asarray(batch['mask'])[idx])
 
+  def evaluators(self) -> dict:
+    """Every streaming evaluator under a name (the same on every process), for the combine."""
+    out = {'top1': self.top1}
+    for kind, evs in (('box', self.box), ('mask', self.mask), ('fidelity', self.fid)):
+      out.update({f'{kind}/{k}': ev for k, ev in evs.items()})
+    return out
+
   def results(self, split: str) -> tuple[dict, dict]:
     """(results dict, {(method, branch): (box metrics | None, mask metrics | None)})."""
-    n = self.num_images
+    correct = self.top1.compute()
+    n = correct['num_images']
     if n == 0:
       raise ValueError(f'split {split!r} has no images to evaluate')
-    cls = {f'{h}_top1': 100.0 * self.correct[h] / n for h in BRANCHES}
-    if 'vanilla' in self.correct:
-      cls['vanilla_softmax_top1'] = 100.0 * self.correct['vanilla'] / n
+    cls = {f'{h}_top1': 100.0 * correct[h] / n for h in BRANCHES}
+    if 'vanilla' in correct:
+      cls['vanilla_softmax_top1'] = 100.0 * correct['vanilla'] / n
     results = {'classification': cls, 'num_images': n, 'split': split, 'methods': {}}
     curves = {}
     for m in self.methods:
@@ -315,69 +336,6 @@ class _Accumulators:
         results['methods'][m][b] = r
         curves[(m, b)] = (box, mask)
     return results, curves
-
-
-def _allgather(x) -> np.ndarray:
-  """Every process's `x` stacked, `[P, *x.shape]`; bit-exact for 4- and 8-byte dtypes.
-
-  jax narrows int64 / float64 to 32 bits unless x64 is on, so the bytes travel as int32 words.
-  `x` must have the same shape and dtype on every process.
-  """
-  from jax.experimental import multihost_utils
-
-  x = np.asarray(x)
-  if x.dtype.itemsize not in (4, 8):
-    raise ValueError(f'_allgather supports 4- and 8-byte dtypes, got {x.dtype}')
-  words = np.ascontiguousarray(x).reshape(-1).view(np.int32)
-  got = np.asarray(multihost_utils.process_allgather(words))
-  return got.view(x.dtype).reshape((-1, *x.shape))
-
-
-def _sum_over_processes(obj, fields) -> None:
-  """Replaces each integer attribute / array in `fields` of `obj` by its sum over processes."""
-  for f in fields:
-    if not hasattr(obj, f):
-      raise AttributeError(f'{type(obj).__name__} has no count attribute {f!r} to combine')
-    v = getattr(obj, f)
-    total = _allgather(np.asarray(v, np.int64)).sum(axis=0)
-    setattr(obj, f, total if isinstance(v, np.ndarray) else int(total))
-
-
-def _combine_processes(acc: _Accumulators) -> None:
-  """Sums every process's counts into `acc` (on all processes), exactly.
-
-  Integer counts (Top-1 per head, box counts per IoU/CAM threshold, PxAP histograms, fidelity
-  increases, image counts) are all-gathered as int64 and summed. Average Drop: each process's
-  per-image float32 drops are all-gathered (padded to the longest shard, then trimmed) and the
-  accumulator sums them with `math.fsum`, which does not depend on order: the metrics of N
-  processes equal those of one process bit for bit.
-  """
-  if jax.process_count() == 1:
-    return
-  for h in acc.heads:
-    acc.correct[h] = int(_allgather(np.int64(acc.correct[h])).sum())
-  acc.num_images = int(_allgather(np.int64(acc.num_images)).sum())
-  for ev in acc.box.values():
-    _sum_over_processes(ev, BOX_COUNT_FIELDS)
-  for ev in acc.mask.values():
-    _sum_over_processes(ev, MASK_COUNT_FIELDS)
-  for k in acc.keys:
-    state = acc.fid[k].state()
-    counts = _allgather(np.array([state['num_increase'], state['num_images']], np.int64))
-    longest = int(counts[:, 1].max())
-    drops = np.zeros(max(longest, 1), np.float32)  # padded: the gather needs equal shapes
-    drops[: state['num_images']] = state['drops']
-    all_drops = _allgather(drops)
-    merged = FidelityAccumulator()
-    for p in range(len(counts)):
-      merged.merge(
-        {
-          'drops': all_drops[p, : counts[p, 1]],
-          'num_increase': counts[p, 0],
-          'num_images': counts[p, 1],
-        }
-      )
-    acc.fid[k] = merged
 
 
 class _PlotStore:

@@ -10,6 +10,8 @@ Modules that own a concept import its names from here: the model table checks `A
 # resnet18 / resnet34 are not in the paper: torchvision's BasicBlock ResNets in the same layout.
 ARCHS = ('vgg16', 'resnet50', 'inception_v3', 'vgg_tiny', 'resnet_tiny', 'resnet18', 'resnet34')
 PAPER_ARCHS = ('vgg16', 'resnet50', 'inception_v3')
+# Full-size backbones a real-dataset config takes as its argument (configs/cub.py:resnet18).
+CONFIG_ARCHS = (*PAPER_ARCHS, 'resnet18', 'resnet34')
 FAMILIES = ('cam', 'standard')
 
 # Compute dtypes a config may name (parameters are always float32).

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dualsig_jax import defaults
+from dualsig_jax import defaults, vocab
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -14,7 +14,7 @@ REAL = {'cub': 200, 'imagenet': 1000, 'cars': 196, 'openimages': 100}
 
 
 @pytest.mark.parametrize('name', sorted(REAL))
-@pytest.mark.parametrize('arch', defaults.PAPER_BACKBONES)
+@pytest.mark.parametrize('arch', vocab.CONFIG_ARCHS)
 def test_real_dataset_configs(name, arch):
   c = importlib.import_module(f'configs.{name}').get_config(arch)
   defaults.validate(c)

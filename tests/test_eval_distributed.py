@@ -144,7 +144,7 @@ def test_two_processes_give_the_metrics_of_one(setup):
   # The evaluated checkpoints: the same steps, each run's own copy of the workdir.
   for r, workdir in [(ref, one_dir)] + [(g, two_dir) for g in got]:
     for stage, src in r.pop('checkpoints').items():
-      assert src == {'path': str(workdir / stage / 'checkpoints'), 'step': 1}, (stage, src)
+      assert (src['path'], src['step']) == (str(workdir / stage / 'checkpoints'), 1), src
   assert ref['num_images'] == NUM_TEST
   assert got[0] == got[1], 'the processes disagree on the results'
   assert got[0] == ref  # exact: integer counts and order-independent sums
@@ -190,12 +190,11 @@ def test_fidelity_accumulator_does_not_depend_on_batching_or_merging():
 
 
 def test_eval_batch_must_split_over_devices_and_processes():
-  from dualsig_jax import evaluate
   from dualsig_jax.train import sharding
 
   mesh = sharding.make_mesh()
   n = mesh.devices.size
-  assert evaluate._local_batch_size(2 * n, mesh) == 2 * n // jax.process_count()
+  assert sharding.check_global_batch(2 * n, mesh, 'eval.batch_size') == 2 * n // jax.process_count()
   if n > 1:
     with pytest.raises(ValueError, match=f'eval.batch_size={n + 1}'):
-      evaluate._local_batch_size(n + 1, mesh)
+      sharding.check_global_batch(n + 1, mesh, 'eval.batch_size')

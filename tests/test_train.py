@@ -192,5 +192,5 @@ def test_eight_devices_match_one_device(stage):
 
 
 def test_batch_not_divisible_by_devices_is_rejected():
-  with pytest.raises(ValueError, match='not divisible'):
+  with pytest.raises(ValueError, match='input.batch_size=12 does not split over the 8 devices'):
     sharding.check_global_batch(12, sharding.make_mesh())

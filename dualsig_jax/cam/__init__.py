@@ -65,6 +65,7 @@ class-discriminative method of pytorch-grad-cam 1.5.7 (``EXPLAIN_METHODS``)::
                                 methods=('gradcam', 'scorecam'))
 """
 
+from dualsig_jax import lazy
 from dualsig_jax.cam.compute import (
   BRANCHES,
   compute_cams,
@@ -131,11 +132,6 @@ _PLOT_NAMES = ('overlay', 'save_cam_grid', 'largest_contour_box', 'to_display')
 __all__ += list(_PLOT_NAMES)
 
 
-def __getattr__(name):
-  # Plot helpers come from dualsig_jax.cam.plots, imported on first use: matplotlib is slow to
-  # import and most callers (training, eval workers) never draw.
-  if name in _PLOT_NAMES:
-    from dualsig_jax.cam import plots
-
-    return getattr(plots, name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+# Plot helpers come from dualsig_jax.cam.plots, imported on first use: matplotlib is slow to
+# import and most callers (training, eval workers) never draw.
+__getattr__ = lazy.exports(__name__, {n: 'plots' for n in _PLOT_NAMES})

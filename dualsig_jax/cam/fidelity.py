@@ -162,6 +162,10 @@ class FidelityAccumulator:
   """
 
   def __init__(self):
+    self.reset()
+
+  def reset(self) -> None:
+    """Forgets every accumulated image."""
     self._drops: list[np.ndarray] = []
     self.num_increase = 0
     self.num_images = 0

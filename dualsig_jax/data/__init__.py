@@ -11,7 +11,7 @@ Exports resolve lazily so that ``python -m dualsig_jax.data.synthetic`` worker p
 not import grain/JAX.
 """
 
-import importlib
+from dualsig_jax import lazy
 
 _EXPORTS = {
   'load_metadata': 'metadata',
@@ -32,7 +32,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-  if name in _EXPORTS:
-    return getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+__getattr__ = lazy.exports(__name__, _EXPORTS)

@@ -12,7 +12,7 @@ Exports resolve lazily, so that importing `dualsig_jax.train.stage` (as evaluati
 does not import the training loop.
 """
 
-import importlib
+from dualsig_jax import lazy
 
 _EXPORTS = {
   'train_stage': 'loop',
@@ -26,7 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-  if name in _EXPORTS:
-    return getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+__getattr__ = lazy.exports(__name__, _EXPORTS)

@@ -59,19 +59,14 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_global_batch(global_batch: int, mesh: Mesh) -> int:
-  """Returns the per-process batch; raises ValueError when the batch cannot be split evenly."""
-  n = mesh.devices.size
-  if global_batch % n:
-    raise ValueError(
-      f'input.batch_size={global_batch} is not divisible by the {n} devices '
-      f'of the mesh; pick a multiple of {n}'
-    )
-  if global_batch % jax.process_count():
-    raise ValueError(
-      f'input.batch_size={global_batch} is not divisible by the {jax.process_count()} processes'
-    )
-  return global_batch // jax.process_count()
+def check_global_batch(global_batch: int, mesh: Mesh, name: str = 'input.batch_size') -> int:
+  """Returns the per-process batch; raises ValueError (`defaults.BatchSplitError`) when the
+  global batch (config field `name`) cannot be split evenly over the mesh and the processes."""
+  from dualsig_jax import defaults  # light: the config schema
+
+  return defaults.per_process_batch(
+    name, global_batch, devices=mesh.devices.size, processes=jax.process_count()
+  )
 
 
 def to_global(local_batch: dict, mesh: Mesh) -> dict:

@@ -7,8 +7,7 @@ engine) and the plots of :mod:`dualsig_jax.wsol.plots` resolve on first use (the
 metadata, the plots pull matplotlib).
 """
 
-import importlib
-
+from dualsig_jax import lazy
 from dualsig_jax.wsol import native
 from dualsig_jax.wsol.box import POOLS, BoxEvaluator, cam_thresholds, check_scoremaps
 from dualsig_jax.wsol.levels import box_iou, image_box_ious, quantize
@@ -33,7 +32,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-  if name in _LAZY:
-    return getattr(importlib.import_module(f'{__name__}.{_LAZY[name]}'), name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+__getattr__ = lazy.exports(__name__, _LAZY)

@@ -160,9 +160,33 @@ class BoxEvaluator:
     self.loc_index = int(np.argmin(np.abs(self.thresholds - loc_threshold)))
     self.loc_threshold = loc_threshold
     self.num_workers = os.cpu_count() if num_workers is None else int(num_workers)
+    self.reset()
+
+  # The streaming protocol every evaluator of this project shares (see dualsig_jax.combine):
+  # state() -> plain arrays, merge(state) adds one, reset() empties.
+  def reset(self) -> None:
+    """Forgets every accumulated image."""
     self.counts = np.zeros((4, len(self._ious), len(self.thresholds)), dtype=np.int64)
     self.num_images = 0
     self.num_with_pred = 0
+
+  def state(self) -> dict:
+    """``counts`` int64 ``[4, I, T]`` (box / GT-known / Top-1 / v1 hits per IoU and threshold),
+    ``num_images``, ``num_with_pred``."""
+    return {
+      'counts': self.counts.copy(),
+      'num_images': self.num_images,
+      'num_with_pred': self.num_with_pred,
+    }
+
+  def merge(self, state: dict) -> None:
+    """Adds another evaluator's ``state()`` (same IoUs and thresholds; e.g. another process)."""
+    counts = np.asarray(state['counts'], np.int64)
+    if counts.shape != self.counts.shape:
+      raise ValueError(f"state counts {counts.shape} != this evaluator's {self.counts.shape}")
+    self.counts += counts
+    self.num_images += int(state['num_images'])
+    self.num_with_pred += int(state['num_with_pred'])
 
   def accumulate(self, scoremaps, gt_boxes, pred_correct=None):
     """Adds a batch.

@@ -25,9 +25,31 @@ class MaskEvaluator:
     self.cam_curve_interval = float(cam_curve_interval)
     self.edges = np.append(self.thresholds, [1.0, 2.0, 3.0])
     self.num_bins = len(self.thresholds) + 2
+    self.reset()
+
+  # The streaming protocol shared by the evaluators (see dualsig_jax.combine).
+  def reset(self) -> None:
+    """Forgets every accumulated image."""
     self.gt_true_hist = np.zeros(self.num_bins, dtype=np.int64)
     self.gt_false_hist = np.zeros(self.num_bins, dtype=np.int64)
     self.num_images = 0
+
+  def state(self) -> dict:
+    """``gt_true_hist`` / ``gt_false_hist`` int64 ``[T + 2]`` and ``num_images``."""
+    return {
+      'gt_true_hist': self.gt_true_hist.copy(),
+      'gt_false_hist': self.gt_false_hist.copy(),
+      'num_images': self.num_images,
+    }
+
+  def merge(self, state: dict) -> None:
+    """Adds another evaluator's ``state()`` (same thresholds; e.g. another process)."""
+    for k in ('gt_true_hist', 'gt_false_hist'):
+      h = np.asarray(state[k], np.int64)
+      if h.shape != (self.num_bins,):
+        raise ValueError(f'state {k} has shape {h.shape}, this evaluator {(self.num_bins,)}')
+      setattr(self, k, getattr(self, k) + h)
+    self.num_images += int(state['num_images'])
 
   def _bins(self, x):
     """Bin of each float64 score in [0, 1], as ``np.histogram(x, bins=edges)`` counts it.
