@@ -20,15 +20,9 @@ import sys
 
 import numpy as np
 
+from dualsig_jax.report import METRIC_COLUMNS as METRICS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRICS = (
-  ('Top-1 Loc', 'top1_loc'),
-  ('GT-known Loc', 'gt_known_loc'),
-  ('MaxBoxAccV2', 'maxboxacc_v2'),
-  ('PxAP', 'pxap'),
-  ('Avg Drop ↓', 'avg_drop'),
-  ('Inc Conf ↑', 'inc_conf'),
-)
 
 
 def cpu_name() -> str:
@@ -64,36 +58,35 @@ def run(seed: int, isa: str, out: str) -> dict:
     return json.load(f)
 
 
-def rows_of(results: dict) -> dict:
-  """{(method, column): value} of one run, deltas included."""
-  out = {('', 'Top-1 Cls'): results['classification']['softmax_top1']}
-  for m, heads in results['methods'].items():
-    for name, key in METRICS:
-      base, ours = heads['softmax'].get(key), heads['sigmoid'].get(key)
-      if base is None:
-        continue
-      out[(m, f'{name} softmax')] = base
-      out[(m, f'{name} sigmoid')] = ours
-      out[(m, f'{name} Δ')] = ours - base
-  return out
+def _cell(v: np.ndarray, delta: bool) -> str:
+  if delta:
+    text = f'{v.mean():+.2f} ({v.min():+.2f} – {v.max():+.2f})'
+    return text + (' ≈ 0' if v.min() <= 0 <= v.max() else '')
+  return f'{v.mean():.2f} ({v.min():.2f} – {v.max():.2f})'
 
 
 def table(runs: list[dict]) -> str:
-  per_run = [rows_of(r) for r in runs]
-  lines = [
-    '| method | column | mean | min – max | note |',
-    '|---|---|---|---|---|',
-  ]
-  for key in per_run[0]:
-    v = np.asarray([r[key] for r in per_run])
-    note = ''
-    if key[1].endswith('Δ'):
-      note = 'no difference (range spans 0)' if v.min() <= 0 <= v.max() else 'same sign in all'
-    lines.append(
-      f'| {key[0] or "–"} | {key[1]} | {v.mean():+.2f} | {v.min():+.2f} – {v.max():+.2f} | {note} |'
-      if key[1].endswith('Δ')
-      else f'| {key[0] or "–"} | {key[1]} | {v.mean():.2f} | {v.min():.2f} – {v.max():.2f} | |'
-    )
+  """results.md's layout with 'mean (min – max)' cells; a delta whose range spans zero is
+  marked '≈ 0' (no difference)."""
+  cols = ['Top-1 Cls', *(name for name, _ in METRICS)]
+  lines = ['| Method | Head | ' + ' | '.join(cols) + ' |', '|---|---|' + '---|' * len(cols)]
+  top1 = np.asarray([r['classification']['softmax_top1'] for r in runs])
+  for m in runs[0]['methods']:
+    for head, label in (
+      ('softmax', 'softmax (baseline)'),
+      ('sigmoid', 'sigmoid (ours)'),
+      ('Δ', 'Δ (ours − baseline)'),
+    ):
+      cells = [_cell(top1, False) if head == 'softmax' else '–']
+      for _, key in METRICS:
+        if runs[0]['methods'][m]['softmax'].get(key) is None:
+          cells.append('–')
+          continue
+        base = np.asarray([r['methods'][m]['softmax'][key] for r in runs])
+        ours = np.asarray([r['methods'][m]['sigmoid'][key] for r in runs])
+        v = {'softmax': base, 'sigmoid': ours, 'Δ': ours - base}[head]
+        cells.append(_cell(v, head == 'Δ'))
+      lines.append(f'| {m} | {label} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 

@@ -30,14 +30,18 @@ import pytest  # noqa: E402
 # XLA_FLAGS=--xla_cpu_max_isa=AVX2, so a test that holds only on an AVX-512 machine fails there:
 #   .venv/bin/python -m pytest -q -m numerics
 NUMERICS_MODULES = (
+  'test_backward_compat',
   'test_cam',
   'test_cam_parity',
   'test_convert',
   'test_distributed',
   'test_dual_branch',
+  'test_eval_checkpoint',
   'test_eval_distributed',
   'test_explain',
+  'test_explain_guided',
   'test_models',
+  'test_nnx_branch',
   'test_pipeline',
   'test_resnet_small',
   'test_standard_models',

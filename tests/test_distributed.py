@@ -1,51 +1,17 @@
 """Two processes on localhost (jax.distributed, CPU collectives, 2 devices each) train the same
 steps as one process and end with the same parameters."""
 
-import os
-import socket
-import subprocess
-import sys
-
 import jax
 import numpy as np
+import processes
 import test_train as tt
 from jax.sharding import Mesh
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
 
 def test_two_processes_match_one(tmp_path):
-  port = _free_port()
   out = str(tmp_path / 'params')
-  procs = []
-  for pid in range(2):
-    env = dict(
-      os.environ,
-      JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
-      JAX_NUM_PROCESSES='2',
-      JAX_PROCESS_ID=str(pid),
-      JAX_PLATFORMS='cpu',
-      OUT=out,
-      XLA_FLAGS='--xla_force_host_platform_device_count=2',
-      PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
-    )
-    procs.append(
-      subprocess.Popen(
-        [sys.executable, os.path.join(HERE, 'distributed_worker.py')],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-      )
-    )
-  logs = [p.communicate(timeout=300)[0].decode(errors='replace') for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  # 2 processes with 2 devices each (the caller's XLA flags, e.g. CI's AVX2 cap, are kept).
+  processes.wait(processes.launch('distributed_worker.py', 2, 4, OUT=out))
   for stage in ('vanilla', 'dual'):
     model, variables, tx, _ = tt._tiny_setup(stage, lr=0.01)
     batches = [tt._batch(seed=i) for i in range(3)]

@@ -4,8 +4,6 @@ give exactly the metrics of one process, on a split whose size the batch does no
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import jax
@@ -15,7 +13,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from xla_flags import with_device_count  # noqa: E402
+import processes  # noqa: E402
 
 from configs import synthetic  # noqa: E402
 
@@ -47,12 +45,6 @@ def eval_config(data_root):
   c.eval.methods = ('cam',)  # the combination does not depend on the method; one compiles faster
   c.lock()
   return c
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _save(path, variables, config):
@@ -88,40 +80,19 @@ def _launch(setup, name, num_processes):
   root, ckpt = setup
   workdir = root / name
   shutil.copytree(ckpt, workdir)
-  port = _free_port()
-  procs = []
-  for pid in range(num_processes):
-    env = dict(
-      os.environ,
-      DATA_ROOT=str(root / 'data'),
-      WORKDIR=str(workdir),
-      OUT=str(root / name),
-      JAX_PLATFORMS='cpu',
-      XLA_FLAGS=with_device_count(NUM_DEVICES // num_processes),
-      PYTHONPATH=os.pathsep.join([ROOT, HERE]),
-    )
-    env.pop('JAX_COORDINATOR_ADDRESS', None)
-    if num_processes > 1:
-      env.update(
-        JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
-        JAX_NUM_PROCESSES=str(num_processes),
-        JAX_PROCESS_ID=str(pid),
-      )
-    procs.append(
-      subprocess.Popen(
-        [sys.executable, os.path.join(HERE, 'eval_worker.py')],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-      )
-    )
+  procs = processes.launch(
+    'eval_worker.py',
+    num_processes,
+    NUM_DEVICES,
+    DATA_ROOT=root / 'data',
+    WORKDIR=workdir,
+    OUT=root / name,
+  )
   return workdir, procs
 
 
 def _wait(procs):
-  logs = [p.communicate(timeout=300)[0].decode(errors='replace') for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  processes.wait(procs, timeout=300)
 
 
 def _scoremaps(workdir):

@@ -12,8 +12,6 @@ same as the uninterrupted run.
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -22,7 +20,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from xla_flags import with_device_count  # noqa: E402
+import processes  # noqa: E402
 
 from configs import synthetic  # noqa: E402
 
@@ -52,49 +50,20 @@ def train_config(data_root, max_steps):
   return c
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _launch(root, workdir, out, num_processes, max_steps):
-  port = _free_port()
-  procs = []
-  for pid in range(num_processes):
-    env = dict(
-      os.environ,
-      DATA_ROOT=str(root / 'data'),
-      WORKDIR=str(workdir),
-      OUT=str(out),
-      MAX_STEPS=str(max_steps),
-      JAX_PLATFORMS='cpu',
-      XLA_FLAGS=with_device_count(NUM_DEVICES // num_processes),
-      PYTHONPATH=os.pathsep.join([ROOT, HERE]),
-    )
-    for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
-      env.pop(k, None)
-    if num_processes > 1:
-      env.update(
-        JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
-        JAX_NUM_PROCESSES=str(num_processes),
-        JAX_PROCESS_ID=str(pid),
-      )
-    procs.append(
-      subprocess.Popen(
-        [sys.executable, os.path.join(HERE, 'train_worker.py')],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-      )
-    )
-  return procs
+  return processes.launch(
+    'train_worker.py',
+    num_processes,
+    NUM_DEVICES,
+    DATA_ROOT=root / 'data',
+    WORKDIR=workdir,
+    OUT=out,
+    MAX_STEPS=max_steps,
+  )
 
 
 def _wait(procs):
-  logs = [p.communicate(timeout=600)[0].decode(errors='replace') for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  processes.wait(procs)
 
 
 def _records(workdir):
