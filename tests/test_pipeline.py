@@ -133,7 +133,7 @@ def test_unknown_arch_and_value_fail_before_training(smoke_data, tmp_path):
 
 def test_batch_not_divisible_by_devices_fails(smoke_data, tmp_path):
   c = smoke_config(smoke_data, **{'input.batch_size': 12})
-  with pytest.raises(ValueError, match='not divisible'):
+  with pytest.raises(ValueError, match='input.batch_size=12 does not split over the 8 devices'):
     loop.train_stage(c, str(tmp_path), 'vanilla')
 
 
