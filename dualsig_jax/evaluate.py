@@ -75,7 +75,7 @@ def evaluate(
     sources = {'dual': {'path': None, 'step': None}}
   else:
     path = checkpoint or stage_lib.checkpoint_dir(workdir, 'dual')
-    variables, info = _load_dual(config, path, model)
+    variables, info = stage_lib.load_dual_checkpoint(config, path, model)
     sources = {'dual': {'path': os.path.abspath(path), 'step': info.get('step')}}
     if checkpoint is None:
       sources['dual'].update(_dual_progress(config, workdir, info.get('step')))
@@ -173,20 +173,6 @@ def _dual_progress(config, workdir: str, step: int | None) -> dict:
   if progress.get('source_change') and jax.process_index() == 0:
     log.warning('the dual stage is stale: %s', progress['source_change'])
   return {'total': int(total), 'finished': bool(finished)}
-
-
-def _load_dual(config, path: str, model) -> tuple[dict, dict]:
-  """Variables and record of the dual-branch checkpoint folder `path`, checked against the
-  config's model; a checkpoint without the sigmoid head (a vanilla one) is refused."""
-  variables, info = checkpoints.restore_variables(path)
-  stage_lib.check_source_matches(info, config, path)
-  if 'fc2' not in variables.get('params', {}):
-    raise ValueError(
-      f'{path} has no sigmoid head (fc2): it is a single-head classifier; train the dual stage '
-      'on it (dual.init_checkpoint) or convert a dual-branch checkpoint'
-    )
-  stage_lib.check_structure(variables, config, model, where=path)
-  return variables, info
 
 
 def _vanilla_variables(config, workdir: str, dual_variables: dict) -> tuple[dict | None, dict]:

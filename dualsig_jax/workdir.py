@@ -34,12 +34,17 @@ def checkpoint_dir(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage, 'checkpoints')
 
 
-def steps(workdir: str, stage: str) -> list[int]:
-  """The complete checkpoint steps of a stage (numeric folders), ascending; [] when none."""
-  d = checkpoint_dir(workdir, stage)
-  if not os.path.isdir(d):
+def folder_steps(folder: str) -> list[int]:
+  """The complete steps (numeric folders) of an Orbax checkpoint folder, ascending; [] when the
+  folder is missing or has none (a converter output folder has none)."""
+  if not os.path.isdir(folder):
     return []
-  return sorted(int(p) for p in os.listdir(d) if p.isdigit())
+  return sorted(int(p) for p in os.listdir(folder) if p.isdigit())
+
+
+def steps(workdir: str, stage: str) -> list[int]:
+  """The complete checkpoint steps of a stage, ascending; [] when none."""
+  return folder_steps(checkpoint_dir(workdir, stage))
 
 
 def _holder(path: str) -> str:

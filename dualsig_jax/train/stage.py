@@ -248,21 +248,33 @@ def check_structure(variables: dict, config: ml_collections.ConfigDict, model, *
     )
 
 
-def load_dual_variables(config: ml_collections.ConfigDict, workdir: str, model=None) -> dict:
-  """{'params', 'batch_stats'} of the newest readable dual-stage checkpoint of `workdir`,
-  checked against this config's model before any Flax code sees them (evaluation's loader).
+def load_dual_checkpoint(config: ml_collections.ConfigDict, path: str, model=None):
+  """(variables, record) of the dual-branch checkpoint folder `path` (a stage's checkpoint
+  folder, newest readable step, or a converter output), checked against this config's model
+  before any Flax code sees them. The record has the `step` read (stage folders).
 
   `model`: the dual model if already built (else built from `config`).
   Raises:
     FileNotFoundError: no checkpoint folder. CheckpointCorruptError: no readable step.
-    ValueError: the checkpoint's record or arrays belong to another model (names the field).
+    ValueError: the checkpoint's record or arrays belong to another model (names the field),
+      or it has no sigmoid head `fc2` (a single-head classifier).
   """
-  path = checkpoint_dir(workdir, 'dual')
   variables, info = checkpoints.restore_variables(path)
   check_source_matches(info, config, path)
+  if 'fc2' not in variables.get('params', {}):
+    raise ValueError(
+      f'{path} has no sigmoid head (fc2): it is a single-head classifier; train the dual stage '
+      'on it (dual.init_checkpoint) or convert a dual-branch checkpoint'
+    )
   model = model if model is not None else build_stage_model(config, 'dual')
   check_structure(variables, config, model, where=path)
-  return variables
+  return variables, info
+
+
+def load_dual_variables(config: ml_collections.ConfigDict, workdir: str, model=None) -> dict:
+  """{'params', 'batch_stats'} of the newest readable dual-stage checkpoint of `workdir`
+  (`load_dual_checkpoint` of `<workdir>/dual/checkpoints`)."""
+  return load_dual_checkpoint(config, checkpoint_dir(workdir, 'dual'), model)[0]
 
 
 # ------------------------------------------------------------------- what each stage stands on
@@ -299,10 +311,8 @@ def dual_source_change(config: ml_collections.ConfigDict, workdir: str) -> str |
   except (OSError, ValueError):
     return None
   src = vanilla_source(config, workdir)
-  if rec.get('step') is None or not os.path.isdir(src):
-    return None
-  numbered = sorted(int(p) for p in os.listdir(src) if p.isdigit())
-  if not numbered:
+  numbered = workdir_lib.folder_steps(src)
+  if rec.get('step') is None or not numbered:
     return None
   now = _source_identity(src, numbered[-1])
   if (now['step'], now['digest']) == (rec['step'], rec.get('digest')):
