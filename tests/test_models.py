@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dualsig_jax.convert_layouts import torch_key
+from dualsig_jax.convert.layouts import torch_key
 from dualsig_jax.models import (
   ARCHS,
   BACKBONES,

@@ -3,7 +3,7 @@
 ``load_state_dict`` reads ``.pth/.pt/.tar`` (weights only), ``.safetensors`` and ``.npz``;
 ``save_variables`` / ``load_variables`` write and read ``DIR/variables`` (Orbax) and
 ``read_checkpoint_info`` the ``DIR/conversion.json`` record next to it. ``dualsig_jax.convert``
-re-exports all of them.
+re-exports them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-BN_COUNTER = '.num_batches_tracked'
+from dualsig_jax.convert.layouts import BN_COUNTER, expected_keys
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -168,8 +168,6 @@ def conversion_record(
 
   num_classes = head_num_classes(variables['params']['fc'])
   model = build_model(arch, num_classes, family=family, large_feature_map=large_feature_map)
-  from dualsig_jax.convert_layouts import expected_keys
-
   want = {(c, p): s for c, p, s in expected_keys(arch, model, family).values()}
   have = {}
   for coll in ('params', 'batch_stats'):

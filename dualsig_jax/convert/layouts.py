@@ -16,7 +16,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from dualsig_jax.convert_io import BN_COUNTER
 from dualsig_jax.models.backbones import get_spec, head_module_name
 from dualsig_jax.models.naming import (
   check_arch,
@@ -26,6 +25,9 @@ from dualsig_jax.models.naming import (
   head_num_classes,
   iter_leaves,
 )
+
+# Suffix of a BatchNorm's step counter in torch state dicts (not a weight).
+BN_COUNTER = '.num_batches_tracked'
 
 _LEAF_TO_TORCH = {
   ('params', 'kernel'): 'weight',

@@ -1,4 +1,4 @@
-"""PyTorch <-> Flax weight conversion for both model families, and an Orbax writer.
+"""PyTorch state dict -> Flax variables (``torch_to_flax``) for both model families.
 
 Accepted inputs (``torch_to_flax``), for ``family='cam'`` (the reference's ``wsol_cam/``):
 - the reference's checkpoints (wsolevaluation / dual-cam): a state dict, optionally under
@@ -27,40 +27,22 @@ which keys were dropped and initialised. Anything else that does not fit (missin
 keys, shapes) is an error naming the key. BatchNorm ``num_batches_tracked`` counters are not
 weights (unused with a set momentum); they are reported in the info and re-emitted by
 ``flax_to_torch``.
-
-CLI: ``python -m dualsig_jax.convert --arch resnet50 [--family standard] --torch_checkpoint
-FILE --num_classes N --output DIR`` writes ``DIR/variables`` (Orbax) and ``DIR/conversion.json``
-(arch, family, num_classes, large_feature_map, ...; :func:`save_variables` writes the same
-record); read them back with :func:`load_variables` and :func:`read_checkpoint_info`. A user
-error (an unreadable file, a key that does not fit, an existing output) is one line, exit 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import re
-import sys
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualsig_jax.convert_io import (
-  check_target,
-  load_meta,
-  load_state_dict,
-  load_variables,
-  normalise_state_dict,
-  read_checkpoint_info,
-  save_variables,
-)
-from dualsig_jax.convert_layouts import (
+from dualsig_jax.convert.files import normalise_state_dict
+from dualsig_jax.convert.layouts import (
   detect_source,
   expected_keys,
-  flax_to_torch,
   from_torch_layout,
   head_key,
   head_torch_name,
@@ -73,19 +55,7 @@ from dualsig_jax.models.heads import FC2_INITS
 from dualsig_jax.models.layers import conv_kernel_init
 from dualsig_jax.models.naming import FAMILIES, check_arch, check_family, set_path
 
-__all__ = [
-  'SOURCES',
-  'ConversionInfo',
-  'torch_to_flax',
-  'flax_to_torch',
-  'load_state_dict',
-  'save_variables',
-  'load_variables',
-  'load_meta',
-  'read_checkpoint_info',
-  'main',
-  'cli',
-]
+__all__ = ['SOURCES', 'ConversionInfo', 'torch_to_flax', 'listing']
 
 SOURCES = ('auto', 'reference', 'torchvision')
 
@@ -110,7 +80,8 @@ class ConversionInfo:
     return dataclasses.asdict(self)
 
 
-def _listing(keys, limit: int = 12) -> str:
+def listing(keys, limit: int = 12) -> str:
+  """The first ``limit`` of ``keys`` (sorted), comma-separated, with how many more there are."""
   keys = sorted(keys)
   more = f' ... (+{len(keys) - limit} more)' if len(keys) > limit else ''
   return ', '.join(keys[:limit]) + more
@@ -209,13 +180,13 @@ def _check_keys(arch, family, sd, expected, may_init, num_classes, large_feature
   unexpected = set(sd) - set(expected)
   if unexpected:
     raise ValueError(
-      f'{arch} ({family}): unexpected keys in checkpoint: {_listing(unexpected)}'
+      f'{arch} ({family}): unexpected keys in checkpoint: {listing(unexpected)}'
       + _family_hint(arch, family, unexpected, num_classes, large_feature_map)
     )
   missing = set(expected) - set(sd)
   if missing - may_init:
     raise ValueError(
-      f'{arch} ({family}): missing keys in checkpoint: {_listing(missing - may_init)}'
+      f'{arch} ({family}): missing keys in checkpoint: {listing(missing - may_init)}'
     )
   for key, arr in sd.items():
     coll, path, shape = expected[key]
@@ -328,72 +299,3 @@ def torch_to_flax(
     if fc2_init == 'init' or source == 'torchvision':
       info.initialised += [k for k in expected if k.startswith(fc2_prefix)]
   return (variables, info) if return_info else variables
-
-
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog='python -m dualsig_jax.convert', description=__doc__.split('\n')[0]
-  )
-  p.add_argument('--arch', required=True)
-  p.add_argument('--family', default='cam', choices=FAMILIES)
-  p.add_argument('--torch_checkpoint', required=True)
-  p.add_argument('--num_classes', type=int, default=None)
-  p.add_argument('--output', required=True)
-  p.add_argument('--large_feature_map', action='store_true')
-  p.add_argument('--source', default='auto', choices=SOURCES)
-  p.add_argument('--fc2_init', default='init', choices=FC2_INITS)
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--overwrite', action='store_true')
-  return p
-
-
-def main(argv=None) -> int:
-  """The converter's command line (see the module doc); errors raise (see :func:`cli`)."""
-  a = _parser().parse_args(argv)
-  check_arch(a.arch)  # before reading a (large) file
-  check_target(a.output, a.overwrite)  # before the (slow) conversion
-  sd = load_state_dict(a.torch_checkpoint)
-  variables, info = torch_to_flax(
-    sd,
-    a.arch,
-    family=a.family,
-    num_classes=a.num_classes,
-    large_feature_map=a.large_feature_map,
-    source=a.source,
-    fc2_init=a.fc2_init,
-    rng=a.seed,
-    return_info=True,
-  )
-  meta = info.to_json() | {'torch_checkpoint': os.path.abspath(a.torch_checkpoint)}
-  save_variables(variables, a.output, meta=meta, overwrite=a.overwrite)
-  print(
-    f'{a.arch} ({a.family} family, {info.source} layout, {info.num_classes} classes, '
-    f'large_feature_map={info.large_feature_map}) -> {a.output}'
-  )
-  if info.dropped:
-    print(f'dropped {len(info.dropped)} keys: {_listing(info.dropped)}')
-  if info.initialised:
-    print(f'initialised {len(info.initialised)} keys: {_listing(info.initialised)}')
-  for note in info.notes:
-    print(f'note: {note}')
-  print(f'fc2: {info.fc2}')
-  return 0
-
-
-# What a user can cause (a wrong path, arch, file or flag): one line, exit 2, as train.py does.
-_USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, IsADirectoryError, ImportError)
-
-
-def cli(argv=None) -> int:
-  """``python -m dualsig_jax.convert``: :func:`main`, with user errors printed as one line
-  (``error: ...``) and exit status 2 instead of a traceback."""
-  try:
-    return main(argv)
-  except _USER_ERRORS as e:
-    lines = str(e).strip().splitlines() or [type(e).__name__]
-    print(f'error: {lines[0]}', file=sys.stderr)
-    raise SystemExit(2) from None
-
-
-if __name__ == '__main__':
-  raise SystemExit(cli())
