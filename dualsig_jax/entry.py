@@ -13,7 +13,7 @@ import sys
 
 from absl import flags
 
-from dualsig_jax import defaults, preflight
+from dualsig_jax import arguments, defaults, preflight
 
 _OVERRIDE = re.compile(r'^--?config\.([A-Za-z0-9_.]+)(=.*)?$')
 
@@ -64,13 +64,15 @@ def explain_bad_override(argv: list[str]) -> str | None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl `flags_parser` for app.run: parses, and turns config override errors into one line."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except (KeyError, AttributeError, TypeError, ValueError, OSError, flags.Error) as e:
     msg = explain_bad_override(argv[1:])
     if msg is None:
       msg = f'error: {type(e).__name__}: {e}'.splitlines()[0]
     print(msg, file=sys.stderr)
     sys.exit(2)
+  arguments.refuse_positionals(rest)  # `config.x=1` without dashes is never silently ignored
+  return rest
 
 
 def check_config_or_exit(

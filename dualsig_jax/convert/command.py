@@ -9,10 +9,10 @@ existing output, an argument that is not a flag) is one line, exit 2.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from dualsig_jax.arguments import OneLineParser
 from dualsig_jax.convert.files import check_target, load_state_dict, save_variables
 from dualsig_jax.convert.to_flax import SOURCES, listing, torch_to_flax
 from dualsig_jax.models.heads import FC2_INITS
@@ -21,8 +21,8 @@ from dualsig_jax.models.naming import FAMILIES, check_arch
 __all__ = ['main', 'cli']
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+def _parser() -> OneLineParser:
+  p = OneLineParser(
     prog='python -m dualsig_jax.convert', description='PyTorch -> Flax weight conversion.'
   )
   p.add_argument('--arch', required=True)

@@ -21,6 +21,7 @@ import sys
 import cv2
 import numpy as np
 
+from dualsig_jax.arguments import OneLineParser
 from dualsig_jax.data.transforms import rescale_boxes
 from dualsig_jax.wsol.box import POOLS, BoxEvaluator
 from dualsig_jax.wsol.mask import MaskEvaluator
@@ -208,7 +209,7 @@ def evaluate_wsol(
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(
+  p = OneLineParser(
     prog='python -m dualsig_jax.wsol',
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
