@@ -120,6 +120,33 @@ def _shutdown_pools():
   _EXECUTORS.clear()
 
 
+def _is_int(x) -> bool:
+  try:
+    return float(x) == int(x)
+  except (TypeError, ValueError, OverflowError):  # a string, NaN, inf
+    return False
+
+
+def _check_options(loc_threshold, num_workers) -> None:
+  """One clear error for a value the evaluator would otherwise clamp or ignore."""
+  try:
+    t = float(loc_threshold)
+  except (TypeError, ValueError):
+    t = float('nan')
+  if isinstance(loc_threshold, bool) or not 0.0 <= t <= 1.0:  # NaN fails too
+    raise ValueError(
+      f'loc_threshold must be a CAM threshold in [0, 1]; got {loc_threshold!r} (it picks the '
+      'nearest of the thresholds np.arange(0, 1, cam_curve_interval))'
+    )
+  if num_workers is not None and (
+    isinstance(num_workers, bool) or not _is_int(num_workers) or int(num_workers) < 0
+  ):
+    raise ValueError(
+      f'num_workers must be None (all cores) or an integer >= 0 (0 or 1: in the calling '
+      f'thread); got {num_workers!r}'
+    )
+
+
 class BoxEvaluator:
   """MaxBoxAcc / MaxBoxAccV2 / GT-known Loc / Top-1 Loc, streaming.
 
@@ -147,11 +174,14 @@ class BoxEvaluator:
     if pool not in POOLS:
       raise ValueError(f'pool={pool!r} is not one of {list(POOLS)}')
     self.pool = pool
-    self.iou_threshold_list = [int(i) for i in iou_threshold_list]
-    if not self.iou_threshold_list or any(not 0 < i <= 100 for i in self.iou_threshold_list):
+    ious = list(iou_threshold_list)
+    # 30.7 must not become 30 silently, nor True become 1.
+    if not ious or any(isinstance(i, bool) or not _is_int(i) or not 0 < i <= 100 for i in ious):
       raise ValueError(
         f'iou_threshold_list must hold integers in (0, 100]; got {iou_threshold_list}'
       )
+    self.iou_threshold_list = [int(i) for i in ious]
+    _check_options(loc_threshold, num_workers)
     # IoU 50 is always counted: MaxBoxAcc v1 and the headline GT-known / Top-1 Loc use it.
     self._ious = sorted(set(self.iou_threshold_list) | {50})
     self.thresholds = cam_thresholds(cam_curve_interval)

@@ -244,6 +244,8 @@ def main(argv=None):
   p.add_argument('--no_progress', action='store_true')
   args = p.parse_args(argv)
   try:
+    if args.output_json:  # before the (long) evaluation, not after it
+      check_writable(args.output_json)
     result = evaluate_wsol(
       args.scoremap_root,
       args.metadata_root,
@@ -262,9 +264,50 @@ def main(argv=None):
     print(f'error: {e}', file=sys.stderr)
     return 2
   text = json.dumps(result, indent=2)
-  print(text)
+  print(text)  # the result is on stdout even if the file cannot be written
   if args.output_json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-    with open(args.output_json, 'w') as f:
-      f.write(text + '\n')
+    try:
+      _write_atomically(args.output_json, text + '\n')
+    except OSError as e:
+      print(f'error: cannot write --output_json {args.output_json}: {e.strerror or e}; the '
+            'result is printed above', file=sys.stderr)  # fmt: skip
+      return 2
   return 0
+
+
+def check_writable(path: str) -> None:
+  """``ValueError`` (one line) unless a file can be written at ``path``: its folder is made if
+  missing and a scratch file is created and removed there (permission bits alone do not say it
+  for root, nor on a read-only mount)."""
+  import tempfile
+
+  path = os.path.abspath(path)
+  if os.path.isdir(path):
+    raise ValueError(f'--output_json {path} is a folder; name a file')
+  folder = os.path.dirname(path)
+  while not os.path.isdir(folder):  # the nearest folder that exists must not be a file
+    if os.path.exists(folder):
+      raise ValueError(f'cannot write --output_json {path}: {folder} is a file, not a folder')
+    folder = os.path.dirname(folder)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix='.probe-'):
+      pass
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+      raise PermissionError(13, 'the file is read-only')
+  except OSError as e:
+    raise ValueError(
+      f'cannot write --output_json {path}: {e.strerror or e}; name a writable path'
+    ) from None
+
+
+def _write_atomically(path: str, text: str) -> None:
+  """A reader never sees half a file; an old file stays whole if this fails."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
