@@ -8,9 +8,13 @@ setuptools' ``build_ext``:
   the install goes on; the evaluator then warns at run time and uses its exact per-level OpenCV
   fallback (slower, same results);
 - a compiler that fails on the kernel fails the install, with the compiler's message and the
-  two ways out.
+  two ways out;
+- a built kernel gets its sha256 recorded next to it (``<library>.sha256``): the package loads
+  only those bytes in its own process (a damaged library could kill it), and checks any other
+  library in a child process first (dualsig_jax/wsol/native.py).
 """
 
+import hashlib
 import os
 import shutil
 import sys
@@ -52,6 +56,21 @@ class BuildKernel(build_ext):
         'Fix the C compiler, or install without the kernel with DUALSIG_JAX_BUILD_KERNEL=0 '
         '(the box evaluator then uses its exact per-level OpenCV fallback, 8-25x slower).'
       ) from e
+
+  def run(self):
+    super().run()
+    # Record the digest of every library built (self.extensions is [] when skipped), in the
+    # build folder (wheels) and, for pip install -e / --inplace, next to the copy in the source.
+    for ext in self.extensions:
+      for inplace in dict.fromkeys((False, bool(self.inplace))):
+        saved, self.inplace = self.inplace, inplace
+        path = self.get_ext_fullpath(ext.name)
+        self.inplace = saved
+        if os.path.isfile(path):
+          with open(path, 'rb') as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+          with open(path + '.sha256', 'w') as f:
+            f.write(f'{digest}  {os.path.basename(path)}\n')
 
 
 setup(cmdclass={'build_ext': BuildKernel})

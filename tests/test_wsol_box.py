@@ -244,6 +244,8 @@ def test_broken_library_falls_back_without_crashing(tmp_path):
   }
   for name, content in bad.items():
     (tmp_path / f'{name}.so').write_bytes(content)
+  # Libraries without a build digest are checked in a child: its verdicts go to tmp_path.
+  env = {**os.environ, 'XDG_CACHE_HOME': str(tmp_path / 'cache')}
   proc = _run_script(
     f"""
     import warnings
@@ -264,7 +266,8 @@ def test_broken_library_falls_back_without_crashing(tmp_path):
       assert all(np.array_equal(got[k], want[k]) for k in want)
       assert len(w) == 1 and 'slower' in str(w[0].message), [str(x.message) for x in w]
       print(name, native.status())
-    """
+    """,
+    env=env,
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   lines = proc.stdout.splitlines()

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from dualsig_jax.wsol import native as native_kernel
+from dualsig_jax.wsol.native import level_lut  # the kernel's input; re-exported here
 
 __all__ = [
   'quantize',
@@ -171,12 +172,6 @@ def distinct_levels(q: np.ndarray, cutoffs: np.ndarray):
   new[1:] = count[1:] != count[:-1]  # above is non-increasing: equal sets are neighbours
   index = np.cumsum(new) - 1
   return uniq[new], index if inv is None else index[inv.reshape(-1)]
-
-
-def level_lut(levels: np.ndarray) -> np.ndarray:
-  """int16 ``[256]``: the level index of each uint8 value (``#levels < value``), the kernel's
-  input; level i keeps the pixels whose index is > i."""
-  return np.searchsorted(levels, np.arange(256), side='left').astype(np.int16)
 
 
 def exact_level_ious(q: np.ndarray, levels: np.ndarray, gt_boxes: np.ndarray):

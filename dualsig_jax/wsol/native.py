@@ -19,27 +19,46 @@ realistic maps in tests/test_wsol_box.py):
   last, as OpenCV lists the components it meets in reverse order (see ``_levelsets.c``).
 
 Built when the package is installed (pyproject.toml ``ext-modules``, reported by setup.py) into
-this folder as a plain C library, loaded here with ctypes: nothing is compiled at run time and
-nothing is cached outside the package. ctypes releases the GIL during each call, so per-image work
-runs in parallel on threads. :func:`load` opens it once and checks it on a small map with holes
-against the exact fallback; without it (no compiler at install, ``DUALSIG_JAX_NATIVE=0``, or a
-library that does not load or fails the check) it warns once, naming the cost, and returns None:
-callers then use the exact per-level OpenCV fallback (:mod:`dualsig_jax.wsol.levels`).
-:func:`status` says which path is in use.
+this folder as a plain C library, loaded here with ctypes: nothing is compiled at run time.
+ctypes releases the GIL during each call, so per-image work runs in parallel on threads.
+
+A damaged library must never take the process down (a garbled code section, dynamic section or
+symbol table dies of SIGSEGV / SIGFPE inside ``dlopen`` or the first call, where no Python code
+can catch it), so :func:`load` verifies it before loading it in this process:
+
+- setup.py records the library's sha256 next to it at build time (``<library>.sha256``): a
+  library whose bytes differ is not loaded at all;
+- a library without that record (built by hand, or by an older version) is first loaded and
+  checked in a child process with a time limit; the child's verdict is cached, keyed by the
+  library's sha256, in ``$XDG_CACHE_HOME/dualsig_jax`` (``~/.cache/dualsig_jax``), so this costs
+  one child once per library;
+- then it is opened here and checked on a small map with holes, an island and a tie against the
+  exact fallback's answer.
+
+Any failure (no compiler at install, ``DUALSIG_JAX_NATIVE=0``, a mismatch, a child that dies, a
+library that does not load or fails the check) warns once in one line, naming the cost, and
+:func:`load` returns None: callers then use the exact per-level OpenCV fallback
+(:mod:`dualsig_jax.wsol.levels`). :func:`status` says which path is in use.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.machinery
+import json
 import os
+import signal
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 import warnings
 
 import numpy as np
 
-__all__ = ['load', 'status', 'level_ious', 'library_path']
+__all__ = ['load', 'status', 'level_ious', 'level_lut', 'library_path', 'check_library']
 
 _FOLDER = os.path.dirname(os.path.abspath(__file__))
 _MAX_SIDE = 16384  # int16 coordinates, int32 areas: larger maps take the fallback
@@ -47,6 +66,21 @@ _MAX_SIDE = 16384  # int16 coordinates, int32 areas: larger maps take the fallba
 FALLBACK_COST = 'about 8x slower than the kernel on typical maps, over 20x on speckled ones'
 _LOCK = threading.Lock()
 _STATE = None  # None: not tried yet; else (kernel function or None, status line)
+DIGEST_SUFFIX = '.sha256'  # setup.py writes <library>.sha256 when it builds the library
+# Seconds the child process may take to import numpy/OpenCV, load and check the library.
+_CHILD_TIMEOUT = 60.0
+# The child: load and check the library given, exit 0 if right. DUALSIG_JAX_NATIVE=0 in its
+# environment keeps its own `import dualsig_jax.wsol` from loading (or checking) any library.
+# It prints _CHILD_OK only after a passed check: a library that ends the process early with
+# status 0 (exit() in a constructor) is not taken for a good one.
+_CHILD_OK = 'dualsig_jax: kernel check passed'
+_CHILD = (
+  'import sys\n'
+  'from dualsig_jax.wsol import native\n'
+  'ok = native.check_library(sys.argv[1])\n'
+  'print(native._CHILD_OK if ok else "self-check failed", flush=True)\n'
+  'sys.exit(0 if ok else 3)\n'
+)
 
 
 def library_path() -> str | None:
@@ -99,11 +133,16 @@ def _bind(path):
   return fn
 
 
-def _self_check(fn) -> bool:
-  """The kernel's per-level IoUs on a map with a hole, an island and a tie equal the fallback's
-  (OpenCV's)."""
-  from dualsig_jax.wsol import levels  # the exact fallback (imports this module)
+def level_lut(levels: np.ndarray) -> np.ndarray:
+  """int16 ``[256]``: the level index of each uint8 value (``#levels < value``), the kernel's
+  input; level i keeps the pixels whose index is > i."""
+  return np.searchsorted(levels, np.arange(256), side='left').astype(np.int16)
 
+
+def _check_map():
+  """(q, levels, gt boxes, expected (multi, largest, largest_first, flags)): a map with a hole,
+  an island and a tie. The expected IoUs are those of the exact fallback (the reference's
+  OpenCV tracing; tests/test_kernel_guard.py recomputes them), as exact fractions."""
   q = np.zeros((10, 12), np.uint8)
   q[1:7, 1:7] = 100  # a frame ...
   q[3:5, 3:5] = 0  # ... with a hole ...
@@ -112,9 +151,121 @@ def _self_check(fn) -> bool:
   q[9, 1], q[9, 4] = 200, 200  # two specks: with the island, a tie of the largest at level 150
   gt = np.array([[2, 2, 5, 5], [0, 0, 11, 9]], np.int64)
   lv = np.array([0, 49, 99, 150], np.int64)
-  want = levels.exact_level_ious(q, lv, gt)
-  got = _call(fn, q, levels.level_lut(lv), len(lv), gt)
-  return bool(got[3][3] & 1) and all(np.array_equal(g, w) for g, w in zip(got, want))
+  want = (
+    np.array([16 / 25] * 3 + [1 / 4]),
+    np.array([49 / 120] * 3 + [1 / 60]),
+    np.array([16 / 49] * 3 + [0.0]),
+    np.array([0, 0, 0, 1], np.int8),  # flag 1: the largest contour is ambiguous (the tie)
+  )
+  return q, lv, gt, want
+
+
+def _self_check(fn) -> bool:
+  """The kernel's per-level IoUs and flags on :func:`_check_map` are the exact ones."""
+  q, lv, gt, want = _check_map()
+  got = _call(fn, q, level_lut(lv), len(lv), gt)
+  return all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
+def check_library(path: str) -> bool:
+  """Loads the library at ``path`` in this process and checks its answers (what the child
+  process runs; a damaged library may kill the process that calls this)."""
+  return _self_check(_bind(path))
+
+
+def _sha256(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _recorded_digest(path: str) -> str | None:
+  """The sha256 setup.py recorded for the library at ``path`` when it built it, or None."""
+  try:
+    with open(path + DIGEST_SUFFIX) as f:
+      return f.read().split()[0].strip().lower()
+  except (OSError, IndexError):
+    return None
+
+
+def _cache_file(digest: str) -> str:
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'dualsig_jax', f'wsol-kernel-{digest}.json')
+
+
+def _child_check(path: str) -> str:
+  """'ok', or why the library failed, from loading and checking it in a child process."""
+  env = {**os.environ, 'DUALSIG_JAX_NATIVE': '0'}
+  try:
+    proc = subprocess.run(
+      [sys.executable, '-c', _CHILD, path],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=_CHILD_TIMEOUT,
+      cwd=tempfile.gettempdir(),  # never a user folder that shadows the package
+    )
+  except subprocess.TimeoutExpired:
+    return f'its check in a child process did not finish within {_CHILD_TIMEOUT:.0f} s'
+  except OSError as e:
+    return f'its check in a child process could not start ({e})'
+  if proc.returncode == 0 and _CHILD_OK in proc.stdout:
+    return 'ok'
+  if proc.returncode < 0:
+    try:
+      name = signal.Signals(-proc.returncode).name
+    except ValueError:
+      name = f'signal {-proc.returncode}'
+    return f'it killed its check process ({name})'
+  if proc.returncode == 3:
+    return 'it failed its self-check (in a child process)'
+  if proc.returncode == 0:
+    return 'it ended its check process before the check ran (exit status 0)'
+  tail = [x for x in proc.stderr.splitlines() if x.strip()][-1:] or ['no message']
+  return f'it does not load in a child process ({tail[0][:200]})'
+
+
+def _child_verdict(path: str, digest: str) -> tuple[str, str | None]:
+  """(verdict, cache file) for a library with no recorded digest: the cached verdict for its
+  digest, else a fresh child check, cached when the cache folder is writable."""
+  cache = _cache_file(digest)
+  try:
+    with open(cache) as f:
+      record = json.load(f)
+    if record.get('sha256') == digest and isinstance(record.get('verdict'), str):
+      return record['verdict'], cache
+  except (OSError, ValueError, AttributeError):
+    pass
+  verdict = _child_check(path)
+  try:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f'{cache}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump({'sha256': digest, 'verdict': verdict, 'library': path}, f)
+    os.replace(tmp, cache)
+  except OSError:  # no writable cache: the check runs again next time
+    return verdict, None
+  return verdict, cache
+
+
+def _verify(path: str) -> str | None:
+  """Why the library at ``path`` must not be loaded in this process, or None."""
+  broken = _truncated(path)
+  if broken:
+    return f'{path} does not load ({broken})'
+  digest = _sha256(path)
+  recorded = _recorded_digest(path)
+  if recorded is not None:
+    if recorded != digest:
+      return (
+        f'{path} is not the library built at install time (its sha256 differs from the one '
+        f'recorded in {path}{DIGEST_SUFFIX}: damaged or replaced)'
+      )
+    return None
+  verdict, cache = _child_verdict(path, digest)
+  if verdict == 'ok':
+    return None
+  again = f'; delete {cache} to check it again' if cache else ''
+  return f'{path} was refused: {verdict}{again}'
 
 
 def _open():
@@ -126,14 +277,13 @@ def _open():
     why = f'not built at install time (no {_FOLDER}/_levelsets*.so: no C compiler then?)'
   else:
     try:
-      broken = _truncated(path)
-      if broken:
-        raise OSError(broken)
-      fn = _bind(path)
-      ok = _self_check(fn)
+      why = _verify(path)
+      if why is None:
+        fn = _bind(path)
+        ok = _self_check(fn)
     except (OSError, AttributeError, MemoryError, struct.error) as e:
       why = f'{path} does not load ({e})'
-    else:
+    if why is None:
       if ok:
         source = os.path.join(_FOLDER, '_levelsets.c')
         stale = os.path.isfile(source) and os.path.getmtime(source) > os.path.getmtime(path)
