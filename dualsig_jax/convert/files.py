@@ -17,6 +17,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from dualsig_jax.convert.integrity import (
+  MANIFEST,
+  check_finite,
+  check_zip_crcs,
+  verify_manifest,
+  write_manifest,
+)
 from dualsig_jax.convert.layouts import BN_COUNTER, expected_keys
 
 
@@ -70,6 +77,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f'checkpoint not found: {path}')
   lower = path.lower()
   if lower.endswith('.npz'):
+    check_zip_crcs(path)  # numpy checks a member's CRC only when it reads to its end
     return _load_npz(path)
   if lower.endswith('.safetensors'):
     try:
@@ -85,6 +93,8 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   # torch.save writes a zip archive (PK..) or, before torch 1.6, a pickle (protocol >= 2: 0x80).
   if not (magic.startswith(b'PK\x03\x04') or magic[:1] == b'\x80'):
     raise ValueError(f'cannot read {path}: not a PyTorch checkpoint (neither a zip nor a pickle)')
+  if magic.startswith(b'PK\x03\x04'):
+    check_zip_crcs(path)  # torch's reader ignores the CRCs: a changed byte is another weight
   try:
     import torch
   except ImportError as e:
@@ -113,8 +123,9 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 def normalise_state_dict(state_dict: Mapping) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Unwrap ``{'state_dict': ...}``, strip ``module.``, split off BN counters.
 
-  Returns ``({key: np.ndarray}, {bn counter key: int})``. A NaN or Inf value is a
-  ``ValueError`` naming the key: a diverged run's weights never train or explain anything.
+  Returns ``({key: np.ndarray}, {bn counter key: int})``. A NaN or Inf value, and a weight
+  stored as integers, are a ``ValueError`` naming the key: a diverged run's weights never train
+  or explain anything, and integer weights lost their values.
   """
   if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], Mapping):
     state_dict = state_dict['state_dict']
@@ -129,6 +140,12 @@ def normalise_state_dict(state_dict: Mapping) -> tuple[dict[str, np.ndarray], di
       continue
     if key in out:
       raise ValueError(f"duplicate key {key!r} after stripping 'module.' prefixes")
+    if not np.issubdtype(arr.dtype, np.floating):
+      # Weights stored as integers (or bools) lost their fractions when they were written.
+      raise ValueError(
+        f'state dict entry {key!r} is stored as {arr.dtype}, not as floating point: weights '
+        'saved as integers have lost their values; save the float weights again'
+      )
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
       bad = int(arr.size - np.isfinite(arr).sum())
       raise ValueError(
@@ -209,8 +226,10 @@ def save_variables(
   record the CLI writes: arch, family ('cam' unless given), num_classes (from the head) and
   large_feature_map (False unless given), plus ``meta`` (e.g. ``ConversionInfo.to_json()``,
   which may also supply those four). The record is checked against ``variables``
-  (``ValueError`` if they are another model's; ``ValueError`` if no arch is given). An
-  existing ``DIR/variables`` is an error unless ``overwrite``. Returns the absolute ``DIR``."""
+  (``ValueError`` if they are another model's, hold NaN / Inf, or no arch is given). An
+  existing ``DIR/variables`` is an error unless ``overwrite``. ``DIR/checksums.json`` (sha256 of
+  every file written) comes last; :func:`load_variables` verifies it. Returns the absolute
+  ``DIR``."""
   import orbax.checkpoint as ocp
 
   meta = dict(meta or {})
@@ -223,6 +242,7 @@ def save_variables(
   family = family if family is not None else meta.get('family', 'cam')
   lfm = large_feature_map if large_feature_map is not None else meta.get('large_feature_map')
   record = conversion_record(variables, arch=arch, family=family, large_feature_map=bool(lfm))
+  check_finite(variables, f'variables to save in {directory}')  # never write what no one reads
   path = check_target(directory, overwrite)
   directory = os.path.dirname(path)
   os.makedirs(directory, exist_ok=True)
@@ -231,19 +251,40 @@ def save_variables(
   ckptr.save(path, tree, force=overwrite)
   ckptr.wait_until_finished()
   with open(os.path.join(directory, 'conversion.json'), 'w') as f:
-    json.dump(meta | record, f, indent=2)
+    json.dump(meta | record | {'checksums': MANIFEST}, f, indent=2)
+  write_manifest(directory)  # last: its presence says the output is complete
   return directory
 
 
 def load_variables(directory: str) -> dict:
-  """Read what :func:`save_variables` (or the CLI) wrote -> ``{'params', 'batch_stats'}``."""
+  """Read what :func:`save_variables` (or the CLI) wrote -> ``{'params', 'batch_stats'}``
+  (nested dicts of float32 arrays).
+
+  Every file is first checked against ``DIR/checksums.json`` (outputs of versions before it
+  existed are read unverified), and every weight must be finite. Raises
+  ``FileNotFoundError`` (no output there) or ``ValueError`` naming the damaged file or leaf.
+  """
   import orbax.checkpoint as ocp
 
-  path = os.path.join(os.path.abspath(directory), 'variables')
+  directory = os.path.abspath(directory)
+  path = os.path.join(directory, 'variables')
   if not os.path.isdir(path):
     raise FileNotFoundError(f'no converted checkpoint at {path}')
-  tree = ocp.StandardCheckpointer().restore(path)
-  return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {}) or {}}
+  try:
+    required = load_meta(directory).get('checksums') == MANIFEST
+  except (OSError, ValueError, AttributeError):  # no record (or not ours): nothing promised
+    required = os.path.isfile(os.path.join(directory, 'conversion.json'))
+  verify_manifest(directory, required=required)
+  try:
+    tree = ocp.StandardCheckpointer().restore(path)
+  except Exception as e:  # noqa: BLE001 (Orbax raises many kinds on damaged files)
+    lines = str(e).strip().splitlines() or ['']
+    raise ValueError(
+      f'cannot read {path}: damaged or incomplete ({type(e).__name__}: {lines[0][:200]})'
+    ) from None
+  variables = {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {}) or {}}
+  check_finite(variables, path)
+  return variables
 
 
 def load_meta(directory: str) -> dict:

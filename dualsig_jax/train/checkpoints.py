@@ -376,6 +376,9 @@ def restore_variables(path: str) -> tuple[dict, dict]:
     except Exception as e:  # noqa: BLE001 (no target: any failure is a damaged file)
       raise _corrupt(where, _culprit(e, where), _short(e)) from e
     variables = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
+    from dualsig_jax.convert.integrity import check_finite  # every reader refuses NaN / Inf
+
+    check_finite(variables, where)  # ValueError: a diverged run, not a damaged file to skip
     return variables, {**info, 'step': int(step)}
 
   _, (variables, info), _ = restore_newest(mgr, read)
