@@ -95,3 +95,25 @@ def test_positional_error_names_the_first_word_and_counts_the_rest():
   assert arguments.positional_error([]) is None
   msg = arguments.positional_error(['a=1', 'b', 'c'])
   assert "'a=1' (and 2 more)" in msg and '--a=1' in msg
+
+
+def test_converter_refuses_a_bad_seed_and_an_unwritable_output_before_converting(
+  tmp_path, capsys, monkeypatch
+):
+  """Variants of the same hole: values that were a traceback deep in JAX or after the whole
+  conversion are one line before any work."""
+  from dualsig_jax import convert
+  from dualsig_jax.convert import command
+
+  monkeypatch.setattr(command, 'load_state_dict', lambda p: pytest.fail('read the checkpoint'))
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('x')
+  base = ['--arch', 'resnet_tiny', '--torch_checkpoint', str(a_file)]
+  for extra, words in [
+    (['--seed', '99999999999999999999', '--output', str(tmp_path / 'o')], '--seed must be'),
+    (['--seed', '-1', '--output', str(tmp_path / 'o')], '--seed must be'),
+    (['--output', str(a_file / 'out')], 'is a file, not a folder'),
+    (['--output', '/proc/dualsig_out'], 'is not writable'),  # read-only, even for root
+  ]:
+    line = _module_cli(capsys, convert.cli, base + extra)
+    assert words in line, line

@@ -42,6 +42,8 @@ def main(argv=None) -> int:
   """The converter's command line (see the module doc); errors raise (see :func:`cli`)."""
   a = _parser().parse_args(argv)
   check_arch(a.arch)  # before reading a (large) file
+  if not 0 <= a.seed < 2**63:  # an OverflowError deep in JAX otherwise
+    raise ValueError(f'--seed must be an integer in [0, 2**63); got {a.seed}')
   check_target(a.output, a.overwrite)  # before the (slow) conversion
   sd = load_state_dict(a.torch_checkpoint)
   variables, info = torch_to_flax(

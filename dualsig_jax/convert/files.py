@@ -161,12 +161,30 @@ _INFO_KEYS = ('arch', 'family', 'num_classes', 'large_feature_map')
 
 
 def check_target(directory: str, overwrite: bool) -> str:
-  """``DIR/variables`` (absolute); ``FileExistsError`` if it exists and not ``overwrite``."""
-  path = os.path.join(os.path.abspath(directory), 'variables')
+  """``DIR/variables`` (absolute); ``FileExistsError`` if it exists and not ``overwrite``,
+  ``ValueError`` if ``DIR`` cannot be written (checked before a slow conversion: a scratch file
+  is made and removed in its nearest existing folder; permission bits do not say it for root)."""
+  import tempfile
+
+  directory = os.path.abspath(directory)
+  path = os.path.join(directory, 'variables')
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(
       f'{path} already exists; pass --overwrite (or overwrite=True) to replace it'
     )
+  folder = directory
+  while not os.path.isdir(folder):
+    if os.path.exists(folder):
+      raise ValueError(f'cannot write the output {directory}: {folder} is a file, not a folder')
+    folder = os.path.dirname(folder)
+  try:
+    with tempfile.NamedTemporaryFile(dir=folder, prefix='.probe-'):
+      pass
+  except OSError as e:
+    raise ValueError(
+      f'cannot write the output {directory}: {folder} is not writable ({e.strerror or e}); '
+      'name another --output'
+    ) from None
   return path
 
 
