@@ -279,6 +279,10 @@ def test_import_reports_the_native_path_and_compiles_nothing(tmp_path):
   """``import dualsig_jax.wsol`` loads the library built at install: with no compiler reachable
   (PATH and CC point nowhere) and an empty HOME, the native path is in use and nothing is
   written under HOME (no cache); the package does not import its CLI."""
+  lib = native.library_path()
+  # Without the digest setup.py records, the library is checked in a child and the verdict
+  # cached under HOME: an install from before the record needs pip install -e . again.
+  assert os.path.isfile(lib + native.DIGEST_SUFFIX), f'no {lib}.sha256: run pip install -e .'
   home = tmp_path / 'home'
   home.mkdir()
   env = {**os.environ, 'HOME': str(home), 'PATH': str(tmp_path / 'nowhere'), 'CC': 'false'}
