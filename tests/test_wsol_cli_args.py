@@ -98,6 +98,7 @@ def test_output_json_written_whole_or_result_kept_on_stdout(toy, capsys, monkeyp
     ('--cam_curve_interval', 'nan', 'cam_curve_interval must be'),
     ('--iou_threshold_list', '150', 'iou_threshold_list must'),
     ('--iou_threshold_list', '30.5', 'invalid int value'),
+    ('--mask_root', '/nonexistent', '--mask_root /nonexistent is not a folder'),
     ('--num_workers', '1.5', 'invalid int value'),
   ],
 )
@@ -128,3 +129,10 @@ def test_box_evaluator_refuses_what_it_would_clamp_or_truncate(kwargs):
 def test_box_evaluator_accepts_the_edges():
   assert BoxEvaluator(loc_threshold=1.0, num_workers=0).loc_threshold == 1.0
   assert BoxEvaluator(loc_threshold=0, num_workers=np.int64(2), iou_threshold_list=[50.0])
+
+
+def test_a_missing_scoremap_root_is_named_up_front(toy, capsys):
+  root, args = toy
+  args = [a if a != str(root / 'maps') else str(root / 'nowhere') for a in args]
+  line = _one_line_error(capsys, args)
+  assert f'--scoremap_root {root / "nowhere"} is not a folder' in line, line

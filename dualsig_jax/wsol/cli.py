@@ -246,6 +246,10 @@ def main(argv=None):
   try:
     if args.output_json:  # before the (long) evaluation, not after it
       check_writable(args.output_json)
+    for flag in ('scoremap_root', 'mask_root'):
+      folder = getattr(args, flag)
+      if folder is not None and not os.path.isdir(folder):
+        raise ValueError(f'--{flag} {folder} is not a folder')
     result = evaluate_wsol(
       args.scoremap_root,
       args.metadata_root,
