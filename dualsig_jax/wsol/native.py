@@ -35,10 +35,11 @@ can catch it), so :func:`load` verifies it before loading it in this process:
 - then it is opened here and checked on a small map with holes, an island and a tie against the
   exact fallback's answer.
 
-Any failure (no compiler at install, ``DUALSIG_JAX_NATIVE=0``, a mismatch, a child that dies, a
+Any failure (no compiler at install, a mismatch, a child that dies, loops or exits early, a
 library that does not load or fails the check) warns once in one line, naming the cost, and
 :func:`load` returns None: callers then use the exact per-level OpenCV fallback
-(:mod:`dualsig_jax.wsol.levels`). :func:`status` says which path is in use.
+(:mod:`dualsig_jax.wsol.levels`). ``DUALSIG_JAX_NATIVE=0`` chooses the fallback without a
+warning. :func:`status` says which path is in use.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ import numpy as np
 __all__ = ['load', 'status', 'level_ious', 'level_lut', 'library_path', 'check_library']
 
 _FOLDER = os.path.dirname(os.path.abspath(__file__))
+# The folder holding this copy of dualsig_jax: the child process imports this very package.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(_FOLDER))
 _MAX_SIDE = 16384  # int16 coordinates, int32 areas: larger maps take the fallback
 # What the fallback costs (bench/bench_wsol.py, 224x224 maps, interval 0.001, one core).
 FALLBACK_COST = 'about 8x slower than the kernel on typical maps, over 20x on speckled ones'
@@ -195,6 +198,7 @@ def _cache_file(digest: str) -> str:
 def _child_check(path: str) -> str:
   """'ok', or why the library failed, from loading and checking it in a child process."""
   env = {**os.environ, 'DUALSIG_JAX_NATIVE': '0'}
+  env['PYTHONPATH'] = os.pathsep.join(filter(None, [_PACKAGE_PARENT, env.get('PYTHONPATH')]))
   try:
     proc = subprocess.run(
       [sys.executable, '-c', _CHILD, path],
