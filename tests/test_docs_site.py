@@ -21,9 +21,9 @@ SITE = os.path.join(ROOT, 'docs', '_build', 'html')
 SHOTS = os.path.join(ROOT, 'docs', '_build', 'screenshots')
 # Each page with what it must show: a piece of its text, and how many images at least.
 PAGES = {
-  'index.html': ('dualsig-jax', 0),
+  'index.html': ('dualsig-jax', 1),
   'api/cam.html': ('dualsig_jax.cam.explain', 0),
-  'tutorials/explain_your_model.html': ('cam.explain at conv3', 1),
+  'tutorials/explain_your_model.html': ('One call, several methods', 1),
 }
 
 
