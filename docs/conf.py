@@ -31,8 +31,9 @@ myst_enable_extensions = ['colon_fence', 'dollarmath']
 # Headings get anchors, so `page.md#a-heading` links resolve (and are checked by -W).
 myst_heading_anchors = 3
 
-# Notebooks run at every build; a cell that raises fails the build (-W).
-nb_execution_mode = 'force'
+# Notebooks run at every build whose notebook changed (docs/build.sh starts from a clean
+# docs/_build, so CI runs them every time); a cell that raises fails the build (-W).
+nb_execution_mode = 'cache'
 # Per cell: the training tutorial takes about a minute on 2 idle cores, several times that on a
 # loaded machine.
 nb_execution_timeout = 1800
@@ -49,7 +50,11 @@ autodoc_default_options = {'members': True, 'undoc-members': False, 'show-inheri
 html_theme = 'sphinx_book_theme'
 html_title = 'dualsig-jax'
 html_theme_options = {'show_toc_level': 2, 'use_download_button': False}
-html_static_path = []
+html_static_path = ['_static']
+# A page without an icon makes the browser ask for /favicon.ico, a 404 in its console.
+html_favicon = '_static/favicon.svg'
+# The theme's script logs a console error when the page carries no default light/dark mode.
+html_context = {'default_mode': 'auto'}
 # Docstrings are plain text with ``literals`` and Google-style sections.
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
