@@ -34,8 +34,7 @@ myst_heading_anchors = 3
 # Notebooks run at every build whose notebook changed (docs/build.sh starts from a clean
 # docs/_build, so CI runs them every time); a cell that raises fails the build (-W).
 nb_execution_mode = 'cache'
-# Per cell: the training tutorial takes about a minute on 2 idle cores, several times that on a
-# loaded machine.
+# Per cell: the training tutorial's run took 12 minutes on 2 cores loaded by other jobs.
 nb_execution_timeout = 1800
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
