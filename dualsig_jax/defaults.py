@@ -47,6 +47,7 @@ FIDELITY_TARGETS = ('pred', 'label')
 RESUME_SAFE_FIELDS = (
   'stages',  # each stage's checkpoint records and checks its own model
   'log_every_steps',
+  'logging',
   'input.num_workers',  # the saved data position is in global batches (data/train_loader.py)
   'input.data_root',
   'input.mask_root',
@@ -89,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.stages = ('dual',)
   c.log_every_steps = 20
+  # TensorBoard event files in <workdir>/tensorboard (train/summary.py): the metrics.jsonl
+  # curves, the evaluation metrics, and at each epoch's end both heads' CAMs over the first
+  # `tensorboard_images` images of the eval split (0: no images) [here].
+  c.logging = ml_collections.ConfigDict(dict(tensorboard=True, tensorboard_images=4))
 
   c.model = ml_collections.ConfigDict(
     dict(
@@ -309,6 +314,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_range(config, 'checkpoint.every_steps', low=1, integer=True)
   _check_range(config, 'checkpoint.max_to_keep', low=1, integer=True)
   _check_range(config, 'log_every_steps', low=1, integer=True)
+  _check_range(config, 'logging.tensorboard_images', low=0, high=16, integer=True)
   if config.input.crop_size > config.input.resize_size:
     raise ValueError('config.input.crop_size must be <= config.input.resize_size')
   if (

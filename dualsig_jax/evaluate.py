@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dualsig_jax import cam, combine, data, defaults, models, report, wsol
 from dualsig_jax.cam.fidelity import FidelityAccumulator
-from dualsig_jax.train import checkpoints, sharding
+from dualsig_jax.train import checkpoints, sharding, summary
 from dualsig_jax.train import stage as stage_lib
 
 log = logging.getLogger('dualsig_jax')
@@ -147,6 +147,7 @@ def evaluate(
   )
   if jax.process_index() == 0:
     report.write_outputs(config, workdir, results, curves, plots)
+  summary.write_eval(config, workdir, results, sources['dual']['step'])
   return results
 
 

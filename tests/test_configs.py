@@ -190,6 +190,8 @@ def test_nan_is_out_of_every_range(field):
     ('input.synthetic.image_size', 8),
     ('dual.gamma', 0.0),
     ('seed', -1),
+    ('logging.tensorboard_images', -1),
+    ('logging.tensorboard_images', 17),
   ],
 )
 def test_every_field_is_checked_before_training(field, value):

@@ -114,3 +114,26 @@ def test_a_run_resumed_on_another_process_count_is_the_uninterrupted_run(runs):
   # Loss differs between steps: the test would notice a repeated or skipped batch.
   losses = [r['loss'] for _, r in sorted(_records(runs / 'one').items())]
   assert len(set(losses)) == STEPS
+
+
+def _tensorboard_loss_steps(workdir):
+  """(event files, loss steps in file order) of the vanilla stage's TensorBoard folder."""
+  from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+  logdir = os.path.join(str(workdir), 'tensorboard', 'vanilla')
+  files = sorted(f for f in os.listdir(logdir) if f.startswith('events.out.tfevents.'))
+  steps = []
+  for f in files:
+    for e in EventFileLoader(os.path.join(logdir, f)).Load():
+      steps += [e.step for v in e.summary.value if v.tag == 'loss']
+  return files, steps
+
+
+def test_only_process_0_writes_tensorboard_and_the_resume_continues_its_curves(runs):
+  files, steps = _tensorboard_loss_steps(runs / 'two')
+  assert len(files) == 1, files  # one writer for the two processes
+  assert steps == list(range(1, STEPS + 1))
+  # 2 processes for the first half, 1 for the rest: one file per run, each step once.
+  files, steps = _tensorboard_loss_steps(runs / 'resumed')
+  assert len(files) == 2, files
+  assert steps == list(range(1, STEPS + 1))

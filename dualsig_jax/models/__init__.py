@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from dualsig_jax import vocab
 from dualsig_jax.models.backbones import BACKBONES, get_spec, lr_group
-from dualsig_jax.models.dual_branch import DualBranch, dual_branch, from_single_head
-from dualsig_jax.models.heads import cam_fns, clone_head, head_weights, init_key
+from dualsig_jax.models.dual_branch import DualBranch, cam_fns, dual_branch, from_single_head
+from dualsig_jax.models.heads import clone_head, head_weights, init_key
 from dualsig_jax.models.naming import ARCHS, FAMILIES, check_arch, check_family
 from dualsig_jax.models.nnx_branch import nnx_dual_branch
 from dualsig_jax.models.spec import BoundHead

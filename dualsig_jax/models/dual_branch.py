@@ -22,7 +22,6 @@ import jax.numpy as jnp
 
 from dualsig_jax.models.heads import (  # noqa: F401 (re-exported: the wrapper's API)
   FC2_INITS,
-  cam_fns,
   fresh_head_params,
   head_weights,
   init_sigmoid_head,
@@ -331,3 +330,26 @@ def _check_against(model: DualBranch, variables: dict, input_shape) -> None:
 
 def _flat(tree):
   return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def cam_fns(model) -> dict[str, Callable]:
+  """Adapters for ``dualsig_jax.cam.compute_cams`` / ``compute_cams_multi`` of a
+  :class:`DualBranch` (every model of this package):
+  ``apply_fn(variables, images [B, H, W, 3])`` (inference mode), ``head_fn(variables, features
+  [B, h, w, C])`` and ``head_weights_fn(variables, branch) -> (w [C, K], b [K])`` (linear and
+  1x1-conv heads; other kinds raise ``ValueError`` naming the methods that work). Call once and
+  reuse: jit caches on the functions' identity."""
+  if not isinstance(model, DualBranch):
+    raise ValueError(f'cam_fns needs a DualBranch model, got {type(model).__name__}')
+  kind, arch, family = model.head_kind, model.arch, model.family
+
+  def apply_fn(variables, images):
+    return model.apply(variables, images, train=False)
+
+  def head_fn(variables, features):
+    return model.apply(variables, features, method='head')
+
+  def head_weights_fn(variables, branch):
+    return head_weights(variables, branch, kind, arch=arch, family=family)
+
+  return {'apply_fn': apply_fn, 'head_fn': head_fn, 'head_weights_fn': head_weights_fn}

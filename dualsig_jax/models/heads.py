@@ -1,6 +1,7 @@
-"""The two heads of every dual-branch model, written once: CAM weights (``head_weights``), the
-adapters of the CAM library (``cam_fns``) and the sigmoid head's start (``clone_head``: a copy of
-``fc`` or the reference's fresh init, from the backbone's spec for the built-in models).
+"""The two heads of every dual-branch model, written once: CAM weights (``head_weights``) and the
+sigmoid head's start (``clone_head``: a copy of ``fc`` or the reference's fresh init, from the
+backbone's spec for the built-in models). The CAM library's adapters of a model (``cam_fns``)
+live with the model, in ``dual_branch.py``, which imports this module (never the reverse).
 
 Heads are always the top-level params ``fc`` (softmax) and ``fc2`` (sigmoid), whatever their
 shape (a Dense, a 1x1 conv, an MLP).
@@ -200,28 +201,3 @@ def head_weights(
   w = kernel.reshape(-1, kernel.shape[-1])
   b = jnp.asarray(biases[0], jnp.float32) if biases else jnp.zeros(w.shape[-1], jnp.float32)
   return w, b
-
-
-def cam_fns(model) -> dict[str, Callable]:
-  """Adapters for ``dualsig_jax.cam.compute_cams`` / ``compute_cams_multi`` of a
-  :class:`~dualsig_jax.models.dual_branch.DualBranch` (every model of this package):
-  ``apply_fn(variables, images [B, H, W, 3])`` (inference mode), ``head_fn(variables, features
-  [B, h, w, C])`` and ``head_weights_fn(variables, branch) -> (w [C, K], b [K])`` (linear and
-  1x1-conv heads; other kinds raise ``ValueError`` naming the methods that work). Call once and
-  reuse: jit caches on the functions' identity."""
-  from dualsig_jax.models.dual_branch import DualBranch  # late: dual_branch imports this module
-
-  if not isinstance(model, DualBranch):
-    raise ValueError(f'cam_fns needs a DualBranch model, got {type(model).__name__}')
-  kind, arch, family = model.head_kind, model.arch, model.family
-
-  def apply_fn(variables, images):
-    return model.apply(variables, images, train=False)
-
-  def head_fn(variables, features):
-    return model.apply(variables, features, method='head')
-
-  def head_weights_fn(variables, branch):
-    return head_weights(variables, branch, kind, arch=arch, family=family)
-
-  return {'apply_fn': apply_fn, 'head_fn': head_fn, 'head_weights_fn': head_weights_fn}

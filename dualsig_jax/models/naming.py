@@ -1,6 +1,6 @@
 """Names of the Flax variable trees: the arch / family / branch name checks and nested-dict
 helpers shared with the converter. (PyTorch key names live with the converter, in
-``dualsig_jax.convert_layouts``; the lr rules in ``models.backbones``.)
+``dualsig_jax.convert.layouts``; the lr rules in ``models.backbones``.)
 """
 
 from __future__ import annotations

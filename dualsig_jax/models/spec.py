@@ -48,7 +48,7 @@ def torchvision_inception_fc_init(fan_in: int) -> tuple:
 @dataclasses.dataclass(frozen=True)
 class TorchLayout:
   """The PyTorch files the converter reads for this backbone (data only; the code is in
-  ``dualsig_jax.convert_layouts``).
+  ``dualsig_jax.convert.layouts``).
 
   torchvision_file: torchvision's ImageNet file of this backbone ('' = there is none).
   drop: key prefixes of torchvision's file that the model does not have (dropped, as the

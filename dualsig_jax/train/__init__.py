@@ -5,7 +5,10 @@
   state.py        TrainState and the pure train / predict steps
   optim.py        SGD with the reference's parameter groups and lr schedule
   losses.py       softmax CE and class-balanced BCE
-  checkpoints.py  every checkpoint format (Orbax stages, converted weights)
+  checkpoints.py  every checkpoint format (Orbax stages, converted weights), checksums
+  resume.py       what a resume must match (config.json), metrics.jsonl truncation
+  interrupt.py    SIGTERM / SIGINT: stop after the current step with a checkpoint
+  summary.py      TensorBoard event files (curves, CAM overlays, evaluation metrics)
   sharding.py     mesh, shardings, jax.distributed
 
 Exports resolve lazily, so that importing `dualsig_jax.train.stage` (as evaluation does)

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dualsig_jax import data, defaults
-from dualsig_jax.train import checkpoints, interrupt, optim, resume, sharding
+from dualsig_jax.train import checkpoints, interrupt, optim, resume, sharding, summary
 from dualsig_jax.train import stage as stage_lib
 from dualsig_jax.train.state import create_state, train_step
 
@@ -28,16 +28,19 @@ log = logging.getLogger('dualsig_jax')
 
 
 class _Log:
-  """metrics.jsonl writer (process 0 only)."""
+  """metrics.jsonl writer (process 0 only), and TensorBoard's when `tb` is set."""
 
   def __init__(self, workdir: str):
     self.on = jax.process_index() == 0
     self.path = os.path.join(workdir, resume.METRICS_FILE)
+    self.tb: summary.StageSummary | None = None
 
   def write(self, record: dict) -> None:
     if self.on:
       with open(self.path, 'a') as f:
         f.write(json.dumps(record) + '\n')
+    if self.tb is not None:
+      self.tb.record(record)
 
 
 def _stop_agreed(step: int, every: int) -> bool:
@@ -306,6 +309,8 @@ def _run_steps(config, st: _Stage, state, data_iter, progress: _Progress, start)
       if step % config.checkpoint.every_steps == 0 or step == st.total:
         last_loss = _finite_loss(st, metrics, step)
         saved = save(step)
+      if progress.logger.tb is not None and (step % st.steps_per_epoch == 0 or step == st.total):
+        progress.logger.tb.epoch_end(step, -(-step // st.steps_per_epoch), state.variables())
     stopped = interrupt.requested() is not None
     if stopped and metrics is not None and saved != step:
       _finite_loss(st, metrics, step)
@@ -325,6 +330,8 @@ def _train_stage(config, workdir, stage):
     if logger.on:
       # Records after the step this stage starts from would otherwise be written twice.
       resume.truncate_metrics(logger.path, stage, start or 0)
+    if summary.enabled(config):  # drops its own events after `start` too
+      logger.tb = summary.StageSummary(config, workdir, stage, st.model, start or 0)
     groups = _log_start(config, st, logger, origin, int(state.step))
     state = jax.device_put(state, sharding.replicated(st.mesh))
     progress = _Progress(st, logger, groups, int(state.step))
@@ -334,6 +341,8 @@ def _train_stage(config, workdir, stage):
     with interrupt.deferred():
       if progress is not None:
         progress.close()
+        if progress.logger.tb is not None:
+          progress.logger.tb.close()
       data_iter.close()  # the workers stop now, not at garbage collection
   _raise_if_stopped(st, step, saved)
   return {'step': step, 'checkpoint_dir': st.ckpt_dir, 'loss': last_loss}

@@ -52,10 +52,13 @@ def step_decay_schedule(
 ):
   """Per-epoch step decay as a function of the 0-based step; e = step // steps_per_epoch.
 
-  rule 'reference': lr x rate ** floor((e + 1) / frequency), the reference's
-    `adjust_learning_rate(epoch + 1)` (x rate at the start of 1-based epoch E whenever
+  - rule ``'reference'``: lr x rate ** floor((e + 1) / frequency), the reference's
+    ``adjust_learning_rate(epoch + 1)`` (x rate at the start of 1-based epoch E whenever
     E % frequency == 0: with frequency 3 the third epoch already runs at lr / 10).
-  rule 'steplr': lr x rate ** floor(e / frequency) (torch StepLR stepped once per epoch).
+  - rule ``'steplr'``: lr x rate ** floor(e / frequency) (torch StepLR stepped once per epoch).
+
+  Returns:
+    an optax schedule: step (int) -> lr (float32 scalar).
   """
   if rule not in ('reference', 'steplr'):
     raise ValueError(f"unknown lr_schedule {rule!r}; valid: ['reference', 'steplr']")
