@@ -27,7 +27,7 @@ def _targets(gc_targets, t):
 
 
 def method_errors(seed=0):
-  """{label: worst |ours - package|} of RefineCAM and SegEigenCAM maps."""
+  """{label: worst |ours - package|} of RefineCAM, SESS and SegEigenCAM maps."""
   gc = import_grad_cam()
   tnet, variables, x = setup_models(seed)
   net, xj = JaxNet(), jnp.asarray(x)
@@ -38,6 +38,11 @@ def method_errors(seed=0):
   ours, _ = meta_methods.refine_cam(net, variables, xj, ['stem', 'block'], method='gradcam')
   ref = gc.RefineCAM(tnet, [tnet.stem, tnet.block], base_method=gc.GradCAM)(_tx(x))
   errors['RefineCAM (gradcam, stem + block)'] = float(np.abs(np.asarray(ours) - ref).max())
+  for kwargs in ({'num_scales': 4}, {'num_scales': 3, 'pool': 'max', 'pre_filter_ratio': 0.3}):
+    ours, _ = meta_methods.sess(net, variables, xj, 'block', **kwargs)
+    ref = gc.SESS(tnet, [tnet.block], **kwargs)(_tx(x))
+    label = 'SESS (gradcam, ' + ', '.join(f'{k}={v}' for k, v in kwargs.items()) + ')'
+    errors[label] = float(np.abs(np.asarray(ours) - ref).max())
   ours, _ = explain(net, variables, xj, 'block', ('segeigencam',))
   ref = gc.SegEigenCAM(tnet, [tnet.block])(_tx(x), targets=None)
   errors['segeigencam'] = float(np.abs(np.asarray(ours['segeigencam']) - ref).max())
@@ -159,7 +164,7 @@ def test_deep_feature_factorization_matches_pytorch_grad_cam_to_a_tolerance():
   assert not bad, f'worse than {DFF_TOL}: {bad} (all: {errors})'
 
 
-def test_refinecam_and_segeigencam_match_pytorch_grad_cam():
+def test_refinecam_sess_and_segeigencam_match_pytorch_grad_cam():
   errors = method_errors()
   bad = {k: v for k, v in errors.items() if not v < TOL}
   assert not bad, f'worse than {TOL}: {bad} (all: {errors})'
