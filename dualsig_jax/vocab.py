@@ -36,6 +36,7 @@ EXPLAIN_METHODS = (
   'finercam',
   'fem',
   'randomcam',
+  'segeigencam',
 )
 # Heads of a dual-branch model: 'softmax' = fc (classifies), 'sigmoid' = fc2 (explains).
 BRANCHES = ('softmax', 'sigmoid')

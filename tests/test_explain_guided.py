@@ -83,7 +83,8 @@ def test_linear_imputation_reproduces_a_ramp_and_road_options():
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.allclose(np.asarray(a), np.asarray(c))
   with pytest.raises(ValueError, match='percentiles'):
-    road.road(model, None, x, maps['gradcam'], t, percentiles='auto')
+    road.road(model, None, x, maps['gradcam'], t, percentiles=(101,))
+  assert road.road(model, None, x, maps['gradcam'], t, percentiles='auto').shape == (2, 1)
   with pytest.raises(ValueError, match='order'):
     road.road(model, None, x, maps['gradcam'], t, order='mif')
   change = road.cam_mult_image_confidence_change(model, None, x, maps['gradcam'], t)

@@ -34,7 +34,7 @@ EXPLAIN_METHODS = vocab.EXPLAIN_METHODS
 # Methods whose map needs d score / d A for the plain target logit.
 _NEEDS_GRADS = frozenset(
   ('gradcam', 'hirescam', 'gradcam++', 'xgradcam', 'layercam', 'gradcamelementwise')
-  + ('eigengradcam',)
+  + ('eigengradcam', 'segeigencam')
 )
 # Methods whose map is a weighted sum of channels (truncate_negative_weights applies).
 WEIGHTED_METHODS = (
@@ -153,6 +153,8 @@ def _raw_maps(forward, state, images, targets, cfg: _Config):
       out[m] = L.eigencam(acts)
     elif m == 'eigengradcam':
       out[m] = L.eigengradcam(acts, grads)
+    elif m == 'segeigencam':
+      out[m] = L.seg_eigen_cam(acts, grads)
     elif m == 'kpcacam':
       out[m] = L.kpca_cam(acts, kernel=cfg.opt('kpca_kernel'), gamma=cfg.opt('kpca_gamma'))
     elif m == 'fem':

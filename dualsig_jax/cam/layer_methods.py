@@ -206,3 +206,13 @@ def upsample_channels(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
   lo = jnp.min(up, axis=(1, 2), keepdims=True)
   hi = jnp.max(up, axis=(1, 2), keepdims=True)
   return (up - lo) / (hi - lo + _SCORECAM_EPS)
+
+
+def seg_eigen_cam(acts, grads) -> jax.Array:
+  """SegEigenCAM (Chung & Ying 2025): the first principal component of ``|g| * A``, its sign
+  chosen so that the larger magnitude is positive (``|min| > |max|`` flips it), as the package's
+  ``get_2d_projection_with_sign_correction``. Args ``[B, h, w, C]``; returns ``[B, h, w]``."""
+  proj = first_component(jnp.abs(grads.astype(jnp.float32)) * acts.astype(jnp.float32))
+  lo = jnp.min(proj, axis=(1, 2), keepdims=True)
+  hi = jnp.max(proj, axis=(1, 2), keepdims=True)
+  return jnp.where(jnp.abs(lo) > jnp.abs(hi), -proj, proj)

@@ -31,6 +31,52 @@ def _target_score(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.take_along_axis(logits.astype(jnp.float32), targets[:, None], axis=1)[:, 0]
 
 
+def _masked_scores(forward, images, acts, targets) -> Callable:
+  """``idx int32 [n]`` (``image * C + channel``) -> the target logit of each masked image."""
+  c = acts.shape[-1]
+  size = images.shape[1:3]
+
+  def score(idx):
+    bi, ci = idx // c, idx % c
+    maps = jnp.moveaxis(acts[bi], -1, 1)[jnp.arange(idx.shape[0]), ci]  # [n, h, w]
+    masked = images[bi] * upsample_channels(maps, size)[..., None].astype(images.dtype)
+    return _target_score(forward(masked), targets[bi])
+
+  return score
+
+
+def scorecam_plan(acts: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Which ScoreCAM forwards are the same forward: ``(rep int32 [B, C], constant bool [B, C])``.
+
+  ``constant``: the channel's map is constant, so its normalized mask is 0 and the masked image
+  is all zeros, the same input for every channel and image. ``rep[b, c]``: the first channel of
+  image ``b`` whose map is bitwise identical to channel ``c``'s (``c`` itself when none is):
+  the same mask of the same image, hence the same score. Found by an order-free integer hash of
+  the maps' bits (sorted per image), each match then checked element by element, so a hash
+  collision only loses a saving, never merges two different maps.
+
+  Args: acts float ``[B, h, w, C]``.
+  """
+  b, h, w, c = acts.shape
+  maps = jnp.moveaxis(acts, -1, 1).reshape(b, c, h * w)
+  constant = jnp.max(maps, axis=-1) == jnp.min(maps, axis=-1)
+  bits = jax.lax.bitcast_convert_type(maps.astype(jnp.float32), jnp.uint32)
+  # Odd multipliers per position: sums of products wrap mod 2^32 whatever the summation order.
+  mult = jnp.arange(h * w, dtype=jnp.uint32) * jnp.uint32(2654435761) | jnp.uint32(1)
+  key = jnp.sum(bits * mult, axis=-1, dtype=jnp.uint32)  # [B, C]
+  order = jnp.argsort(key, axis=1, stable=True)
+  sorted_key = jnp.take_along_axis(key, order, axis=1)
+  starts = jnp.concatenate(
+    [jnp.ones((b, 1), jnp.bool_), sorted_key[:, 1:] != sorted_key[:, :-1]], axis=1
+  )
+  run_start = jax.lax.cummax(jnp.where(starts, jnp.arange(c), 0), axis=1)
+  rep_sorted = jnp.take_along_axis(order, run_start, axis=1)  # stable: the smallest index
+  rep = jnp.zeros((b, c), jnp.int32).at[jnp.arange(b)[:, None], order].set(rep_sorted)
+  same = jnp.all(jnp.take_along_axis(maps, rep[..., None], axis=1) == maps, axis=-1)
+  rep = jnp.where(same, rep, jnp.arange(c, dtype=jnp.int32))
+  return rep, constant
+
+
 def scorecam_weights(
   forward: Callable,
   images: jax.Array,
@@ -42,6 +88,15 @@ def scorecam_weights(
   ``image * mask_c``, ``mask_c`` = channel ``c`` upsampled (bilinear, corners aligned) to the
   image and min-max normalized.
 
+  Only distinct masked images are run (``scorecam_plan``): a constant channel's masked image is
+  zeros (one forward for all of them, every image), a channel identical to an earlier one of
+  the same image takes its score. The chunks of the rest run in order; chunks past the last
+  distinct image are skipped (``lax.cond``, so the count of forwards follows the data while the
+  shapes stay static). A constant channel scores exactly the zero image here; the package
+  computes its mask as ``(x - min) / (max - min + 1e-8)`` after upsampling, the same zeros
+  unless the upsampling's rounding leaves a non-constant map (a non-zero constant; after a ReLU
+  constant channels are zeros).
+
   Args:
     forward: ``images [N, H, W, 3] -> logits [N, K]`` (a plain forward of the model).
     images: float ``[B, H, W, 3]``; acts float ``[B, h, w, C]``; targets int32 ``[B]``.
@@ -50,13 +105,43 @@ def scorecam_weights(
     float32 ``[B, C]``.
   """
   b, _, _, c = acts.shape
-  size = images.shape[1:3]
+  n = b * c
+  rep, constant = scorecam_plan(acts)
+  work = ((rep == jnp.arange(c)) & ~constant).reshape(-1)
+  n_work = jnp.sum(work)
+  order = jnp.argsort(~work, stable=True).astype(jnp.int32)  # distinct masks first
+  bs = max(1, min(int(batch_size), n))
+  chunks = -(-n // bs)
+  pos = jnp.arange(chunks * bs, dtype=jnp.int32).reshape(chunks, bs)
 
-  def score(idx):
-    bi, ci = idx // c, idx % c
-    maps = jnp.moveaxis(acts[bi], -1, 1)[jnp.arange(idx.shape[0]), ci]  # [n, h, w]
-    masked = images[bi] * upsample_channels(maps, size)[..., None].astype(images.dtype)
-    return _target_score(forward(masked), targets[bi])
+  score = _masked_scores(forward, images, acts, targets)
+
+  def chunk(p):
+    idx = order[p % n]
+    vals = jax.lax.cond(p[0] < n_work, score, lambda i: jnp.zeros(i.shape, jnp.float32), idx)
+    return jnp.where(p < jnp.minimum(n_work, n), idx, n), vals  # n: dropped below
+
+  dest, vals = jax.lax.map(chunk, pos)
+  scores = jnp.zeros((n,), jnp.float32).at[dest.reshape(-1)].set(vals.reshape(-1), mode='drop')
+  scores = jnp.take_along_axis(scores.reshape(b, c), rep, axis=1)
+  zero_logits = forward(jnp.zeros((1,) + images.shape[1:], images.dtype))
+  zero_scores = _target_score(jnp.broadcast_to(zero_logits, (b,) + zero_logits.shape[1:]), targets)
+  scores = jnp.where(constant, zero_scores[:, None], scores)
+  return jax.nn.softmax(scores, axis=-1)
+
+
+def scorecam_weights_all(
+  forward: Callable,
+  images: jax.Array,
+  acts: jax.Array,
+  targets: jax.Array,
+  batch_size: int,
+) -> jax.Array:
+  """ScoreCAM weights with one forward per (image, channel), no deduplication: the previous
+  implementation, kept as the reference of ``scorecam_weights``'s savings (tests, benchmark).
+  Arguments and result as :func:`scorecam_weights`."""
+  b, _, _, c = acts.shape
+  score = _masked_scores(forward, images, acts, targets)
 
   scores = chunked_scores(score, b * c, batch_size).reshape(b, c)
   return jax.nn.softmax(scores, axis=-1)

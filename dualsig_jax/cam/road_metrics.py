@@ -77,10 +77,45 @@ def linear_impute(images: jax.Array, keep: jax.Array, *, maxiter: int = 2000) ->
   return x * (1.0 - free) + u * free
 
 
-def removal_mask(maps: jax.Array, percentile: float, order: str) -> jax.Array:
+def otsu_threshold(values: jax.Array) -> jax.Array:
+  """OpenCV's Otsu threshold (``cv2.THRESH_OTSU``) of 8-bit images, batched.
+
+  The level ``t`` in 0..255 that maximises the between-class variance ``q1 q2 (mu1 - mu2)^2``
+  of the classes ``<= t`` and ``> t``, the first one on ties, levels with a class weight below
+  FLT_EPSILON skipped (0 when every level is: a constant image), as OpenCV's
+  ``getThreshVal_Otsu_8u``.
+
+  Args: values uint8 ``[B, N]``. Returns int32 ``[B]``.
+  """
+  hist = jax.vmap(lambda v: jnp.bincount(v.astype(jnp.int32), length=256))(values)
+  p = hist.astype(jnp.float32) / values.shape[1]
+  levels = jnp.arange(256, dtype=jnp.float32)
+  q1 = jnp.cumsum(p, axis=1)
+  m1 = jnp.cumsum(p * levels, axis=1)
+  q2 = 1.0 - q1
+  mu = m1[:, -1:]
+  eps = jnp.finfo(jnp.float32).eps
+  valid = (jnp.minimum(q1, q2) >= eps) & (jnp.maximum(q1, q2) <= 1.0 - eps)
+  mu1 = m1 / jnp.where(valid, q1, 1.0)
+  mu2 = (mu - m1) / jnp.where(valid, q2, 1.0)
+  sigma = jnp.where(valid, q1 * q2 * (mu1 - mu2) ** 2, -1.0)
+  best = jnp.argmax(sigma, axis=1).astype(jnp.int32)  # the first maximum
+  return jnp.where(jnp.any(valid, axis=1), best, 0)
+
+
+def removal_mask(maps: jax.Array, percentile, order: str) -> jax.Array:
   """``keep [B, H, W]``: 1 where ``m < percentile(m)``, with ``m = map`` (MoRF) or ``1 - map``
-  (LeRF), ``np.percentile``'s linear rule, as the package's ``RemoveMostRelevantFirst``."""
+  (LeRF), ``np.percentile``'s linear rule, as the package's ``RemoveMostRelevantFirst``.
+
+  ``percentile='auto'``: the package's Otsu rule, ``keep = uint8(m * 255) > otsu`` (OpenCV's
+  THRESH_BINARY + THRESH_OTSU). As in the package this keeps the pixels *above* the threshold,
+  the opposite side of the percentile rule (MoRF with 'auto' removes the least relevant ones).
+  """
   m = maps.astype(jnp.float32) if order == 'morf' else 1.0 - maps.astype(jnp.float32)
+  if percentile == 'auto':
+    u8 = (m * 255.0).astype(jnp.uint8)  # np.uint8(mask * 255): truncation, as the package
+    th = otsu_threshold(u8.reshape(u8.shape[0], -1))
+    return (u8.astype(jnp.int32) > th[:, None, None]).astype(jnp.float32)
   th = jnp.percentile(m.reshape(m.shape[0], -1), percentile, axis=1)
   return (m < th[:, None, None]).astype(jnp.float32)
 
@@ -154,15 +189,18 @@ def road(
 
   Args:
     order: ``'morf'`` (remove the most relevant first; lower is better) or ``'lerf'``.
-    percentiles: the package's defaults are 80 (MoRF) and 20 (LeRF) for one threshold.
+    percentiles: numbers in [0, 100] or ``'auto'`` (Otsu's threshold, see ``removal_mask``);
+      the package's defaults are 80 (MoRF) and 20 (LeRF) for one threshold.
     noise: std of the Gaussian noise added to the imputed pixels (the package's 0.01).
   Returns:
     float32 ``[B, len(percentiles)]``.
   """
   if order not in ORDERS:
     raise ValueError(f'unknown order {order!r}; valid: {ORDERS}')
-  if isinstance(percentiles, str) or not all(0 <= float(p) <= 100 for p in percentiles):
-    raise ValueError(f'percentiles must be numbers in [0, 100] (no Otsu), got {percentiles!r}')
+  if isinstance(percentiles, str | int | float):
+    percentiles = (percentiles,)
+  if not all(p == 'auto' or (not isinstance(p, str) and 0 <= float(p) <= 100) for p in percentiles):
+    raise ValueError(f"percentiles must be numbers in [0, 100] or 'auto', got {percentiles!r}")
   forward, state, targets = _prepare(
     model, variables, images, maps, targets, activation, logits_fn, call_kwargs
   )
@@ -174,7 +212,7 @@ def road(
     jax.random.key(seed),
     forward=forward,
     activation=activation,
-    percentiles=tuple(float(p) for p in percentiles),
+    percentiles=tuple(p if p == 'auto' else float(p) for p in percentiles),
     order=order,
     noise=float(noise),
   )
