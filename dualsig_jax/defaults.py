@@ -40,6 +40,9 @@ BACKBONE_MODES = ('train', 'inference')
 # lr decay: 'reference' = x rate at the start of 1-based epoch e when e % frequency == 0 [ref];
 # 'steplr' = torch StepLR stepped per epoch, x rate after every `frequency` epochs.
 LR_SCHEDULES = ('reference', 'steplr')
+# How a stage's lr follows the global batch B from the batch it was tuned at (base_batch_size):
+# x B/base ('linear', Goyal et al. 2017), x sqrt(B/base) ('sqrt'), unchanged ('none').
+LR_SCALINGS = ('linear', 'sqrt', 'none')
 FIDELITY_TARGETS = ('pred', 'label')
 
 # Fields that may differ between a run and its resume (the rest must match config.json).
@@ -76,6 +79,15 @@ def _stage_section(**overrides) -> ml_collections.ConfigDict:
       nesterov=True,
       weight_decay=1e-4,  # argparse default of the reference [ref]
       max_steps=0,  # > 0: run this many steps instead of num_epochs (smoke runs, benchmarks) [here]
+      # The global batch lr was tuned at (the published recipes: 32 [ref]); at another
+      # input.batch_size the lr follows lr_scaling (see LR_SCALINGS) [here].
+      base_batch_size=32,
+      lr_scaling='linear',
+      warmup_epochs=0.0,  # linear lr ramp from ~0 over this many epochs (0: none) [here]
+      # > 1: each step's global batch runs as this many micro-batches with their gradients
+      # averaged (optax.MultiSteps), for a per-chip batch that does not fit; BatchNorm
+      # statistics are then per micro-batch [here].
+      accum_steps=1,
     )
   )
   sec.update(overrides)
@@ -271,6 +283,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_range(config, f'{stage}.max_steps', low=0, integer=True)
     _check_range(config, f'{stage}.lr_decay_frequency', low=1, integer=True)
     _check_range(config, f'{stage}.lr_decay_rate', low=0.0, low_open=True, high=1.0)
+    _check(config[stage].lr_scaling, LR_SCALINGS, f'{stage}.lr_scaling')
+    _check_range(config, f'{stage}.base_batch_size', low=1, integer=True)
+    _check_range(config, f'{stage}.warmup_epochs', low=0.0)
+    _check_range(config, f'{stage}.accum_steps', low=1, integer=True)
   _check_range(config, 'dual.temp', low=0.0, low_open=True)
   _check_range(config, 'dual.gamma', low=0.0, low_open=True)
   _check_range(config, 'dual.pos_weight')  # < 0: C - 1; any number, not NaN

@@ -122,6 +122,7 @@ class _Stage:
       steps_per_epoch=self.steps_per_epoch,
       unfreeze=self.unfreeze,
       family=self.config.model.family,
+      global_batch=self.config.input.batch_size,
     )
     return create_state(variables, self.tx, self.config.seed)
 
@@ -132,6 +133,7 @@ def _set_up(config, workdir, stage) -> _Stage:
   o = settings.section
   mesh = sharding.make_mesh()
   local_batch = sharding.check_global_batch(config.input.batch_size, mesh)
+  sharding.check_accumulation(config.input.batch_size, o.accum_steps, mesh, f'{stage}.accum_steps')
   spe = data.steps_per_epoch(config.input, config.input.batch_size)
   ckpt_dir = stage_lib.checkpoint_dir(workdir, stage)
   return _Stage(
@@ -165,17 +167,27 @@ def _open_data(config, st: _Stage):
   return iter(loader)
 
 
-def _compile_step(config, st: _Stage):
-  """The jitted, sharded train step: (state, global batch) -> (state, metrics)."""
-  repl = sharding.replicated(st.mesh)
+def jit_train_step(config, stage: str, model, tx, mesh):
+  """The stage's jitted, sharded train step: (state, global batch) -> (state, metrics);
+  state replicated (donated), batch split over the mesh's 'data' axis. Also what
+  `dualsig_jax.plan` compiles for a TPU slice."""
+  repl = sharding.replicated(mesh)
   return jax.jit(
     functools.partial(
-      train_step, model=st.model, tx=st.tx, **stage_lib.step_kwargs(config, st.name)
+      train_step,
+      model=model,
+      tx=tx,
+      accum_steps=int(config[stage].accum_steps),
+      **stage_lib.step_kwargs(config, stage),
     ),
-    in_shardings=(repl, sharding.data_sharded(st.mesh)),
+    in_shardings=(repl, sharding.data_sharded(mesh)),
     out_shardings=(repl, repl),
     donate_argnums=(0,),
   )
+
+
+def _compile_step(config, st: _Stage):
+  return jit_train_step(config, st.name, st.model, st.tx, st.mesh)
 
 
 def _log_start(config, st: _Stage, logger: _Log, origin: str, first: int) -> dict:
