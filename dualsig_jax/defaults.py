@@ -50,6 +50,7 @@ FIDELITY_TARGETS = ('pred', 'label')
 RESUME_SAFE_FIELDS = (
   'stages',  # each stage's checkpoint records and checks its own model
   'log_every_steps',
+  'profile_steps',
   'input.num_workers',  # the saved data position is in global batches (data/train_loader.py)
   'input.data_root',
   'input.mask_root',
@@ -57,6 +58,7 @@ RESUME_SAFE_FIELDS = (
   'input.skip_bad_images',
   'checkpoint.every_steps',
   'checkpoint.max_to_keep',
+  'checkpoint.async_save',
   'eval',
   'vanilla.num_epochs',
   'vanilla.max_steps',
@@ -101,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.stages = ('dual',)
   c.log_every_steps = 20
+  # 'a,b': a jax.profiler trace of steps a..b (1-based, each stage) into <workdir>/profile/<stage>
+  # (TensorBoard's profile plugin or Perfetto read it); '' = none [here].
+  c.profile_steps = ''
 
   c.model = ml_collections.ConfigDict(
     dict(
@@ -155,7 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
     temp=1.0,  # logits / temp before the loss [ref]
   )
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=2))
+  # async_save: Orbax writes each step in the background while training goes on (the manifest
+  # follows once the step is complete; SIGTERM waits for it) [here].
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=2, async_save=True))
 
   c.eval = ml_collections.ConfigDict(
     dict(
@@ -325,6 +332,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_range(config, 'checkpoint.every_steps', low=1, integer=True)
   _check_range(config, 'checkpoint.max_to_keep', low=1, integer=True)
   _check_range(config, 'log_every_steps', low=1, integer=True)
+  profile_range(config.profile_steps)
   if config.input.crop_size > config.input.resize_size:
     raise ValueError('config.input.crop_size must be <= config.input.resize_size')
   if (
@@ -337,6 +345,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f'an MLP (classifier_2); plain CAM needs a linear head: use model.family="cam" for CAM, '
       f'or one of {list(vocab.GRADIENT_METHODS)}'
     )
+
+
+def profile_range(spec: str) -> tuple[int, int] | None:
+  """(first, last) step of `config.profile_steps` ('a,b', 1 <= a <= b), None for ''."""
+  if not spec:
+    return None
+  try:
+    a, b = (int(v) for v in spec.split(','))
+  except ValueError:
+    a, b = 0, -1
+  if not 1 <= a <= b:
+    raise ValueError(
+      f'config.profile_steps={spec!r} must be two steps "a,b" with 1 <= a <= b (e.g. "10,20"), '
+      'or "" for no trace'
+    )
+  return a, b
 
 
 class BatchSplitError(ValueError):
