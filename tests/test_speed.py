@@ -42,7 +42,7 @@ def GUARD():
 def test_the_guard_refuses_device_reads():
   """The guard the loop test installs does refuse device reads (so that test can fail)."""
   x = jnp.ones(3) * 2
-  for read in (lambda: float(x[0]), lambda: jax.device_get(x), x.block_until_ready):
+  for read in (lambda: float(x[0]), lambda: jax.device_get(x), lambda: x.block_until_ready()):
     with GUARD(), pytest.raises(AssertionError, match='read between two log steps'):
       read()
   assert float(x[0]) == 2.0  # restored after the guard

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,8 @@ def topology_mesh(topology: str) -> jax.sharding.Mesh:
 
   from dualsig_jax.train import sharding
 
+  # Only compiling: several plans (or a plan and its test) may hold libtpu at once.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     import libtpu  # noqa: F401  (only its presence is checked)
   except ImportError as e:
