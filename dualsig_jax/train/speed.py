@@ -23,6 +23,9 @@ from dualsig_jax.plan import chips
 
 log = logging.getLogger('dualsig_jax')
 
+# The timing fields of a training record (they differ between two runs of the same steps).
+SPEED_FIELDS = ('images_per_s', 'images_per_s_per_device', 'step_time_s', 'mfu')
+
 
 class Speed:
   """Throughput fields of the training log (`fields()` at each log step).
