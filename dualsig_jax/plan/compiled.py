@@ -55,7 +55,9 @@ class StepCost:
 
   Bytes: `argument`, `temp`, `output`, `alias` (outputs that reuse donated arguments);
   `hbm` = argument + temp + output - alias, the step's peak HBM footprint on a chip.
-  `flops`, `bytes_accessed`: of the per-chip program, one step.
+  `flops`, `bytes_accessed`: of the per-chip program, one step. Per image they include the
+  step's batch-free part (the optimizer update) spread over the batch, so at a small batch
+  they are a little higher than the marginal cost of one more image.
   """
 
   step: str
