@@ -20,7 +20,7 @@ WORKER = os.path.join(ROOT, 'tests', 'slow_save_worker.py')
 
 def _start(data_root, workdir, markers):
   cmd = train_cmd(data_root, workdir, 100000, '--config.checkpoint.async_save=True')
-  env = dict(os.environ, SLOW_SAVE_MARKERS=str(markers), SLOW_SAVE_S='6')
+  env = dict(os.environ, SLOW_SAVE_MARKERS=str(markers), SLOW_SAVE_S='3')
   return subprocess.Popen(
     [sys.executable, WORKER, *cmd[2:]],
     cwd=ROOT,
@@ -70,23 +70,26 @@ def test_kill_9_during_an_async_save_resumes_from_the_previous_step(smoke_data, 
   proc = _start(smoke_data, workdir, markers)
   try:
     _wait_for_save(proc, markers, 2)  # the 2nd save (step 8) is being written
-    time.sleep(1.0)
+    time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
   finally:
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
       proc.wait()
-  # The step in flight never became a step folder; the previous one is complete.
+  # The step in flight never became a step folder (only Orbax's temporary one is left, which
+  # no reader takes); the previous one is complete.
   assert checkpoint_steps(workdir) == [4]
+  assert [d for d in os.listdir(_ckpt_dir(workdir)) if d.startswith('8.')], 'not killed mid-save'
+  assert checkpoints.manager(_ckpt_dir(workdir), max_to_keep=2).all_steps() == [4]
   variables, info = checkpoints.restore_variables(_ckpt_dir(workdir))
   assert info['step'] == 4 and variables['params']
   # A resume continues from step 4 (the half-written step 8 is never read).
   rc = subprocess.run(
-    train_cmd(smoke_data, workdir, 10), cwd=ROOT, capture_output=True, text=True, timeout=900
+    train_cmd(smoke_data, workdir, 6), cwd=ROOT, capture_output=True, text=True, timeout=900
   )
   assert rc.returncode == 0, rc.stderr[-3000:]
   with open(workdir / 'metrics.jsonl') as f:
     starts = [json.loads(line) for line in f if '"start"' in line]
   assert starts[-1]['origin'] == 'resumed from step 4', starts
-  assert checkpoint_steps(workdir)[-1] == 10
+  assert checkpoint_steps(workdir)[-1] == 6
