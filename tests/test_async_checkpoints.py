@@ -93,3 +93,5 @@ def test_kill_9_during_an_async_save_resumes_from_the_previous_step(smoke_data, 
     starts = [json.loads(line) for line in f if '"start"' in line]
   assert starts[-1]['origin'] == 'resumed from step 4', starts
   assert checkpoint_steps(workdir)[-1] == 6
+  # The resumed run removed the half-written folder.
+  assert not [d for d in os.listdir(_ckpt_dir(workdir)) if d.startswith('8.')]

@@ -70,11 +70,18 @@ def _corrupt(step_dir: str, file: str, detail: str) -> CheckpointCorruptError:
 _ASYNC, _PENDING = '_dualsig_async', '_dualsig_pending_step'
 
 
-def manager(directory: str, *, max_to_keep: int, async_save: bool = False) -> ocp.CheckpointManager:
+def manager(
+  directory: str, *, max_to_keep: int, async_save: bool = False, writer: bool = False
+) -> ocp.CheckpointManager:
   """An Orbax manager of a stage's checkpoint folder; `async_save`: saves write in the
-  background (see the module docstring)."""
+  background (see the module docstring). `writer`: the training run that owns the folder,
+  which removes the temporary folders of saves a killed process left half-written (a reader
+  must not: they may be another process's saves in flight)."""
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+    max_to_keep=max_to_keep,
+    create=True,
+    enable_async_checkpointing=async_save,
+    cleanup_tmp_directories=writer,
   )
   mgr = ocp.CheckpointManager(os.path.abspath(directory), options=options)
   setattr(mgr, _ASYNC, async_save)

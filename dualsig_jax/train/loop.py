@@ -149,6 +149,7 @@ def _set_up(config, workdir, stage) -> _Stage:
       ckpt_dir,
       max_to_keep=config.checkpoint.max_to_keep,
       async_save=config.checkpoint.async_save,
+      writer=True,
     ),
     meta=stage_lib.model_record(config, stage),
     steps_per_epoch=spe,
