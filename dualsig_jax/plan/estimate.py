@@ -40,13 +40,9 @@ def split_images(config: ml_collections.ConfigDict, split: str) -> int | None:
     )
   if i.dataset_name == 'ILSVRC' and split == 'train':
     return ILSVRC_TRAIN_IMAGES
-  root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), 'metadata')
-  try:
-    from dualsig_jax.data import paths
+  from dualsig_jax.data import paths
 
-    root = paths.metadata_dir() if hasattr(paths, 'metadata_dir') else root
-  except ImportError:
-    pass
+  root = i.metadata_root if i.metadata_root not in paths.SHIPPED_NAMES else paths.SHIPPED_METADATA
   path = os.path.join(root, i.dataset_name, split, 'image_ids.txt')
   try:
     with open(path, encoding='utf-8') as f:
