@@ -1,12 +1,17 @@
 """The synthetic main job over several seeds (and optionally XLA's AVX2 code path): mean and
-min-max of every column of results.md, so the README states a spread, not one run (not a test).
+min-max of every column of results.md, so the README states a spread, not one run (not a test),
+and the 90% prediction interval of one new run, mean ± t(0.95, n-1)·s·sqrt(1 + 1/n) (s: the
+sample standard deviation over the n seeds; needs n >= 2).
 
 Each run is `python train.py --config configs/synthetic.py --workdir <out>/<isa>_seed<S>
 --config.seed=S`; finished runs are reused (the command resumes), so the script can be stopped
 and started again. A delta whose min-max range spans zero is reported as no difference.
 
+`--set input.batch_size=512 --set vanilla.warmup_epochs=1` passes config overrides to every run
+(give each setting its own `--out`: finished runs there are reused as they are).
+
 Usage: python bench/seed_spread.py [--seeds 0 1 2] [--isa native AVX2] [--out runs/seeds]
-       [--markdown spread.md]
+       [--set FIELD=VALUE ...] [--markdown spread.md]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import subprocess
 import sys
 
 import numpy as np
+from scipy import stats
 
 from dualsig_jax.report import METRIC_COLUMNS as METRICS
 
@@ -36,7 +42,7 @@ def cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
-def run(seed: int, isa: str, out: str) -> dict:
+def run(seed: int, isa: str, out: str, overrides=()) -> dict:
   workdir = os.path.join(out, f'{isa}_seed{seed}')
   results = os.path.join(workdir, 'results.json')
   if not os.path.exists(results):
@@ -51,6 +57,7 @@ def run(seed: int, isa: str, out: str) -> dict:
       '--workdir',
       workdir,
       f'--config.seed={seed}',
+      *(f'--config.{o}' for o in overrides),
     ]
     print('+', ' '.join(cmd), f'(XLA_FLAGS={env.get("XLA_FLAGS", "")})', flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
@@ -58,16 +65,28 @@ def run(seed: int, isa: str, out: str) -> dict:
     return json.load(f)
 
 
+def prediction_interval(v: np.ndarray, level: float = 0.90) -> tuple[float, float]:
+  """Two-sided `level` prediction interval of one new run from the n runs `v` [n]
+  (Student t, normal runs assumed): mean ± t((1 + level) / 2, n - 1)·s·sqrt(1 + 1/n)."""
+  n = len(v)
+  if n < 2:
+    return float('nan'), float('nan')
+  half = stats.t.ppf((1 + level) / 2, n - 1) * v.std(ddof=1) * np.sqrt(1 + 1 / n)
+  return float(v.mean() - half), float(v.mean() + half)
+
+
 def _cell(v: np.ndarray, delta: bool) -> str:
+  lo, hi = prediction_interval(v)
+  sign = '+' if delta else ''
+  text = f'{v.mean():{sign}.2f} ({v.min():{sign}.2f} – {v.max():{sign}.2f}) [{lo:{sign}.2f}, {hi:{sign}.2f}]'
   if delta:
-    text = f'{v.mean():+.2f} ({v.min():+.2f} – {v.max():+.2f})'
-    return text + (' ≈ 0' if v.min() <= 0 <= v.max() else '')
-  return f'{v.mean():.2f} ({v.min():.2f} – {v.max():.2f})'
+    text += ' ≈ 0' if v.min() <= 0 <= v.max() else ''
+  return text
 
 
 def table(runs: list[dict]) -> str:
-  """results.md's layout with 'mean (min – max)' cells; a delta whose range spans zero is
-  marked '≈ 0' (no difference)."""
+  """results.md's layout with 'mean (min – max) [90% prediction interval]' cells; a delta
+  whose min-max range spans zero is marked '≈ 0' (no difference)."""
   cols = ['Top-1 Cls', *(name for name, _ in METRICS)]
   lines = ['| Method | Head | ' + ' | '.join(cols) + ' |', '|---|---|' + '---|' * len(cols)]
   top1 = np.asarray([r['classification']['softmax_top1'] for r in runs])
@@ -96,17 +115,26 @@ def main():
   p.add_argument('--isa', nargs='+', default=['native'], help="'native' and/or e.g. AVX2")
   p.add_argument('--out', default=os.path.join(ROOT, 'runs', 'seeds'))
   p.add_argument('--markdown', default=None, help='also write the tables here')
+  p.add_argument(
+    '--set',
+    dest='overrides',
+    action='append',
+    default=[],
+    metavar='FIELD=VALUE',
+    help='config override for every run (--config.FIELD=VALUE), repeatable',
+  )
   a = p.parse_args()
   import jax  # only for the versions line
 
   header = (
     f'CPU: {cpu_name()}, {os.cpu_count()} cores; python {platform.python_version()}, '
-    f'jax {jax.__version__}; seeds {a.seeds}'
+    f'jax {jax.__version__}; seeds {a.seeds}; overrides {a.overrides or "none"}; cells: mean '
+    '(min – max) [90% prediction interval of one new run]'
   )
   parts = [header]
   all_runs = []
   for isa in a.isa:
-    runs = [run(s, isa, a.out) for s in a.seeds]
+    runs = [run(s, isa, a.out, a.overrides) for s in a.seeds]
     all_runs += runs
     parts.append(f'\n### XLA CPU code path: {isa} ({len(runs)} seeds)\n\n' + table(runs))
   if len(a.isa) > 1:

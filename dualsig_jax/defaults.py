@@ -40,6 +40,9 @@ BACKBONE_MODES = ('train', 'inference')
 # lr decay: 'reference' = x rate at the start of 1-based epoch e when e % frequency == 0 [ref];
 # 'steplr' = torch StepLR stepped per epoch, x rate after every `frequency` epochs.
 LR_SCHEDULES = ('reference', 'steplr')
+# How a stage's lr follows the global batch B from the batch it was tuned at (base_batch_size):
+# x B/base ('linear', Goyal et al. 2017), x sqrt(B/base) ('sqrt'), unchanged ('none').
+LR_SCALINGS = ('linear', 'sqrt', 'none')
 FIDELITY_TARGETS = ('pred', 'label')
 
 # Fields that may differ between a run and its resume (the rest must match config.json).
@@ -48,6 +51,7 @@ RESUME_SAFE_FIELDS = (
   'stages',  # each stage's checkpoint records and checks its own model
   'log_every_steps',
   'logging',
+  'profile_steps',
   'input.num_workers',  # the saved data position is in global batches (data/train_loader.py)
   'input.data_root',
   'input.mask_root',
@@ -55,6 +59,7 @@ RESUME_SAFE_FIELDS = (
   'input.skip_bad_images',
   'checkpoint.every_steps',
   'checkpoint.max_to_keep',
+  'checkpoint.async_save',
   'eval',
   'vanilla.num_epochs',
   'vanilla.max_steps',
@@ -77,6 +82,15 @@ def _stage_section(**overrides) -> ml_collections.ConfigDict:
       nesterov=True,
       weight_decay=1e-4,  # argparse default of the reference [ref]
       max_steps=0,  # > 0: run this many steps instead of num_epochs (smoke runs, benchmarks) [here]
+      # The global batch lr was tuned at (the published recipes: 32 [ref]); at another
+      # input.batch_size the lr follows lr_scaling (see LR_SCALINGS) [here].
+      base_batch_size=32,
+      lr_scaling='linear',
+      warmup_epochs=0.0,  # linear lr ramp from ~0 over this many epochs (0: none) [here]
+      # > 1: each step's global batch runs as this many micro-batches with their gradients
+      # averaged (optax.MultiSteps), for a per-chip batch that does not fit; BatchNorm
+      # statistics are then per micro-batch [here].
+      accum_steps=1,
     )
   )
   sec.update(overrides)
@@ -94,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   # curves, the evaluation metrics, and at each epoch's end both heads' CAMs over the first
   # `tensorboard_images` images of the eval split (0: no images) [here].
   c.logging = ml_collections.ConfigDict(dict(tensorboard=True, tensorboard_images=4))
+  # 'a,b': a jax.profiler trace of steps a..b (1-based, each stage) into <workdir>/profile/<stage>
+  # (TensorBoard's profile plugin or Perfetto read it); '' = none [here].
+  c.profile_steps = ''
 
   c.model = ml_collections.ConfigDict(
     dict(
@@ -148,7 +165,9 @@ def base_config() -> ml_collections.ConfigDict:
     temp=1.0,  # logits / temp before the loss [ref]
   )
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=2))
+  # async_save: Orbax writes each step in the background while training goes on (the manifest
+  # follows once the step is complete; SIGTERM waits for it) [here].
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=2, async_save=True))
 
   c.eval = ml_collections.ConfigDict(
     dict(
@@ -276,6 +295,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_range(config, f'{stage}.max_steps', low=0, integer=True)
     _check_range(config, f'{stage}.lr_decay_frequency', low=1, integer=True)
     _check_range(config, f'{stage}.lr_decay_rate', low=0.0, low_open=True, high=1.0)
+    _check(config[stage].lr_scaling, LR_SCALINGS, f'{stage}.lr_scaling')
+    _check_range(config, f'{stage}.base_batch_size', low=1, integer=True)
+    _check_range(config, f'{stage}.warmup_epochs', low=0.0)
+    _check_range(config, f'{stage}.accum_steps', low=1, integer=True)
   _check_range(config, 'dual.temp', low=0.0, low_open=True)
   _check_range(config, 'dual.gamma', low=0.0, low_open=True)
   _check_range(config, 'dual.pos_weight')  # < 0: C - 1; any number, not NaN
@@ -315,6 +338,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_range(config, 'checkpoint.max_to_keep', low=1, integer=True)
   _check_range(config, 'log_every_steps', low=1, integer=True)
   _check_range(config, 'logging.tensorboard_images', low=0, high=16, integer=True)
+  profile_range(config.profile_steps)
   if config.input.crop_size > config.input.resize_size:
     raise ValueError('config.input.crop_size must be <= config.input.resize_size')
   if (
@@ -327,6 +351,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f'an MLP (classifier_2); plain CAM needs a linear head: use model.family="cam" for CAM, '
       f'or one of {list(vocab.GRADIENT_METHODS)}'
     )
+
+
+def profile_range(spec: str) -> tuple[int, int] | None:
+  """(first, last) step of `config.profile_steps` ('a,b', 1 <= a <= b), None for ''."""
+  if not spec:
+    return None
+  try:
+    a, b = (int(v) for v in spec.split(','))
+  except ValueError:
+    a, b = 0, -1
+  if not 1 <= a <= b:
+    raise ValueError(
+      f'config.profile_steps={spec!r} must be two steps "a,b" with 1 <= a <= b (e.g. "10,20"), '
+      'or "" for no trace'
+    )
+  return a, b
 
 
 class BatchSplitError(ValueError):

@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 import processes  # noqa: E402
 
 from configs import synthetic  # noqa: E402
+from dualsig_jax.train import speed  # noqa: E402
 
 NUM_DEVICES = 2  # in all, in every run
 GLOBAL_BATCH = 8
@@ -71,7 +72,7 @@ def _records(workdir):
   with open(os.path.join(str(workdir), 'metrics.jsonl')) as f:
     recs = [json.loads(line) for line in f if line.strip()]
   return {
-    r['step']: {k: v for k, v in r.items() if k != 'images_per_s'}
+    r['step']: {k: v for k, v in r.items() if k not in speed.SPEED_FIELDS}
     for r in recs
     if r.get('stage') == 'vanilla' and 'loss' in r
   }

@@ -11,6 +11,13 @@ readers fall back to the newest readable step with a warning (`restore_newest`).
 Each step also gets `checksums.json` (sha256 of every file of the step, written once the step is
 complete): a file whose bytes changed at the same size, which no parser notices, is damage like
 a truncated one. Steps written before the manifest existed are read unverified.
+
+Saves may be asynchronous (`manager(async_save=True)`): `save` returns once the arrays and
+the data position are copied to the host, Orbax writes the step into a temporary folder in the
+background and renames it into place when complete, so a process killed mid-save leaves no
+step folder that a reader would take (the previous complete step is read). `finish` waits for
+the save in flight on every process and only then writes its manifest; the next `save`, and
+the training loop on every exit path (including SIGTERM), call it.
 """
 
 from __future__ import annotations
@@ -58,11 +65,27 @@ def _corrupt(step_dir: str, file: str, detail: str) -> CheckpointCorruptError:
   )
 
 
-def manager(directory: str, *, max_to_keep: int) -> ocp.CheckpointManager:
+# Attributes this module keeps on a manager: whether it saves asynchronously, and the step of
+# its save in flight (None when none).
+_ASYNC, _PENDING = '_dualsig_async', '_dualsig_pending_step'
+
+
+def manager(
+  directory: str, *, max_to_keep: int, async_save: bool = False, writer: bool = False
+) -> ocp.CheckpointManager:
+  """An Orbax manager of a stage's checkpoint folder; `async_save`: saves write in the
+  background (see the module docstring). `writer`: the training run that owns the folder,
+  which removes the temporary folders of saves a killed process left half-written (a reader
+  must not: they may be another process's saves in flight)."""
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+    max_to_keep=max_to_keep,
+    create=True,
+    enable_async_checkpointing=async_save,
+    cleanup_tmp_directories=writer,
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  mgr = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  setattr(mgr, _ASYNC, async_save)
+  return mgr
 
 
 def step_dir(mgr: ocp.CheckpointManager, step: int) -> str:
@@ -131,13 +154,41 @@ def manifest_digest(path: str) -> str | None:
     return None
 
 
+class _DataPosition:
+  """The data iterator's state captured when a save starts (the loop moves the iterator on
+  while an asynchronous save is written)."""
+
+  def __init__(self, data_iter):
+    state = data_iter.get_state()
+    self._state = state if isinstance(state, bytes) else json.dumps(state).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
 def save(mgr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -> None:
-  """Saves one step (state, data iterator when given, JSON record) and its checksum manifest."""
+  """Saves one step (state, data iterator when given, JSON record) and its checksum manifest.
+
+  With an async manager, returns while the files are written; `finish(mgr)` completes it.
+  A previous save still in flight is finished first."""
+  finish(mgr)
   items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
   if data_iter is not None:
-    items['data'] = grain.PyGrainCheckpointSave(data_iter)
+    items['data'] = grain.PyGrainCheckpointSave(_DataPosition(data_iter))
   mgr.save(step, args=ocp.args.Composite(**items), force=True)
+  setattr(mgr, _PENDING, step)
+  if not getattr(mgr, _ASYNC, False):
+    finish(mgr)
+
+
+def finish(mgr: ocp.CheckpointManager) -> None:
+  """Waits until the manager's save in flight is written on every process, then writes its
+  checksum manifest (process 0). No-op without one. Every process must call it."""
   mgr.wait_until_finished()
+  step = getattr(mgr, _PENDING, None)
+  if step is None:
+    return
+  setattr(mgr, _PENDING, None)
   # The step folder is complete (renamed into place): every process's files are in it.
   if jax.process_index() == 0:
     write_manifest(step_dir(mgr, step))

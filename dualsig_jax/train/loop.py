@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import os
-import time
 
 import jax
 import ml_collections
@@ -20,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dualsig_jax import data, defaults
-from dualsig_jax.train import checkpoints, interrupt, optim, resume, sharding, summary
+from dualsig_jax.train import checkpoints, interrupt, optim, resume, sharding, speed, summary
 from dualsig_jax.train import stage as stage_lib
 from dualsig_jax.train.state import create_state, train_step
 
@@ -100,6 +99,7 @@ class _Stage:
   """What one stage's run is made of (built by `_set_up`)."""
 
   name: str
+  workdir: str
   config: ml_collections.ConfigDict
   section: ml_collections.ConfigDict  # config.vanilla or config.dual
   unfreeze: str
@@ -125,6 +125,7 @@ class _Stage:
       steps_per_epoch=self.steps_per_epoch,
       unfreeze=self.unfreeze,
       family=self.config.model.family,
+      global_batch=self.config.input.batch_size,
     )
     return create_state(variables, self.tx, self.config.seed)
 
@@ -135,17 +136,24 @@ def _set_up(config, workdir, stage) -> _Stage:
   o = settings.section
   mesh = sharding.make_mesh()
   local_batch = sharding.check_global_batch(config.input.batch_size, mesh)
+  sharding.check_accumulation(config.input.batch_size, o.accum_steps, mesh, f'{stage}.accum_steps')
   spe = data.steps_per_epoch(config.input, config.input.batch_size)
   ckpt_dir = stage_lib.checkpoint_dir(workdir, stage)
   return _Stage(
     name=stage,
+    workdir=workdir,
     config=config,
     section=o,
     unfreeze=settings.unfreeze,
     mesh=mesh,
     model=stage_lib.build_stage_model(config, stage),
     ckpt_dir=ckpt_dir,
-    mgr=checkpoints.manager(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep),
+    mgr=checkpoints.manager(
+      ckpt_dir,
+      max_to_keep=config.checkpoint.max_to_keep,
+      async_save=config.checkpoint.async_save,
+      writer=True,
+    ),
     meta=stage_lib.model_record(config, stage),
     steps_per_epoch=spe,
     total=stage_lib.total_steps(config, stage, spe),
@@ -168,17 +176,27 @@ def _open_data(config, st: _Stage):
   return iter(loader)
 
 
-def _compile_step(config, st: _Stage):
-  """The jitted, sharded train step: (state, global batch) -> (state, metrics)."""
-  repl = sharding.replicated(st.mesh)
+def jit_train_step(config, stage: str, model, tx, mesh):
+  """The stage's jitted, sharded train step: (state, global batch) -> (state, metrics);
+  state replicated (donated), batch split over the mesh's 'data' axis. Also what
+  `dualsig_jax.plan` compiles for a TPU slice."""
+  repl = sharding.replicated(mesh)
   return jax.jit(
     functools.partial(
-      train_step, model=st.model, tx=st.tx, **stage_lib.step_kwargs(config, st.name)
+      train_step,
+      model=model,
+      tx=tx,
+      accum_steps=int(config[stage].accum_steps),
+      **stage_lib.step_kwargs(config, stage),
     ),
-    in_shardings=(repl, sharding.data_sharded(st.mesh)),
+    in_shardings=(repl, sharding.data_sharded(mesh)),
     out_shardings=(repl, repl),
     donate_argnums=(0,),
   )
+
+
+def _compile_step(config, st: _Stage):
+  return jit_train_step(config, st.name, st.model, st.tx, st.mesh)
 
 
 def _log_start(config, st: _Stage, logger: _Log, origin: str, first: int) -> dict:
@@ -241,13 +259,22 @@ class _Progress:
       disable=jax.process_index() != 0,
       dynamic_ncols=True,
     )
-    self.t0, self.images = time.perf_counter(), 0
+    self.speed = speed.Speed(st.config.input.batch_size, list(st.mesh.devices.flat))
 
-  def step(self, batch_size: int) -> None:
-    self.images += batch_size
+  def step(self) -> None:
+    self.speed.step()
     self.bar.update(1)
 
+  def compiled(self, step: int) -> None:
+    """Logs the first step's compile, once per stage (kept out of the speed fields)."""
+    rec = dict(stage=self.st.name, step=step, **self.speed.compile_record())
+    self.logger.write(rec)
+    if self.logger.on:
+      log.info('stage %s: step compiled in %.1f s', self.st.name, rec['compile_s'])
+
   def write(self, step: int, metrics, loss: float) -> None:
+    """The log step's record (metrics.jsonl and the console), built here only: the step's
+    metrics, learning rates and the speed since the previous log step."""
     sched = self.st.schedules
     rec = {k: float(v) for k, v in metrics.items()}
     rec.update(
@@ -255,14 +282,22 @@ class _Progress:
       step=step,
       lr=float(sched['feature'](step - 1)),
       lr_classifier=float(sched['classifier'](step - 1)),
-      images_per_s=self.images / max(time.perf_counter() - self.t0, 1e-9),
+      **self.speed.fields(),
     )
     self.logger.write(rec)
     # The bar shows the lr of a group that trains (fc2 of VGG16 / InceptionV3 is in the
     # classifier group, at lr x lr_classifier_ratio).
     shown = rec['lr_classifier'] if not self.groups['feature'] else rec['lr']
-    self.bar.set_postfix(loss=f'{loss:.4f}', lr=f'{shown:.2g}', img_s=f'{rec["images_per_s"]:.0f}')
-    self.t0, self.images = time.perf_counter(), 0
+    post = dict(
+      loss=f'{loss:.4f}',
+      lr=f'{shown:.2g}',
+      img_s=f'{rec["images_per_s"]:.0f}',
+      img_s_dev=f'{rec["images_per_s_per_device"]:.0f}',
+      step_s=f'{rec["step_time_s"]:.3f}',
+    )
+    if 'mfu' in rec:
+      post['mfu'] = f'{rec["mfu"]:.1%}'
+    self.bar.set_postfix(**post)
 
   def close(self) -> None:
     self.bar.close()
@@ -289,6 +324,7 @@ def _run_steps(config, st: _Stage, state, data_iter, progress: _Progress, start)
   """
   step_fn = _compile_step(config, st)
   step, saved, metrics, last_loss = int(state.step), start, None, float('nan')
+  profile = speed.Profile(config, st.workdir, st.name)
 
   def save(at):
     checkpoints.save(st.mgr, at, jax.device_get(state), data_iter, st.meta)
@@ -300,9 +336,16 @@ def _run_steps(config, st: _Stage, state, data_iter, progress: _Progress, start)
       if batch is None:
         break
       gbatch = sharding.to_global({'image': batch['image'], 'label': batch['label']}, st.mesh)
-      state, metrics = step_fn(state, gbatch)
-      step += 1
-      progress.step(config.input.batch_size)
+      if metrics is None:
+        step_fn = progress.speed.compile(step_fn, state, gbatch)
+        progress.compiled(step + 1)
+      profile.before(step + 1)
+      # Between two log or save steps nothing reads the device (see speed.py).
+      with speed.between_logs(step + 1, st.total, config):
+        state, metrics = step_fn(state, gbatch)
+        step += 1
+        progress.step()
+      profile.after(step, metrics)
       if step % config.log_every_steps == 0 or step == st.total:
         last_loss = _finite_loss(st, metrics, step)
         progress.write(step, metrics, last_loss)
@@ -311,6 +354,7 @@ def _run_steps(config, st: _Stage, state, data_iter, progress: _Progress, start)
         saved = save(step)
       if progress.logger.tb is not None and (step % st.steps_per_epoch == 0 or step == st.total):
         progress.logger.tb.epoch_end(step, -(-step // st.steps_per_epoch), state.variables())
+    profile.stop()
     stopped = interrupt.requested() is not None
     if stopped and metrics is not None and saved != step:
       _finite_loss(st, metrics, step)
@@ -339,6 +383,8 @@ def _train_stage(config, workdir, stage):
   finally:
     # Deferred: a Ctrl-C raised inside grain's teardown would be printed and swallowed.
     with interrupt.deferred():
+      # An asynchronous save still in flight completes (with its manifest) on every exit path.
+      checkpoints.finish(st.mgr)
       if progress is not None:
         progress.close()
         if progress.logger.tb is not None:

@@ -1,5 +1,9 @@
 """Optimizer of both stages: SGD-Nesterov with the reference's name-based parameter groups.
 
+The stage's lr is scaled from the batch it was tuned at to the run's global batch
+(`lr_scale`), optionally ramped up over `warmup_epochs`, and with `accum_steps` > 1 the
+optimizer is wrapped in `optax.MultiSteps` (one update per `accum_steps` micro-batches).
+
 Every parameter gets one label: 'feature' (lr), 'classifier' (lr x lr_classifier_ratio) or
 'frozen'. Frozen leaves go through `optax.set_to_zero()`, which keeps no optimizer state for
 them; together with the model's `stop_gradient` this states the freezing twice.
@@ -10,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -67,6 +72,33 @@ def step_decay_schedule(
   return lambda step: lr * decay_rate ** ((step // spe + shift) // f)
 
 
+def lr_scale(rule: str, global_batch: int, base_batch: int) -> float:
+  """The factor a stage's lr is multiplied by at `global_batch` (tuned at `base_batch`):
+  'linear' B/base, 'sqrt' sqrt(B/base), 'none' 1. Exactly 1.0 when B == base."""
+  if rule not in ('linear', 'sqrt', 'none'):
+    raise ValueError(f"unknown lr_scaling {rule!r}; valid: ['linear', 'sqrt', 'none']")
+  if rule == 'none' or global_batch == base_batch:
+    return 1.0
+  ratio = global_batch / base_batch
+  return ratio if rule == 'linear' else ratio**0.5
+
+
+def with_warmup(schedule, warmup_steps: int):
+  """`schedule` times a linear ramp (step + 1) / warmup_steps over the first `warmup_steps`
+  steps (0: `schedule` itself, unchanged)."""
+  if warmup_steps <= 0:
+    return schedule
+  w = int(warmup_steps)
+
+  def warmed(step):
+    ramp = (step + 1) / w
+    # Python ints when logging, traced int32 steps inside optax.
+    factor = min(ramp, 1.0) if isinstance(ramp, float) else jnp.minimum(ramp, 1.0)
+    return schedule(step) * factor
+
+  return warmed
+
+
 def _sgd(schedule, o: ml_collections.ConfigDict) -> optax.GradientTransformation:
   # torch.optim.SGD adds weight_decay * param to the gradient before momentum; so does this.
   return optax.chain(
@@ -84,23 +116,37 @@ def make_optimizer(
   steps_per_epoch: int,
   unfreeze: str = 'fc2',
   family: str = 'cam',
+  global_batch: int | None = None,
 ):
   """Builds the stage's optimizer.
 
+  global_batch: the run's global batch; the lr is scaled from `optim_cfg.base_batch_size` by
+    `optim_cfg.lr_scaling` (None: not scaled). `optim_cfg.warmup_epochs` ramps it up and
+    `optim_cfg.accum_steps` > 1 wraps the optimizer in optax.MultiSteps (fields missing from
+    an older section: no scaling, warmup or accumulation).
   Returns:
     (tx, labels, schedules): the optax transformation, the label pytree (same structure as
     params) and {'feature': fn, 'classifier': fn} learning-rate schedules for logging.
   """
   o = optim_cfg
+  scale = 1.0
+  if global_batch is not None:
+    scale = lr_scale(o.get('lr_scaling', 'none'), global_batch, o.get('base_batch_size', 32))
+  warmup = round(float(o.get('warmup_epochs', 0.0)) * steps_per_epoch)
+  # At scale 1.0 the lr is not multiplied at all: a run at the tuned batch is bit-identical.
+  lr = o.lr if scale == 1.0 else o.lr * scale
   schedules = {
-    group: step_decay_schedule(
-      lr,
-      decay_rate=o.lr_decay_rate,
-      frequency=o.lr_decay_frequency,
-      steps_per_epoch=steps_per_epoch,
-      rule=o.lr_schedule,
+    group: with_warmup(
+      step_decay_schedule(
+        group_lr,
+        decay_rate=o.lr_decay_rate,
+        frequency=o.lr_decay_frequency,
+        steps_per_epoch=steps_per_epoch,
+        rule=o.lr_schedule,
+      ),
+      warmup,
     )
-    for group, lr in (('feature', o.lr), ('classifier', o.lr * o.lr_classifier_ratio))
+    for group, group_lr in (('feature', lr), ('classifier', lr * o.lr_classifier_ratio))
   }
   labels = param_labels(params, arch=arch, stage=stage, unfreeze=unfreeze, family=family)
   tx = optax.multi_transform(
@@ -111,6 +157,10 @@ def make_optimizer(
     },
     labels,
   )
+  if int(o.get('accum_steps', 1)) > 1:
+    # Gradients of accum_steps micro-batches are averaged; the inner optimizer (and its
+    # schedule count) advances once per step (state.train_step feeds the micro-batches).
+    tx = optax.MultiSteps(tx, every_k_schedule=int(o.accum_steps))
   return tx, labels, schedules
 
 

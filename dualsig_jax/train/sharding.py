@@ -69,6 +69,18 @@ def check_global_batch(global_batch: int, mesh: Mesh, name: str = 'input.batch_s
   )
 
 
+def check_accumulation(global_batch: int, accum_steps: int, mesh: Mesh, name: str) -> None:
+  """Refuses an `accum_steps` (config field `name`) that does not split each device's share
+  of `global_batch` into equal micro-batches."""
+  per_device = global_batch // mesh.devices.size
+  if accum_steps > 1 and per_device % accum_steps:
+    raise ValueError(
+      f'config.{name}={accum_steps} does not split the per-device batch {per_device} '
+      f'(input.batch_size={global_batch} over {mesh.devices.size} devices); pick a divisor of '
+      f'{per_device}'
+    )
+
+
 def to_global(local_batch: dict, mesh: Mesh) -> dict:
   """Assembles each process's numpy batch [b, ...] into global arrays [b * processes, ...]."""
   sharding = data_sharded(mesh)

@@ -85,16 +85,21 @@ def loss_fn(
   return loss, (new_stats, metrics)
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, **loss_kwargs):
+def train_step(state: TrainState, batch: dict, *, model, tx, accum_steps: int = 1, **loss_kwargs):
   """One optimizer step on a (global) batch.
 
   Args:
     state: TrainState (replicated).
     batch: {'image': float32 [B, H, W, 3], 'label': int32 [B]} (sharded over 'data').
     model, tx, loss_kwargs: bound with functools.partial before jax.jit.
+    accum_steps: > 1: the batch runs as this many micro-batches of B / accum_steps rows (rows
+      i, i + k, ...: each device keeps its own rows), whose gradients `tx` (an
+      optax.MultiSteps of that k) averages into one update; BatchNorm sees each micro-batch.
   Returns:
-    (new_state, metrics dict of float32 scalars).
+    (new_state, metrics dict of float32 scalars; with accum_steps > 1 their micro-batch mean).
   """
+  if accum_steps > 1:
+    return _accumulated_step(state, batch, model=model, tx=tx, k=accum_steps, **loss_kwargs)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, (new_stats, metrics)), grads = grad_fn(state.params, state, batch, model=model, **loss_kwargs)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -103,6 +108,31 @@ def train_step(state: TrainState, batch: dict, *, model, tx, **loss_kwargs):
     step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
   )
   return new_state, metrics
+
+
+def _accumulated_step(state: TrainState, batch: dict, *, model, tx, k: int, **loss_kwargs):
+  def split(x):  # [B, ...] -> [k, B / k, ...], micro-batch j = rows j, j + k, ...
+    return jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def micro(carry, xs):
+    params, stats, opt_state = carry
+    mb, j = xs
+    # Each micro-batch draws its own dropout mask.
+    st = state.replace(params=params, batch_stats=stats, rng=jax.random.fold_in(state.rng, j))
+    (_, (stats, metrics)), grads = grad_fn(params, st, mb, model=model, **loss_kwargs)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), stats, opt_state), metrics
+
+  init = (state.params, state.batch_stats, state.opt_state)
+  (params, stats, opt_state), metrics = jax.lax.scan(
+    micro, init, (jax.tree.map(split, batch), jnp.arange(k))
+  )
+  new_state = state.replace(
+    step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state
+  )
+  return new_state, jax.tree.map(lambda m: m.mean(0), metrics)
 
 
 def predict_step(variables: dict, images: jax.Array, *, model) -> dict:
