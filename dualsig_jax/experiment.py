@@ -76,7 +76,14 @@ def _evaluated_state(config, workdir: str) -> dict:
 
 def saved_results(config, workdir: str) -> dict | None:
   """results.json of `workdir` when it was computed from this config and the current newest
-  checkpoints (recorded in evaluated.json), else None."""
+  checkpoints (recorded in evaluated.json), else None.
+
+  results.json must also record the evaluation settings this config asks for (split,
+  methods, thresholds, model: `report.evaluation_settings`) and the newest dual step: an
+  evaluation with other settings, or one an earlier version let eval.py write over the run's
+  own, is never presented as this run's."""
+  from dualsig_jax import report  # the plotting libraries: only when results are reused
+
   try:
     with open(os.path.join(workdir, EVALUATED_FILE), encoding='utf-8') as f:
       record = json.load(f)
@@ -86,7 +93,13 @@ def saved_results(config, workdir: str) -> dict | None:
     return None
   # Through JSON, so tuples compare as the lists the record holds.
   now = json.loads(json.dumps(_evaluated_state(config, workdir)))
-  return results if record == now else None
+  if record != now or not isinstance(results, dict):
+    return None
+  if results.get('settings') != report.evaluation_settings(config, config.input.eval_split):
+    return None
+  dual = now['checkpoints'].get('dual', {}).get('step')
+  evaluated = (results.get('checkpoints') or {}).get('dual') or {}
+  return results if dual is not None and evaluated.get('step') == dual else None
 
 
 def _write_evaluated(config, workdir: str) -> None:

@@ -70,6 +70,11 @@ def _read_saved(path: str) -> tuple[dict | None, str]:
     return None, f'it is unreadable ({e})'
 
 
+def saved_values(workdir: str) -> dict | None:
+  """The workdir's config.json as dotted name -> value, or None when missing or unreadable."""
+  return _read_saved(os.path.join(workdir, CONFIG_FILE))[0]
+
+
 def checkpoint_config(workdir: str) -> tuple[dict | None, str]:
   """(config recorded in the newest checkpoint step that has one, where) or (None, '').
 
