@@ -94,3 +94,46 @@ def test_reuse_compares_every_setting_that_shapes_results(finished, smoke_data, 
   changed = _short(smoke_data, **{'eval.iou_threshold_list': (50,)})
   json.dump(saved, open(path, 'w'))
   assert experiment.saved_results(changed, copy) is None
+
+
+def test_single_head_checkpoints_are_refused_for_evaluation(finished, tmp_path):
+  """eval.py --checkpoint on a checkpoint whose fc2 was never trained is refused before any
+  image is read: a vanilla stage folder, and converter outputs whose record says fc2: init or
+  clone (variants: the vanilla folder named through evaluate(); the workdir's own dual folder
+  still loads)."""
+  from dualsig_jax import convert_io
+  from dualsig_jax.train import stage as stage_lib
+
+  config, workdir, _ = finished
+  vanilla = os.path.join(workdir, 'vanilla', 'checkpoints')
+  with pytest.raises(ValueError, match='vanilla-stage checkpoint'):
+    stage_lib.load_dual_checkpoint(config, vanilla)
+  with pytest.raises(ValueError, match='vanilla-stage checkpoint'):
+    evaluate.evaluate(config, str(tmp_path / 'eval'), checkpoint=vanilla)
+  assert not (tmp_path / 'eval' / 'results.json').exists()
+  variables, _ = stage_lib.load_dual_checkpoint(
+    config, os.path.join(workdir, 'dual', 'checkpoints')
+  )
+  m = config.model
+  for how in ('init', 'clone'):
+    out = str(tmp_path / f'converted_{how}')
+    convert_io.save_variables(
+      variables,
+      out,
+      arch=m.arch,
+      family=m.family,
+      large_feature_map=m.large_feature_map,
+      meta={'fc2': how},
+    )
+    with pytest.raises(ValueError, match=f'fc2: {how}'):
+      stage_lib.load_dual_checkpoint(config, out)
+  loaded = str(tmp_path / 'converted_loaded')
+  convert_io.save_variables(
+    variables,
+    loaded,
+    arch=m.arch,
+    family=m.family,
+    large_feature_map=m.large_feature_map,
+    meta={'fc2': 'loaded'},
+  )
+  stage_lib.load_dual_checkpoint(config, loaded)

@@ -248,6 +248,20 @@ def check_structure(variables: dict, config: ml_collections.ConfigDict, model, *
     )
 
 
+def _untrained_head(variables: dict, info: dict) -> str:
+  """Why the checkpoint's sigmoid head fc2 is not a trained one, or ''."""
+  if 'fc2' not in variables.get('params', {}):
+    return 'has no sigmoid head (fc2)'
+  if info.get('stage') == 'vanilla':
+    # The vanilla stage trains the dual model's softmax head only: its fc2 is the random init.
+    return 'is a vanilla-stage checkpoint (its fc2 is the untrained initialisation)'
+  if info.get('fc2') not in (None, 'loaded'):
+    return f'was converted without a sigmoid head (its record says fc2: {info["fc2"]})'
+  if info.get('stage') == 'dual' and info.get('step') == 0:
+    return 'is the dual stage at step 0 (its fc2 has not trained a step)'
+  return ''
+
+
 def load_dual_checkpoint(config: ml_collections.ConfigDict, path: str, model=None):
   """(variables, record) of the dual-branch checkpoint folder `path` (a stage's checkpoint
   folder, newest readable step, or a converter output), checked against this config's model
@@ -257,14 +271,18 @@ def load_dual_checkpoint(config: ml_collections.ConfigDict, path: str, model=Non
   Raises:
     FileNotFoundError: no checkpoint folder. CheckpointCorruptError: no readable step.
     ValueError: the checkpoint's record or arrays belong to another model (names the field),
-      or it has no sigmoid head `fc2` (a single-head classifier).
+      or its sigmoid head `fc2` is not a trained one: missing, a vanilla-stage checkpoint
+      (whose fc2 is the random init), a converter output whose record says `fc2: init` /
+      `clone`, or a dual stage at step 0.
   """
   variables, info = checkpoints.restore_variables(path)
   check_source_matches(info, config, path)
-  if 'fc2' not in variables.get('params', {}):
+  untrained = _untrained_head(variables, info)
+  if untrained:
     raise ValueError(
-      f'{path} has no sigmoid head (fc2): it is a single-head classifier; train the dual stage '
-      'on it (dual.init_checkpoint) or convert a dual-branch checkpoint'
+      f'{path} {untrained}: it is a single-head classifier, and its fc2 would be evaluated as '
+      '"sigmoid (ours)"; train the dual stage on it (--config.dual.init_checkpoint) or convert '
+      'a dual-branch checkpoint'
     )
   model = model if model is not None else build_stage_model(config, 'dual')
   check_structure(variables, config, model, where=path)

@@ -1,0 +1,168 @@
+"""What a run refuses or repairs before any work, without training: incomplete config records,
+the workdir lock (eval.py too, liveness from the flock), a read-only workdir, a user's .lock
+file in a generated set. Quick: no step runs here."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from smoke_helpers import ROOT, smoke_config
+
+from dualsig_jax import experiment, workdir
+from dualsig_jax.train import resume
+
+
+def _workdir_with_recorded_step(tmp_path, config):
+  """config.json and a checkpoint step whose record holds the config (as the loop saves it)."""
+  wd = tmp_path / 'run'
+  resume.check_and_write_config(config, str(wd))
+  meta = wd / 'vanilla' / 'checkpoints' / '4' / 'meta'
+  meta.mkdir(parents=True)
+  (meta / 'metadata').write_text(json.dumps({'config': resume.config_values(config)}))
+  return wd
+
+
+@pytest.mark.parametrize(
+  'record',
+  [
+    {},
+    {'experiment': 'synthetic_smoke'},
+    'drop vanilla',
+    'drop vanilla.lr and dual.weight_decay',
+  ],
+)
+def test_an_incomplete_config_record_is_completed_from_the_checkpoint(tmp_path, record):
+  """config.json that parses but lacks fields: the checkpoint's copy guards the resume, so a
+  changed lr and weight decay are refused (not let through with a warning)."""
+  config = smoke_config(tmp_path / 'data')
+  wd = _workdir_with_recorded_step(tmp_path, config)
+  saved = json.loads((wd / 'config.json').read_text())
+  if record == 'drop vanilla':
+    del saved['vanilla']
+    record = saved
+  elif isinstance(record, str):
+    del saved['vanilla']['lr'], saved['dual']['weight_decay']
+    record = saved
+  (wd / 'config.json').write_text(json.dumps(record))
+  changed = smoke_config(tmp_path / 'data', **{'vanilla.lr': 0.1, 'dual.weight_decay': 0.5})
+  with pytest.raises(resume.ConfigChangedError, match='vanilla.lr: 0.05 -> 0.1') as e:
+    resume.check_and_write_config(changed, str(wd), write=False)
+  assert 'dual.weight_decay: 0.0001 -> 0.5' in str(e.value)
+  # The same config resumes, and the record is made whole again.
+  resume.check_and_write_config(config, str(wd))
+  assert resume.saved_values(str(wd)) == resume.config_values(config)
+
+
+def test_an_empty_record_without_a_checkpoint_copy_is_refused(tmp_path):
+  config = smoke_config(tmp_path / 'data')
+  wd = tmp_path / 'run'
+  resume.check_and_write_config(config, str(wd))
+  (wd / 'vanilla' / 'checkpoints' / '4').mkdir(parents=True)
+  for record in ({}, {'model': {'arch': 'resnet_tiny'}}):
+    (wd / 'config.json').write_text(json.dumps(record))
+    with pytest.raises(resume.ConfigChangedError, match='cannot be checked'):
+      resume.check_and_write_config(config, str(wd), write=False)
+
+
+def _hold_lock(wd):
+  """A child process holding workdir.locked(wd) until killed; returns it once it holds."""
+  code = (
+    'import sys, time; sys.path.insert(0, sys.argv[2]); from dualsig_jax import workdir\n'
+    'with workdir.locked(sys.argv[1]):\n  print("locked", flush=True); time.sleep(120)\n'
+  )
+  p = subprocess.Popen([sys.executable, '-c', code, wd, ROOT], stdout=subprocess.PIPE, text=True)
+  assert p.stdout.readline().strip() == 'locked'
+  return p
+
+
+@pytest.mark.parametrize('damage', ['removed', 'emptied', 'replaced by a folder'])
+def test_a_live_lock_holds_when_its_file_is_removed(tmp_path, damage):
+  """`.run.lock` removed (or emptied, or replaced) by hand while a run is active: a second run
+  is still refused, naming the live holder's pid, and deletes none of its temporaries."""
+  wd = str(tmp_path / 'run')
+  tmp = tmp_path / 'run' / 'vanilla' / 'checkpoints' / '8.orbax-checkpoint-tmp-1733100000'
+  p = _hold_lock(wd)
+  try:
+    tmp.mkdir(parents=True)
+    lock = os.path.join(wd, workdir.LOCK_FILE)
+    os.remove(lock)
+    if damage == 'emptied':
+      open(lock, 'w').close()
+    elif damage == 'replaced by a folder':
+      os.mkdir(lock)
+    with pytest.raises(workdir.WorkdirBusyError, match=f'pid {p.pid}'):
+      experiment.run(smoke_config(tmp_path / 'data'), wd, evaluate=False)
+    assert tmp.is_dir(), "the live run's unfinished save was deleted"
+  finally:
+    p.kill()
+    p.wait()
+  if damage == 'replaced by a folder':
+    os.rmdir(os.path.join(wd, workdir.LOCK_FILE))
+  with workdir.locked(wd):  # the holder died: the next run takes it
+    pass
+
+
+def _eval_cmd(wd, data):
+  return [
+    sys.executable,
+    os.path.join(ROOT, 'eval.py'),
+    f'--config={os.path.join(ROOT, "configs", "synthetic.py")}:smoke',
+    f'--workdir={wd}',
+    f'--config.input.data_root={data}',
+    f'--config.input.metadata_root={os.path.join(str(data), "metadata")}',
+  ]
+
+
+def _train_cmd(wd, data):
+  return [
+    os.path.join(ROOT, 'train.py') if a.endswith('eval.py') else a for a in _eval_cmd(wd, data)
+  ]
+
+
+def test_eval_py_takes_the_workdir_lock(tmp_path):
+  """eval.py on a workdir that train.py holds refuses in one line naming the holder's pid,
+  before reading any checkpoint or writing any result."""
+  wd = tmp_path / 'run'
+  (wd / 'dual' / 'checkpoints').mkdir(parents=True)
+  p = _hold_lock(str(wd))
+  try:
+    r = subprocess.run(
+      _eval_cmd(wd, tmp_path / 'data'), capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+  finally:
+    p.kill()
+    p.wait()
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert f'pid {p.pid}' in r.stderr and 'Traceback' not in r.stderr
+  assert sorted(os.listdir(wd)) == ['.run.lock', 'dual']
+
+
+def _make_read_only(path):
+  """chmod for a user; root ignores modes, so chattr +i (an immutable folder) for root."""
+  if os.geteuid() != 0:
+    os.chmod(path, 0o555)
+    return lambda: os.chmod(path, 0o755)
+  r = subprocess.run(['chattr', '+i', str(path)], capture_output=True)
+  if r.returncode != 0:
+    pytest.skip(f'cannot make a folder read-only as root here: {r.stderr!r}')
+  return lambda: subprocess.run(['chattr', '-i', str(path)], check=True)
+
+
+@pytest.mark.parametrize('entry', ['train.py', 'eval.py'])
+def test_a_read_only_workdir_is_one_line_before_any_work(tmp_path, entry):
+  wd = tmp_path / 'run'
+  (wd / 'dual' / 'checkpoints').mkdir(parents=True)
+  undo = _make_read_only(wd)
+  try:
+    cmd = (
+      _eval_cmd(wd, tmp_path / 'data') if entry == 'eval.py' else _train_cmd(wd, tmp_path / 'data')
+    )
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  finally:
+    undo()
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'is not writable' in lines[0] and 'another --workdir' in lines[0]
+  assert not (tmp_path / 'data').exists(), 'work started before the check'
