@@ -16,7 +16,8 @@ smoke_data = smoke_helpers.smoke_data
 
 def _short(data_root, **overrides):
   """The smoke config cut to a few steps per stage (the records, not the accuracy, matter)."""
-  return smoke_config(data_root, **{'vanilla.max_steps': 4, 'dual.max_steps': 2, **overrides})
+  short = {'vanilla.max_steps': 4, 'dual.max_steps': 2, 'checkpoint.every_steps': 2}
+  return smoke_config(data_root, **{**short, **overrides})
 
 
 @pytest.fixture(scope='module')
@@ -25,6 +26,15 @@ def finished(smoke_data, tmp_path_factory):
   config = _short(smoke_data)
   out = experiment.run(config, workdir)
   return config, workdir, out
+
+
+def _copy(finished, tmp_path):
+  import shutil
+
+  config, workdir, _ = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  return config, copy
 
 
 def _results_files(workdir):
@@ -137,3 +147,71 @@ def test_single_head_checkpoints_are_refused_for_evaluation(finished, tmp_path):
     meta={'fc2': 'loaded'},
   )
   stage_lib.load_dual_checkpoint(config, loaded)
+
+
+def test_a_step_of_this_version_without_its_manifest_is_damaged(finished, tmp_path, caplog):
+  """checksums.json deleted from the newest step: the step is not read unverified (here one of
+  its arrays is damaged too), the readers fall back to the previous step with a warning
+  (variants: the vanilla and the dual folder, the manifest emptied instead of deleted, the only
+  step of a folder: no readable checkpoint, one line naming the manifest)."""
+  import glob
+
+  from dualsig_jax.train import checkpoints
+
+  config, wd = _copy(finished, tmp_path)
+  vanilla = os.path.join(wd, 'vanilla', 'checkpoints')
+  assert smoke_helpers.checkpoint_steps(wd) == [2, 4]
+  os.remove(os.path.join(vanilla, '4', checkpoints.MANIFEST))
+  data = max(
+    glob.glob(os.path.join(vanilla, '4', 'state', '**', 'd', '*'), recursive=True),
+    key=os.path.getsize,
+  )
+  with open(data, 'r+b') as f:  # same size, other bytes: no parser notices
+    f.seek(os.path.getsize(data) // 2)
+    f.write(b'\x7f\x7f\x7f\x7f')
+  with caplog.at_level(logging.WARNING, logger='dualsig_jax'):
+    _, info = checkpoints.restore_variables(vanilla)
+  assert info['step'] == 2
+  assert 'checksum manifest is missing' in caplog.text
+  dual = os.path.join(wd, 'dual', 'checkpoints')
+  steps = smoke_helpers.checkpoint_steps(wd, 'dual')
+  open(os.path.join(dual, str(steps[-1]), checkpoints.MANIFEST), 'w').close()  # emptied
+  if len(steps) > 1:
+    assert checkpoints.restore_variables(dual)[1]['step'] == steps[-2]
+  for step in steps[:-1]:
+    os.remove(os.path.join(dual, str(step), checkpoints.MANIFEST))
+  with pytest.raises(checkpoints.CheckpointCorruptError, match='checksums.json'):
+    evaluate.evaluate(config, wd)
+
+
+@pytest.mark.parametrize('how', ['deleted', 'garbled', 'deleted, vanilla changed'])
+def test_a_lost_dual_source_record(finished, tmp_path, how):
+  """dual/source.json lost: its checkpoints' own record of their origin takes over (a changed
+  vanilla checkpoint still makes the dual stage stale), and with neither record the dual stage
+  is stale, as eval.py warns."""
+  from dualsig_jax.train import checkpoints
+  from dualsig_jax.train import stage as stage_lib
+
+  config, wd = _copy(finished, tmp_path)
+  record = os.path.join(wd, 'dual', stage_lib.SOURCE_FILE)
+  assert stage_lib.dual_source_change(config, wd) is None
+  if how == 'garbled':
+    open(record, 'w').write('{"pa')
+  else:
+    os.remove(record)
+  if how.endswith('changed'):
+    manifest = os.path.join(wd, 'vanilla', 'checkpoints', '4', checkpoints.MANIFEST)
+    rec = json.load(open(manifest))
+    rec['sha256']['other'] = '0' * 64  # another vanilla step 4 (its manifest digest differs)
+    json.dump(rec, open(manifest, 'w'))
+    assert 'now holds other weights' in stage_lib.dual_source_change(config, wd)
+    return
+  assert stage_lib.dual_source_change(config, wd) is None  # recovered from the dual steps
+  for step in smoke_helpers.checkpoint_steps(wd, 'dual'):
+    meta = os.path.join(wd, 'dual', 'checkpoints', str(step), 'meta', 'metadata')
+    rec = json.load(open(meta))
+    del rec['source']
+    json.dump(rec, open(meta, 'w'))
+  reason = stage_lib.dual_source_change(config, wd)
+  assert reason is not None and 'cannot be established' in reason
+  assert stage_lib.stage_progress(config, wd)['dual']['source_change'] == reason

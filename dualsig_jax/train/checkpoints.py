@@ -10,7 +10,8 @@ readers fall back to the newest readable step with a warning (`restore_newest`).
 
 Each step also gets `checksums.json` (sha256 of every file of the step, written once the step is
 complete): a file whose bytes changed at the same size, which no parser notices, is damage like
-a truncated one. Steps written before the manifest existed are read unverified.
+a truncated one. Steps written before the manifest existed (their record holds no config) are
+read unverified; a step whose record holds the config but whose manifest is gone is damaged.
 """
 
 from __future__ import annotations
@@ -164,6 +165,16 @@ def _culprit(e: BaseException, where: str) -> str:
   return rel
 
 
+def _records_config(path: str) -> bool:
+  """Whether the step's JSON record holds the run's config (this version's steps, which all
+  get a manifest); False for older steps or an unreadable record (parsed and named later)."""
+  try:
+    with open(os.path.join(path, 'meta', 'metadata'), encoding='utf-8') as f:
+      return isinstance(json.load(f).get('config'), dict)
+  except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+    return False
+
+
 def check_files(path: str, *, data: bool, verify: bool = True) -> None:
   """Checks the files of the step folder `path` against its checksum manifest (`verify`), then
   parses its JSON files (names the broken file in both cases).
@@ -175,8 +186,12 @@ def check_files(path: str, *, data: bool, verify: bool = True) -> None:
   """
   if not os.path.isdir(os.path.join(path, 'state')):
     raise _corrupt(path, 'state', 'the folder is missing')
-  if verify:
-    verify_manifest(path)
+  if verify and not verify_manifest(path) and _records_config(path):
+    # Every step whose record holds the config was written with a manifest: one without it
+    # cannot be verified, so it is damage (the readers fall back), not a pre-manifest step.
+    raise _corrupt(
+      path, MANIFEST, 'the checksum manifest is missing, so its arrays cannot be verified'
+    )
   files = [f for item, f in _JSON_FILES if os.path.isdir(os.path.join(path, item))]
   if data:
     found = sorted(glob.glob(os.path.join(path, 'data', '*.json')))

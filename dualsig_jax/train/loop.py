@@ -134,6 +134,9 @@ def _set_up(config, workdir, stage) -> _Stage:
   local_batch = sharding.check_global_batch(config.input.batch_size, mesh)
   spe = data.steps_per_epoch(config.input, config.input.batch_size)
   ckpt_dir = stage_lib.checkpoint_dir(workdir, stage)
+  meta = stage_lib.model_record(config, stage)
+  if stage == 'dual':  # its origin, should dual/source.json be lost (stage.dual_source_change)
+    meta['source'] = stage_lib.source_identity_now(config, workdir)
   return _Stage(
     name=stage,
     config=config,
@@ -143,7 +146,7 @@ def _set_up(config, workdir, stage) -> _Stage:
     model=stage_lib.build_stage_model(config, stage),
     ckpt_dir=ckpt_dir,
     mgr=checkpoints.manager(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep),
-    meta=stage_lib.model_record(config, stage),
+    meta=meta,
     steps_per_epoch=spe,
     total=stage_lib.total_steps(config, stage, spe),
     local_batch=local_batch,

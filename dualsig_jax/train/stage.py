@@ -315,22 +315,58 @@ def _write_source_record(workdir: str, src: str, step: int | None) -> None:
   os.replace(path + '.tmp', path)
 
 
+def source_identity_now(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """The identity of the vanilla checkpoint the dual stage would start from now (its newest
+  step), recorded in each dual step's record; None when that folder has no steps."""
+  src = vanilla_source(config, workdir)
+  numbered = workdir_lib.folder_steps(src)
+  return _source_identity(src, numbered[-1]) if numbered else None
+
+
+def _recorded_source(workdir: str) -> dict | None:
+  """What the dual stage started from: dual/source.json, else the record of its newest step
+  (a lost or damaged source.json is recovered from there); None when neither says."""
+  try:
+    with open(os.path.join(workdir, 'dual', SOURCE_FILE), encoding='utf-8') as f:
+      rec = json.load(f)
+    if isinstance(rec, dict) and 'step' in rec:
+      return rec
+  except (OSError, ValueError):
+    pass
+  for step in reversed(workdir_lib.steps(workdir, 'dual')):
+    meta = os.path.join(checkpoint_dir(workdir, 'dual'), str(step), 'meta', 'metadata')
+    try:
+      with open(meta, encoding='utf-8') as f:
+        rec = json.load(f).get('source')
+    except (OSError, ValueError, AttributeError):
+      continue
+    if isinstance(rec, dict) and 'step' in rec:
+      return rec
+  return None
+
+
 def dual_source_change(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   """Why the dual stage's checkpoints no longer match the vanilla checkpoint they started
   from (e.g. the vanilla stage trained on after `vanilla.num_epochs` grew), or None.
 
-  None also when there is nothing to compare: no dual checkpoint, no record (runs before the
-  record existed), a converted starting folder, or a vanilla folder without steps."""
+  The origin is `dual/source.json`, or the record of the newest dual step when that file is
+  lost; a dual stage whose origin neither establishes is stale too (it may come from any
+  vanilla checkpoint). None when there is nothing to compare: no dual checkpoint, a converted
+  starting folder, or a vanilla folder without steps."""
   if not workdir_lib.steps(workdir, 'dual'):
-    return None
-  try:
-    with open(os.path.join(workdir, 'dual', SOURCE_FILE), encoding='utf-8') as f:
-      rec = json.load(f)
-  except (OSError, ValueError):
     return None
   src = vanilla_source(config, workdir)
   numbered = workdir_lib.folder_steps(src)
-  if rec.get('step') is None or not numbered:
+  if not numbered:
+    return None
+  rec = _recorded_source(workdir)
+  if rec is None:
+    return (
+      f'the origin of the dual stage of {workdir} cannot be established ({SOURCE_FILE} is '
+      'missing or unreadable and its checkpoints do not record it), so it may come from '
+      f'another vanilla checkpoint than {src}'
+    )
+  if rec.get('step') is None:
     return None
   now = _source_identity(src, numbered[-1])
   if (now['step'], now['digest']) == (rec['step'], rec.get('digest')):
