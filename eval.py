@@ -42,7 +42,8 @@ def main(argv):
 
   experiment.setup_logging()
   sharding.maybe_initialize_distributed()
-  with interrupt.handling():  # SIGTERM / Ctrl-C: exit 128 + signal, no stray workers
+  # SIGTERM / Ctrl-C: exit 128 + signal, no stray workers; a full disk or a bad image: one line.
+  with interrupt.handling(), experiment.one_line_errors(_WORKDIR.value):
     try:
       # The workdir's lock: no evaluation of a moving target while train.py runs there.
       first = jax.process_index() == 0

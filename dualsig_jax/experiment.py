@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import sys
 
 import jax
 import ml_collections
@@ -45,6 +47,79 @@ def check_labels(config: ml_collections.ConfigDict, splits) -> bool:
 
 # The errors of a run that are the user's to fix (train.py prints them in one line, exit 2).
 USER_ERRORS = (resume.ConfigChangedError, workdir_lib.WorkdirBusyError, defaults.BatchSplitError)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _os_error(e: BaseException) -> OSError | None:
+  """The disk-full / not-writable OSError behind `e` (Orbax and TensorStore wrap it), or None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _DISK_FULL + _NOT_WRITABLE:
+      return e
+    if 'No space left on device' in str(e):
+      return OSError(errno.ENOSPC, 'No space left on device')
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def user_error_line(e: BaseException, workdir: str = '') -> str | None:
+  """One line naming the cause and the remedy of an error that is the user's to fix (a
+  refused config, a busy or read-only workdir, a full disk, labels or images that do not fit,
+  a refused regeneration), or None for anything else (a bug: its traceback is the report)."""
+  from dualsig_jax.data import metadata, transforms
+  from dualsig_jax.train import checkpoints
+
+  os_error = _os_error(e)
+  if os_error is not None and os_error.errno in _DISK_FULL:
+    return (
+      f'the disk is full ({os_error.strerror}) while writing {_written(os_error, workdir)}; '
+      'every complete checkpoint and result written before is kept: free some space and run '
+      'the same command again (a run resumes from its last complete checkpoint)'
+    )
+  if os_error is not None:
+    return (
+      f'cannot write {_written(os_error, workdir)} ({os_error.strerror}); make it writable or '
+      'pass another --workdir, then run the same command again'
+    )
+  if isinstance(e, FileExistsError):  # the synthetic set generator refusing a foreign folder
+    return str(e)
+  bad_image = _in_chain(e, transforms.BadImageError)
+  if bad_image is not None:  # (a loader worker's error may arrive wrapped)
+    return f'{bad_image} Restore the file, or remove its line from the metadata.'
+  if isinstance(e, (*USER_ERRORS, metadata.MetadataError, checkpoints.CheckpointCorruptError)):
+    return str(e)
+  return None
+
+
+def _in_chain(e: BaseException, kind) -> BaseException | None:
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, kind):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _written(e: OSError, workdir: str) -> str:
+  return e.filename if getattr(e, 'filename', None) else (workdir or 'the output')
+
+
+@contextlib.contextmanager
+def one_line_errors(workdir: str = ''):
+  """For the entry points: an error that is the user's to fix (`user_error_line`) is printed
+  as one line on stderr and exits 2; any other error propagates with its traceback."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 (classified by user_error_line; others re-raised)
+    line = user_error_line(e, workdir)
+    if line is None:
+      raise
+    print(f'error: {" ".join(line.split())}', file=sys.stderr)
+    sys.exit(2)
+
 
 EVALUATED_FILE = 'evaluated.json'  # what results.json was computed from (finished-run check)
 # Fields that do not change what an evaluation computes.
@@ -123,6 +198,44 @@ def _show_saved(workdir: str) -> None:
   )
 
 
+def refuse_shorter_than_trained(config, workdir: str) -> None:
+  """Refuses a config that ends a stage before the step its checkpoints already reached
+  (fewer num_epochs or max_steps on a finished run): checkpoints are never cut back, so the
+  run would report the longer training under a config.json that says the shorter one.
+
+  Raises:
+    resume.ConfigChangedError naming the stage, its trained step, the config's end step and
+    the saved values that fit.
+  """
+  steps = {s: workdir_lib.steps(workdir, s) for s in defaults.STAGES}
+  trained = {s: numbered[-1] for s, numbered in steps.items() if numbered}
+  if not trained:
+    return
+  spe = data.steps_per_epoch(config.input, config.input.batch_size)
+  saved = resume.saved_values(workdir) or {}
+  for stage, step in trained.items():
+    end = stage_lib.total_steps(config, stage, spe)
+    if step <= end:
+      continue
+    sec = config[stage]
+    now = (
+      f'{stage}.max_steps={sec.max_steps}'
+      if sec.max_steps > 0
+      else (f'{stage}.num_epochs={sec.num_epochs} ({spe} steps per epoch)')
+    )
+    keep = ', '.join(
+      f'--config.{k}={saved[k]}'
+      for k in (f'{stage}.num_epochs', f'{stage}.max_steps')
+      if k in saved
+    )
+    raise resume.ConfigChangedError(
+      f'the {stage} stage of {workdir} has trained to step {step}, but this config ends it at '
+      f'step {end} ({now}); checkpoints are never cut back, so nothing would be trained and '
+      f'config.json would contradict them. Keep the saved values ({keep or "see config.json"}) '
+      'or more, or use a fresh --workdir (eval.py evaluates without training)'
+    )
+
+
 def _retrain_dual_if_its_input_changed(config, workdir: str) -> None:
   """A dual stage trained from a vanilla checkpoint that has since changed is trained again."""
   reason = stage_lib.dual_source_change(config, workdir)
@@ -163,9 +276,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = Tru
   with lock, interrupt.handling():
     if jax.process_index() == 0:
       workdir_lib.remove_stale_temporaries(workdir, defaults.STAGES)
-    resume.check_and_write_config(config, workdir, write=jax.process_index() == 0)
+    resume.check_and_write_config(config, workdir, write=False)  # before any data is made
     if config.input.source == 'folder' and config.input.synthetic.generate:
       data.ensure_synthetic(config.input)
+    refuse_shorter_than_trained(config, workdir)
+    resume.check_and_write_config(config, workdir, write=jax.process_index() == 0)
     want_eval = evaluate and 'dual' in config.stages
     check_labels(
       config, [config.input.train_split] + ([config.input.eval_split] if want_eval else [])

@@ -166,3 +166,64 @@ def test_a_read_only_workdir_is_one_line_before_any_work(tmp_path, entry):
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and 'is not writable' in lines[0] and 'another --workdir' in lines[0]
   assert not (tmp_path / 'data').exists(), 'work started before the check'
+
+
+def _one_line(r):
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+  assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in r.stderr, (
+    r.stderr[-3000:]
+  )
+  return lines[0]
+
+
+def test_eval_split_typo_in_train_py_is_one_line(tmp_path):
+  from dualsig_jax import preflight
+  from dualsig_jax.data import synthetic
+
+  assert preflight.SYNTH_SPLITS == synthetic.SPLITS
+  for field in ('eval_split', 'train_split'):
+    cmd = _train_cmd(tmp_path / 'run', tmp_path / 'data') + [f'--config.input.{field}=tset']
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert f"input.{field}='tset' is not a split" in r.stderr and 'valid: train, val, test' in (
+      r.stderr
+    )
+    assert not (tmp_path / 'data').exists()
+
+
+def test_refused_regeneration_through_train_py_is_one_line(tmp_path):
+  """The generator refuses a folder holding a user's files: train.py says so in one line and
+  the files stay (variant: a user's non-empty `.lock` in a generated set, which earlier
+  versions counted as the generator's own and deleted)."""
+  data = tmp_path / 'data'
+  data.mkdir()
+  (data / 'notes.txt').write_text('mine')
+  line = _one_line(
+    subprocess.run(
+      _train_cmd(tmp_path / 'run', data), capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+  )
+  assert 'not a complete generated SYNTH set' in line and 'notes.txt' in line
+  assert (data / 'notes.txt').read_text() == 'mine'
+
+
+def test_a_users_lock_file_in_a_generated_set_is_kept(tmp_path):
+  from ml_collections import ConfigDict
+
+  from dualsig_jax.data import synthetic
+
+  syn = dict(num_classes=10, image_size=32, num_train=4, num_val=0, num_test=2, seed=7)
+  cfg = ConfigDict(
+    dict(dataset_name='SYNTH', data_root=str(tmp_path / 'd'), metadata_root='', synthetic=syn)
+  )
+  cfg.synthetic.generate = True
+  synthetic.ensure_synthetic(cfg)
+  (tmp_path / 'd' / '.lock').write_text('my notes')
+  cfg.synthetic.seed = 8  # other parameters: the set would be replaced
+  with pytest.raises(FileExistsError, match=r'\.lock'):
+    synthetic.ensure_synthetic(cfg)
+  assert (tmp_path / 'd' / '.lock').read_text() == 'my notes'
+  (tmp_path / 'd' / '.lock').write_text('')  # an earlier version's empty flock file: replaced
+  synthetic.ensure_synthetic(cfg)
+  assert synthetic._marker(str(tmp_path / 'd'))['seed'] == 8

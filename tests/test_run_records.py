@@ -215,3 +215,26 @@ def test_a_lost_dual_source_record(finished, tmp_path, how):
   reason = stage_lib.dual_source_change(config, wd)
   assert reason is not None and 'cannot be established' in reason
   assert stage_lib.stage_progress(config, wd)['dual']['source_change'] == reason
+
+
+@pytest.mark.parametrize(
+  'field,value', [('vanilla.max_steps', 2), ('dual.max_steps', 1), ('vanilla.num_epochs', 1)]
+)
+def test_fewer_steps_on_a_finished_run_are_refused(finished, tmp_path, field, value):
+  """Fewer steps or epochs than the checkpoints hold: refused before anything is written, so
+  config.json never says 1 epoch while the checkpoints hold more (variants: either stage,
+  max_steps or num_epochs, the latter on a workdir whose vanilla stage is at step 16)."""
+  config, wd = _copy(finished, tmp_path)
+  overrides = {field: value}
+  if field.endswith('num_epochs'):
+    overrides['vanilla.max_steps'] = 0
+    os.rename(
+      os.path.join(wd, 'vanilla', 'checkpoints', '4'),
+      os.path.join(wd, 'vanilla', 'checkpoints', '16'),
+    )
+  before = open(os.path.join(wd, 'config.json')).read()
+  shorter = _short(config.input.data_root, **overrides)
+  with pytest.raises(experiment.resume.ConfigChangedError, match='never cut back') as e:
+    experiment.run(shorter, wd)
+  assert field.split('.')[0] in str(e.value) and '--config.' in str(e.value)
+  assert open(os.path.join(wd, 'config.json')).read() == before
