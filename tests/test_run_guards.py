@@ -8,10 +8,13 @@ import subprocess
 import sys
 
 import pytest
+import smoke_helpers
 from smoke_helpers import ROOT, smoke_config
 
 from dualsig_jax import experiment, workdir
 from dualsig_jax.train import resume
+
+smoke_data = smoke_helpers.smoke_data
 
 
 def _workdir_with_recorded_step(tmp_path, config):
@@ -227,3 +230,60 @@ def test_a_users_lock_file_in_a_generated_set_is_kept(tmp_path):
   (tmp_path / 'd' / '.lock').write_text('')  # an earlier version's empty flock file: replaced
   synthetic.ensure_synthetic(cfg)
   assert synthetic._marker(str(tmp_path / 'd'))['seed'] == 8
+
+
+def _run_one_line(capsys, fn):
+  """Runs `fn` under the entry points' error handling; returns its one stderr line."""
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    with experiment.one_line_errors():
+      fn()
+  assert e.value.code == 2
+  err = capsys.readouterr().err  # (progress bars also write to stderr)
+  lines = [x for x in err.splitlines() if x.startswith('error')]
+  assert len(lines) == 1 and 'Traceback' not in err, err[-3000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize('where', ['manifest', 'orbax'])
+def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(
+  smoke_data, tmp_path, capsys, monkeypatch, where
+):
+  """ENOSPC at the write of step 4 (in the checksum manifest, or inside Orbax's save, which
+  wraps it): one line; step 2 stays complete, and the same command then resumes and finishes."""
+  import errno
+
+  from dualsig_jax.train import checkpoints
+
+  config = smoke_config(
+    smoke_data, **{'vanilla.max_steps': 4, 'checkpoint.every_steps': 2, 'checkpoint.max_to_keep': 3}
+  )
+  config.unlock()
+  config.stages = ('vanilla',)
+  wd = str(tmp_path / 'run')
+  full = OSError(errno.ENOSPC, 'No space left on device', os.path.join(wd, 'x'))
+  if where == 'manifest':
+    real = checkpoints.write_manifest
+
+    def write(path):
+      if path.endswith('/4'):
+        raise full
+      real(path)
+
+    monkeypatch.setattr(checkpoints, 'write_manifest', write)
+  else:
+    real = checkpoints.ocp.CheckpointManager.save
+
+    def save(self, step, *a, **k):
+      if step == 4:
+        raise ValueError('tensorstore write failed') from full
+      return real(self, step, *a, **k)
+
+    monkeypatch.setattr(checkpoints.ocp.CheckpointManager, 'save', save)
+  line = _run_one_line(capsys, lambda: experiment.run(config, wd, evaluate=False))
+  assert 'disk is full' in line and 'run the same command again' in line
+  assert smoke_helpers.checkpoint_steps(wd)[0] == 2
+  if where == 'manifest':  # (once: the resume is the same for both)
+    monkeypatch.undo()
+    out = experiment.run(config, wd, evaluate=False)
+    assert out['stages']['vanilla']['step'] == 4
