@@ -131,18 +131,20 @@ def evaluate(
   # (asynchronous dispatch) before the host evaluates batch i, so the two overlap.
   # islice: with eval.max_batches the loop must not ask for (and read) a batch past the last.
   pending = None
-  for batch in itertools.islice(loader, n_batches):
-    gbatch = sharding.to_global({'image': batch['image'], 'label': batch['label']}, mesh)
-    dispatched = (batch, batch_fn(variables, vanilla, gbatch['image'], gbatch['label']))
-    if not overlap:
-      finish(*dispatched)
-      continue
+  try:  # the bar ends its line even on an error, so an entry point's one-line error is alone
+    for batch in itertools.islice(loader, n_batches):
+      gbatch = sharding.to_global({'image': batch['image'], 'label': batch['label']}, mesh)
+      dispatched = (batch, batch_fn(variables, vanilla, gbatch['image'], gbatch['label']))
+      if not overlap:
+        finish(*dispatched)
+        continue
+      if pending is not None:
+        finish(*pending)
+      pending = dispatched
     if pending is not None:
       finish(*pending)
-    pending = dispatched
-  if pending is not None:
-    finish(*pending)
-  bar.close()
+  finally:
+    bar.close()
 
   combine.combine_over_processes(acc.evaluators())
   results, curves = acc.results(split)

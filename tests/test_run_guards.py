@@ -287,3 +287,30 @@ def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(
     monkeypatch.undo()
     out = experiment.run(config, wd, evaluate=False)
     assert out['stages']['vanilla']['step'] == 4
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'missing'])
+def test_a_bad_test_image_at_evaluation_is_one_line(smoke_data, tmp_path, capsys, damage):
+  """A test image cut short or gone: one line naming the file and its metadata line, with
+  the remedy; nothing is written."""
+  import shutil
+
+  from dualsig_jax import evaluate
+  from dualsig_jax.train import stage as stage_lib
+
+  data = tmp_path / 'data'
+  shutil.copytree(smoke_data, data)
+  config = smoke_config(data, **{'eval.max_batches': 1, 'eval.methods': ('cam',)})
+  config.unlock()
+  config.input.synthetic.generate = False
+  first = (data / 'metadata' / 'SYNTH' / 'test' / 'image_ids.txt').read_text().split()[0]
+  image = data / first
+  if damage == 'missing':
+    image.unlink()
+  else:
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 3])
+  variables = stage_lib.fresh_variables(config, stage_lib.build_stage_model(config, 'dual'))
+  wd = tmp_path / 'eval'
+  line = _run_one_line(capsys, lambda: evaluate.evaluate(config, str(wd), variables=variables))
+  assert str(image) in line and 'image_ids.txt' in line and 'Restore the file' in line
+  assert not wd.exists() or not [p for p in os.listdir(wd) if p.startswith('results')]
