@@ -198,6 +198,27 @@ def _show_saved(workdir: str) -> None:
   )
 
 
+def _finished_stages(config, workdir: str) -> dict | None:
+  """{stage: {'step', 'checkpoint_dir', 'loss': None}} when every stage of `config.stages` is
+  at its last step, its newest step verifies against its manifest and the dual stage's input
+  is unchanged (nothing to train); else None (the stages run, resuming as usual)."""
+  from dualsig_jax.train import checkpoints
+
+  progress = stage_lib.stage_progress(config, workdir)
+  out = {}
+  for stage, p in progress.items():
+    if not p['finished'] or p.get('source_change'):
+      return None
+    step_dir = os.path.join(workdir_lib.checkpoint_dir(workdir, stage), str(p['step']))
+    try:
+      if not checkpoints.verify_manifest(step_dir):
+        return None
+    except checkpoints.CheckpointCorruptError:
+      return None  # the loop sets the damaged step aside and trains it again
+    out[stage] = {'step': p['step'], 'checkpoint_dir': os.path.dirname(step_dir), 'loss': None}
+  return out
+
+
 def refuse_shorter_than_trained(config, workdir: str) -> None:
   """Refuses a config that ends a stage before the step its checkpoints already reached
   (fewer num_epochs or max_steps on a finished run): checkpoints are never cut back, so the
@@ -285,16 +306,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = Tru
     check_labels(
       config, [config.input.train_split] + ([config.input.eval_split] if want_eval else [])
     )
+    # One process only: every process must take the same branch, and each reads its own view
+    # of the workdir (a multi-host run trains and evaluates again rather than risk a split).
+    single = jax.process_count() == 1
+    summaries = _finished_stages(config, workdir) if single else None
+    results, reused = None, False
+    if summaries is not None and want_eval and not config.eval.force:
+      results = saved_results(config, workdir)
+      reused = results is not None
+    if summaries is not None and (reused or not want_eval):
+      # Said first, with no stage restored and no loader built: there is nothing to do.
+      if reused:
+        _show_saved(workdir)
+      else:
+        log.info('%s is finished: every stage of %s is trained', workdir, list(config.stages))
+      return {'stages': summaries, 'results': results, 'reused': reused}
     summaries = {}
     for stage in config.stages:
       interrupt.raise_if_requested(f'stopped before stage {stage}')
       if stage == 'dual':
         _retrain_dual_if_its_input_changed(config, workdir)
       summaries[stage] = loop.train_stage(config, workdir, stage)
-    results, reused = None, False
-    # One process only: every process must take the same branch, and each reads its own view
-    # of the workdir (a multi-host run evaluates again rather than risk a split decision).
-    if want_eval and not config.eval.force and jax.process_count() == 1:
+    if want_eval and not config.eval.force and single:
       results = saved_results(config, workdir)
       reused = results is not None
       if reused and jax.process_index() == 0:

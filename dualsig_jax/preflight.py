@@ -15,7 +15,6 @@ import ml_collections
 from dualsig_jax import workdir as workdir_lib  # light: os, fcntl and json only
 from dualsig_jax.data import paths  # light: os and importlib only
 
-
 SYNTH_SPLITS = ('train', 'val', 'test')  # == data.synthetic.SPLITS (checked by a test)
 
 

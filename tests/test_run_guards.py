@@ -314,3 +314,27 @@ def test_a_bad_test_image_at_evaluation_is_one_line(smoke_data, tmp_path, capsys
   line = _run_one_line(capsys, lambda: evaluate.evaluate(config, str(wd), variables=variables))
   assert str(image) in line and 'image_ids.txt' in line and 'Restore the file' in line
   assert not wd.exists() or not [p for p in os.listdir(wd) if p.startswith('results')]
+
+
+def test_an_arch_mismatch_names_every_field_with_a_remedy_that_works(tmp_path):
+  """A vanilla checkpoint of vgg_tiny (small feature map) under the smoke config (resnet_tiny,
+  large feature map): both fields in one message, and the overrides it names make the synthetic
+  config fit (the earlier hint named a config argument the synthetic config refuses)."""
+  import re
+
+  from dualsig_jax import defaults
+  from dualsig_jax.train import stage as stage_lib
+
+  config = smoke_config(tmp_path / 'data')
+  info = dict(arch='vgg_tiny', family='cam', num_classes=10, large_feature_map=False)
+  with pytest.raises(ValueError) as e:
+    stage_lib.check_source_matches(info, config, 'CKPT')
+  msg = str(e.value)
+  assert "model.arch='vgg_tiny'" in msg and 'model.large_feature_map=False' in msg
+  fixed = smoke_config(tmp_path / 'data')
+  overrides = re.findall(r'--config\.model\.(\w+)=(\S+)', msg)
+  assert {k for k, _ in overrides} == {'arch', 'large_feature_map'}
+  for key, text in overrides:
+    fixed.model[key] = {'True': True, 'False': False}.get(text, text)
+  defaults.validate(fixed)
+  stage_lib.check_source_matches(info, fixed, 'CKPT')

@@ -238,3 +238,53 @@ def test_fewer_steps_on_a_finished_run_are_refused(finished, tmp_path, field, va
     experiment.run(shorter, wd)
   assert field.split('.')[0] in str(e.value) and '--config.' in str(e.value)
   assert open(os.path.join(wd, 'config.json')).read() == before
+
+
+def test_a_finished_run_says_so_first_and_restores_nothing(finished, tmp_path, monkeypatch, caplog):
+  """Rerunning a finished workdir: no stage is restored and no loader built (the saved results
+  are shown at once); variants: --skip_eval, and a damaged newest step, which goes through the
+  loop (set aside and trained again) rather than the shortcut."""
+  from dualsig_jax.train import checkpoints, loop
+
+  config, wd = _copy(finished, tmp_path)
+  calls = []
+  real = loop.train_stage
+  monkeypatch.setattr(loop, 'train_stage', lambda c, w, s: calls.append(s) or real(c, w, s))
+  with caplog.at_level(logging.INFO, logger='dualsig_jax'):
+    out = experiment.run(config, wd)
+  assert out['reused'] and calls == []
+  assert out['stages']['vanilla']['step'] == 4 and out['stages']['dual']['step'] == 2
+  assert 'is finished' in caplog.text and 'resumed from' not in caplog.text
+  out = experiment.run(config, wd, evaluate=False)
+  assert calls == [] and out['results'] is None
+  manifest = os.path.join(wd, 'vanilla', 'checkpoints', '4', checkpoints.MANIFEST)
+  rec = json.load(open(manifest))
+  name = sorted(rec['sha256'])[0]
+  rec['sha256'][name] = '0' * 64
+  json.dump(rec, open(manifest, 'w'))
+  experiment.run(config, wd, evaluate=False)
+  assert calls == ['vanilla', 'dual']
+
+
+def test_a_resume_on_another_device_count_says_so(finished, tmp_path, caplog):
+  """A step saved on 8 devices resumed on this machine's count: the log says the device count
+  changed (variant: the same count says nothing)."""
+  import jax
+
+  from dualsig_jax.train import checkpoints
+
+  config, wd = _copy(finished, tmp_path)
+  step = os.path.join(wd, 'vanilla', 'checkpoints', '4')
+  meta_path = os.path.join(step, 'meta', 'metadata')
+  meta = json.load(open(meta_path))
+  assert meta['devices'] == jax.device_count()
+  longer = _short(config.input.data_root, **{'vanilla.max_steps': 6})
+  longer.unlock()
+  longer.stages = ('vanilla',)
+  meta['devices'] = 8 if jax.device_count() != 8 else 2
+  json.dump(meta, open(meta_path, 'w'))
+  checkpoints.write_manifest(step)  # an intact step written elsewhere
+  with caplog.at_level(logging.WARNING, logger='dualsig_jax'):
+    experiment.run(longer, wd, evaluate=False)
+  assert f'step 4 was saved on {meta["devices"]} devices' in caplog.text
+  assert f'this run has {jax.device_count()} devices' in caplog.text

@@ -132,20 +132,27 @@ def model_record(config: ml_collections.ConfigDict, stage: str) -> dict:
 def check_source_matches(info: dict, config: ml_collections.ConfigDict, where: str) -> None:
   """Refuses starting weights recorded with another arch, family, class count or feature-map
   size. ResNet50/InceptionV3 have the same keys with and without `large_feature_map`, so the
-  record is the only way to catch that mismatch; old checkpoints without a record pass."""
+  record is the only way to catch that mismatch; old checkpoints without a record pass.
+
+  Raises:
+    ValueError naming every field that differs at once, and the overrides that make this
+    config fit the checkpoint (they work with any config file).
+  """
   want = model_record(config, 'dual')
-  for key in ('arch', 'family', 'num_classes', 'large_feature_map'):
-    if key in info and info[key] is not None and info[key] != want[key]:
-      raise ValueError(
-        f'{where} was written for model.{key}={info[key]!r}, but this config has '
-        f'model.{key}={want[key]!r}; use the matching checkpoint, or '
-        + (
-          f'the config argument for that model (e.g. configs/<dataset>.py:{info.get("arch")}'
-          f'{",standard" if info.get("family") == "standard" else ""})'
-          if key in ('arch', 'family')
-          else f'--config.model.{key}={info[key]!r}'
-        )
-      )
+  keys = ('arch', 'family', 'num_classes', 'large_feature_map')
+  wrong = [k for k in keys if info.get(k) is not None and info[k] != want[k]]
+  if not wrong:
+    return
+  detail = ', '.join(f'model.{k}={info[k]!r} (this config: {want[k]!r})' for k in wrong)
+  fix = ' '.join(f'--config.model.{k}={_flag_value(info[k])}' for k in wrong)
+  raise ValueError(
+    f'{where} was written for {detail}; use the matching checkpoint, or run with {fix}'
+  )
+
+
+def _flag_value(v) -> str:
+  """A value as an ml_collections override takes it on a command line."""
+  return str(v) if isinstance(v, (bool, int)) else v
 
 
 def _names(path) -> str:
