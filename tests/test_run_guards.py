@@ -338,3 +338,26 @@ def test_an_arch_mismatch_names_every_field_with_a_remedy_that_works(tmp_path):
     fixed.model[key] = {'True': True, 'False': False}.get(text, text)
   defaults.validate(fixed)
   stage_lib.check_source_matches(info, fixed, 'CKPT')
+
+
+@pytest.mark.parametrize('split', ['train', 'test'])
+def test_labels_beyond_num_classes_are_one_line(smoke_data, tmp_path, capsys, split):
+  """Labels up to 9 with model.num_classes=5 (variant: only the eval split's labels too large,
+  train.py checks it before training too): one line naming class_labels.txt:line."""
+  import shutil
+
+  data = tmp_path / 'data'
+  shutil.copytree(smoke_data, data)
+  config = smoke_config(data, **{'model.num_classes': 10 if split == 'test' else 5})
+  config.unlock()
+  config.input.synthetic.generate = False
+  if split == 'test':  # one label of the test split beyond the 10 classes
+    labels = data / 'metadata' / 'SYNTH' / 'test' / 'class_labels.txt'
+    lines = labels.read_text().splitlines()
+    lines[3] = lines[3].rsplit(',', 1)[0] + ',12'
+    labels.write_text('\n'.join(lines) + '\n')
+  wd = tmp_path / 'run'
+  line = _run_one_line(capsys, lambda: experiment.run(config, str(wd)))
+  assert 'class_labels.txt:' in line
+  assert ('model.num_classes' in line) if split == 'train' else ('fix the label' in line)
+  assert not (wd / 'vanilla').exists(), 'training started'
