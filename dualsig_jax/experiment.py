@@ -276,10 +276,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = Tru
   A workdir with checkpoints is resumed only with the config saved in it, up to the fields
   of `defaults.RESUME_SAFE_FIELDS` (resume.check_and_write_config). One run at a time: process
   0 holds the workdir's lock (`workdir.locked`) for the whole run. A dual stage whose vanilla
-  checkpoint changed since it trained is trained again (`stage.dual_source_change`). A finished
-  run (every stage at its last step, results.json computed from those checkpoints and this
-  config) is not evaluated again unless `eval.force` (single-process runs); its saved results
-  are printed.
+  checkpoint changed since it trained, or whose origin cannot be established, is trained again
+  (`stage.dual_source_change`). A config that ends a stage before its checkpoints' step is
+  refused (`refuse_shorter_than_trained`). A finished run (every stage at its last, verified
+  step; results.json computed from those checkpoints with this config's evaluation settings)
+  restores no stage and is not evaluated again unless `eval.force` (single-process runs): it
+  says so first and prints its saved results.
   SIGTERM / SIGINT stop the run with a checkpoint and raise `interrupt.Interrupted` (a
   SystemExit with code 128 + signum); no later stage or evaluation starts.
 
@@ -287,8 +289,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = Tru
     {'stages': {stage: train summary}, 'results': eval results dict or None,
      'reused': True when the saved results were returned without evaluating}.
   Raises:
-    one of USER_ERRORS (a changed config, another run holding the workdir, batch sizes that do
-    not split over the devices) before any data is generated or any step runs.
+    one of USER_ERRORS (a changed or shortened config, another run holding the workdir, batch
+    sizes that do not split over the devices) before any step runs (all but the shortened
+    config before any data is generated). The entry points print these, and the other errors
+    that are the user's to fix (`user_error_line`), in one line.
   """
   sharding.maybe_initialize_distributed()
   defaults.validate(config)
