@@ -71,6 +71,7 @@ def step_dir(mgr: ocp.CheckpointManager, step: int) -> str:
 
 
 MANIFEST = 'checksums.json'
+PENDING = '.manifest-pending'  # next to a step folder while its manifest is not written yet
 
 
 def _digests(path: str) -> dict[str, str]:
@@ -137,11 +138,16 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) ->
   items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
   if data_iter is not None:
     items['data'] = grain.PyGrainCheckpointSave(data_iter)
+  # `<step>.manifest-pending` says a kill between Orbax's rename and the manifest is no damage.
+  pending = step_dir(mgr, step) + PENDING
+  if jax.process_index() == 0:
+    open(pending, 'w').close()
   mgr.save(step, args=ocp.args.Composite(**items), force=True)
   mgr.wait_until_finished()
   # The step folder is complete (renamed into place): every process's files are in it.
   if jax.process_index() == 0:
     write_manifest(step_dir(mgr, step))
+    os.remove(pending)
 
 
 def _short(e: BaseException) -> str:
@@ -186,9 +192,14 @@ def check_files(path: str, *, data: bool, verify: bool = True) -> None:
   """
   if not os.path.isdir(os.path.join(path, 'state')):
     raise _corrupt(path, 'state', 'the folder is missing')
-  if verify and not verify_manifest(path) and _records_config(path):
-    # Every step whose record holds the config was written with a manifest: one without it
-    # cannot be verified, so it is damage (the readers fall back), not a pre-manifest step.
+  if (
+    verify
+    and not verify_manifest(path)
+    and _records_config(path)
+    and not os.path.exists(path.rstrip('/') + PENDING)
+  ):
+    # Every step whose record holds the config was written with a manifest (or left a pending
+    # mark when killed before it): one without either is damage, not a pre-manifest step.
     raise _corrupt(
       path, MANIFEST, 'the checksum manifest is missing, so its arrays cannot be verified'
     )
