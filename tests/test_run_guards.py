@@ -361,3 +361,24 @@ def test_labels_beyond_num_classes_are_one_line(smoke_data, tmp_path, capsys, sp
   assert 'class_labels.txt:' in line
   assert ('model.num_classes' in line) if split == 'train' else ('fix the label' in line)
   assert not (wd / 'vanilla').exists(), 'training started'
+
+
+def test_a_manifest_is_required_unless_a_kill_interrupted_its_write(tmp_path):
+  """A step whose record holds the config and whose manifest was deleted is damaged; one killed
+  between Orbax's rename and the manifest (its `.manifest-pending` mark is still there) is a
+  complete step; a step from before the config record is read unverified, as before."""
+  import numpy as np
+
+  from dualsig_jax.train import checkpoints
+
+  mgr = checkpoints.manager(str(tmp_path / 'c'), max_to_keep=3)
+  checkpoints.save(mgr, 1, {'a': np.ones(3)}, None, {'config': {'seed': 0}})
+  checkpoints.save(mgr, 2, {'a': np.ones(3)}, None, {'arch': 'x'})  # an older record
+  assert not list((tmp_path / 'c').glob('*' + checkpoints.PENDING))
+  for step in (1, 2):
+    os.remove(tmp_path / 'c' / str(step) / checkpoints.MANIFEST)
+  with pytest.raises(checkpoints.CheckpointCorruptError, match='manifest is missing'):
+    checkpoints.check_files(str(tmp_path / 'c' / '1'), data=False)
+  checkpoints.check_files(str(tmp_path / 'c' / '2'), data=False)
+  (tmp_path / 'c' / ('1' + checkpoints.PENDING)).touch()
+  checkpoints.check_files(str(tmp_path / 'c' / '1'), data=False)
