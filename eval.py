@@ -33,17 +33,25 @@ def main(argv):
   entry.check_config_or_exit(
     _CONFIG.value, _WORKDIR.value, for_eval=True, checkpoint=_CHECKPOINT.value
   )
-  from dualsig_jax import evaluate, experiment  # after the preflight: these import JAX
+  import contextlib
+
+  import jax
+
+  from dualsig_jax import evaluate, experiment, workdir  # after the preflight: these import JAX
   from dualsig_jax.train import interrupt, sharding
 
   experiment.setup_logging()
   sharding.maybe_initialize_distributed()
-  with interrupt.handling():  # SIGTERM / Ctrl-C: exit 128 + signal, no stray workers
+  # SIGTERM / Ctrl-C: exit 128 + signal, no stray workers; a full disk or a bad image: one line.
+  with interrupt.handling(), experiment.one_line_errors(_WORKDIR.value):
     try:
-      evaluate.evaluate(
-        _CONFIG.value, _WORKDIR.value, split=_SPLIT.value, checkpoint=_CHECKPOINT.value
-      )
-    except evaluate.USER_ERRORS as e:  # a wrong checkpoint or setting: one line, not a trace
+      # The workdir's lock: no evaluation of a moving target while train.py runs there.
+      first = jax.process_index() == 0
+      with workdir.locked(_WORKDIR.value) if first else contextlib.nullcontext():
+        evaluate.evaluate(
+          _CONFIG.value, _WORKDIR.value, split=_SPLIT.value, checkpoint=_CHECKPOINT.value
+        )
+    except (*evaluate.USER_ERRORS, workdir.WorkdirBusyError) as e:  # one line, not a trace
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
 

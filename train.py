@@ -1,8 +1,6 @@
 """Trains the configured stages and evaluates: python train.py --config configs/synthetic.py
 --workdir runs/synthetic (see README). Logic lives in dualsig_jax.experiment."""
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -22,11 +20,9 @@ def main(argv):
   from dualsig_jax import experiment  # after the preflight: this imports JAX
 
   experiment.setup_logging()
-  try:
+  # A refused config, a busy or full workdir, bad labels or images: one line, not a traceback.
+  with experiment.one_line_errors(_WORKDIR.value):
     experiment.run(_CONFIG.value, _WORKDIR.value, evaluate=not _NO_EVAL.value)
-  except experiment.USER_ERRORS as e:  # refused before any work: one line, not a traceback
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':

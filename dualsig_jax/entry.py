@@ -88,6 +88,13 @@ def check_config_or_exit(
   if found:
     print(preflight.report(found, 'eval.py' if for_eval else 'train.py'), file=sys.stderr)
     sys.exit(2)
+  from dualsig_jax import workdir as workdir_lib  # light: no JAX
+
+  # A read-only workdir is found now, not after a whole split was evaluated.
+  unwritable = workdir and workdir_lib.check_writable(workdir)
+  if unwritable:
+    print(f'error: {unwritable}', file=sys.stderr)
+    sys.exit(2)
   if workdir and not for_eval:
     from dualsig_jax.train import resume  # light: no JAX
 

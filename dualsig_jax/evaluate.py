@@ -56,7 +56,9 @@ def evaluate(
 
   Runs on every process of a `jax.distributed` job (each reads its shard of the split);
   `config.eval.batch_size` is the global batch. Returns the results dict (the same on every
-  process) that process 0 also writes to `<workdir>/results.json`; its `checkpoints` entry
+  process) that process 0 also writes to `<workdir>/results.json` (the run's own settings) or
+  `<workdir>/results-<split>-<methods>-<hash>.json` (any other: `report.output_names`), so
+  evaluations with different settings never overwrite each other; its `checkpoints` entry
   records which checkpoint (folder and step) of each stage was evaluated.
 
   `overlap=False` evaluates each batch on the host before dispatching the next (the previous
@@ -68,6 +70,7 @@ def evaluate(
   """
   defaults.validate(config)
   split = split or config.input.eval_split
+  names = report.output_names(config, workdir, split, checkpoint)
   mesh = sharding.make_mesh()
   local_batch = sharding.check_global_batch(config.eval.batch_size, mesh, 'eval.batch_size')
   model = stage_lib.build_stage_model(config, 'dual')
@@ -110,6 +113,8 @@ def evaluate(
       jax.process_count(),
       'yes' if vanilla is not None else 'no checkpoint',
     )
+  # Score maps of other settings go beside the run's own, as the results files do.
+  scoremaps = 'scoremaps' if names.stem == 'results' else os.path.join('scoremaps', names.stem)
   bar = tqdm(total=n_batches, desc='eval', disable=jax.process_index() != 0, dynamic_ncols=True)
 
   def finish(batch, out_on_device):
@@ -117,7 +122,7 @@ def evaluate(
     out = jax.tree.map(_local_rows, out_on_device)
     acc.add(batch, out)
     if config.eval.save_scoremaps:
-      _save_scoremaps(os.path.join(workdir, 'scoremaps'), loader.metadata, batch, out['maps'])
+      _save_scoremaps(os.path.join(workdir, scoremaps), loader.metadata, batch, out['maps'])
     if jax.process_index() == 0:
       plots.add(batch, out)
     bar.update(1)
@@ -126,28 +131,32 @@ def evaluate(
   # (asynchronous dispatch) before the host evaluates batch i, so the two overlap.
   # islice: with eval.max_batches the loop must not ask for (and read) a batch past the last.
   pending = None
-  for batch in itertools.islice(loader, n_batches):
-    gbatch = sharding.to_global({'image': batch['image'], 'label': batch['label']}, mesh)
-    dispatched = (batch, batch_fn(variables, vanilla, gbatch['image'], gbatch['label']))
-    if not overlap:
-      finish(*dispatched)
-      continue
+  try:  # the bar ends its line even on an error, so an entry point's one-line error is alone
+    for batch in itertools.islice(loader, n_batches):
+      gbatch = sharding.to_global({'image': batch['image'], 'label': batch['label']}, mesh)
+      dispatched = (batch, batch_fn(variables, vanilla, gbatch['image'], gbatch['label']))
+      if not overlap:
+        finish(*dispatched)
+        continue
+      if pending is not None:
+        finish(*pending)
+      pending = dispatched
     if pending is not None:
       finish(*pending)
-    pending = dispatched
-  if pending is not None:
-    finish(*pending)
-  bar.close()
+  finally:
+    bar.close()
 
   combine.combine_over_processes(acc.evaluators())
   results, curves = acc.results(split)
   results['checkpoints'] = sources
+  results['settings'] = names.settings
   results['paper'] = report.paper_comparison(
     results, config.input.dataset_name, config.model.arch, config.model.family
   )
   if jax.process_index() == 0:
-    report.write_outputs(config, workdir, results, curves, plots)
-  summary.write_eval(config, workdir, results, sources['dual']['step'])
+    report.write_outputs(config, workdir, results, curves, plots, names)
+  tb_folder = 'eval' if names.stem == 'results' else 'eval-' + names.stem[len('results-') :]
+  summary.write_eval(config, workdir, results, sources['dual']['step'], tb_folder)
   return results
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import sys
 
 import jax
 import ml_collections
@@ -45,6 +47,79 @@ def check_labels(config: ml_collections.ConfigDict, splits) -> bool:
 
 # The errors of a run that are the user's to fix (train.py prints them in one line, exit 2).
 USER_ERRORS = (resume.ConfigChangedError, workdir_lib.WorkdirBusyError, defaults.BatchSplitError)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _os_error(e: BaseException) -> OSError | None:
+  """The disk-full / not-writable OSError behind `e` (Orbax and TensorStore wrap it), or None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _DISK_FULL + _NOT_WRITABLE:
+      return e
+    if 'No space left on device' in str(e):
+      return OSError(errno.ENOSPC, 'No space left on device')
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def user_error_line(e: BaseException, workdir: str = '') -> str | None:
+  """One line naming the cause and the remedy of an error that is the user's to fix (a
+  refused config, a busy or read-only workdir, a full disk, labels or images that do not fit,
+  a refused regeneration), or None for anything else (a bug: its traceback is the report)."""
+  from dualsig_jax.data import metadata, transforms
+  from dualsig_jax.train import checkpoints
+
+  os_error = _os_error(e)
+  if os_error is not None and os_error.errno in _DISK_FULL:
+    return (
+      f'the disk is full ({os_error.strerror}) while writing {_written(os_error, workdir)}; '
+      'every complete checkpoint and result written before is kept: free some space and run '
+      'the same command again (a run resumes from its last complete checkpoint)'
+    )
+  if os_error is not None:
+    return (
+      f'cannot write {_written(os_error, workdir)} ({os_error.strerror}); make it writable or '
+      'pass another --workdir, then run the same command again'
+    )
+  if isinstance(e, FileExistsError):  # the synthetic set generator refusing a foreign folder
+    return str(e)
+  bad_image = _in_chain(e, transforms.BadImageError)
+  if bad_image is not None:  # (a loader worker's error may arrive wrapped)
+    return f'{bad_image} Restore the file, or remove its line from the metadata.'
+  if isinstance(e, (*USER_ERRORS, metadata.MetadataError, checkpoints.CheckpointCorruptError)):
+    return str(e)
+  return None
+
+
+def _in_chain(e: BaseException, kind) -> BaseException | None:
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, kind):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _written(e: OSError, workdir: str) -> str:
+  return e.filename if getattr(e, 'filename', None) else (workdir or 'the output')
+
+
+@contextlib.contextmanager
+def one_line_errors(workdir: str = ''):
+  """For the entry points: an error that is the user's to fix (`user_error_line`) is printed
+  as one line on stderr and exits 2; any other error propagates with its traceback."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 (classified by user_error_line; others re-raised)
+    line = user_error_line(e, workdir)
+    if line is None:
+      raise
+    print(f'error: {" ".join(line.split())}', file=sys.stderr)
+    sys.exit(2)
+
 
 EVALUATED_FILE = 'evaluated.json'  # what results.json was computed from (finished-run check)
 # Fields that do not change what an evaluation computes.
@@ -76,7 +151,14 @@ def _evaluated_state(config, workdir: str) -> dict:
 
 def saved_results(config, workdir: str) -> dict | None:
   """results.json of `workdir` when it was computed from this config and the current newest
-  checkpoints (recorded in evaluated.json), else None."""
+  checkpoints (recorded in evaluated.json), else None.
+
+  results.json must also record the evaluation settings this config asks for (split,
+  methods, thresholds, model: `report.evaluation_settings`) and the newest dual step: an
+  evaluation with other settings, or one an earlier version let eval.py write over the run's
+  own, is never presented as this run's."""
+  from dualsig_jax import report  # the plotting libraries: only when results are reused
+
   try:
     with open(os.path.join(workdir, EVALUATED_FILE), encoding='utf-8') as f:
       record = json.load(f)
@@ -86,7 +168,13 @@ def saved_results(config, workdir: str) -> dict | None:
     return None
   # Through JSON, so tuples compare as the lists the record holds.
   now = json.loads(json.dumps(_evaluated_state(config, workdir)))
-  return results if record == now else None
+  if record != now or not isinstance(results, dict):
+    return None
+  if results.get('settings') != report.evaluation_settings(config, config.input.eval_split):
+    return None
+  dual = now['checkpoints'].get('dual', {}).get('step')
+  evaluated = (results.get('checkpoints') or {}).get('dual') or {}
+  return results if dual is not None and evaluated.get('step') == dual else None
 
 
 def _write_evaluated(config, workdir: str) -> None:
@@ -110,6 +198,65 @@ def _show_saved(workdir: str) -> None:
   )
 
 
+def _finished_stages(config, workdir: str) -> dict | None:
+  """{stage: {'step', 'checkpoint_dir', 'loss': None}} when every stage of `config.stages` is
+  at its last step, its newest step verifies against its manifest and the dual stage's input
+  is unchanged (nothing to train); else None (the stages run, resuming as usual)."""
+  from dualsig_jax.train import checkpoints
+
+  progress = stage_lib.stage_progress(config, workdir)
+  out = {}
+  for stage, p in progress.items():
+    if not p['finished'] or p.get('source_change'):
+      return None
+    step_dir = os.path.join(workdir_lib.checkpoint_dir(workdir, stage), str(p['step']))
+    try:
+      if not checkpoints.verify_manifest(step_dir):
+        return None
+    except checkpoints.CheckpointCorruptError:
+      return None  # the loop sets the damaged step aside and trains it again
+    out[stage] = {'step': p['step'], 'checkpoint_dir': os.path.dirname(step_dir), 'loss': None}
+  return out
+
+
+def refuse_shorter_than_trained(config, workdir: str) -> None:
+  """Refuses a config that ends a stage before the step its checkpoints already reached
+  (fewer num_epochs or max_steps on a finished run): checkpoints are never cut back, so the
+  run would report the longer training under a config.json that says the shorter one.
+
+  Raises:
+    resume.ConfigChangedError naming the stage, its trained step, the config's end step and
+    the saved values that fit.
+  """
+  steps = {s: workdir_lib.steps(workdir, s) for s in defaults.STAGES}
+  trained = {s: numbered[-1] for s, numbered in steps.items() if numbered}
+  if not trained:
+    return
+  spe = data.steps_per_epoch(config.input, config.input.batch_size)
+  saved = resume.saved_values(workdir) or {}
+  for stage, step in trained.items():
+    end = stage_lib.total_steps(config, stage, spe)
+    if step <= end:
+      continue
+    sec = config[stage]
+    now = (
+      f'{stage}.max_steps={sec.max_steps}'
+      if sec.max_steps > 0
+      else (f'{stage}.num_epochs={sec.num_epochs} ({spe} steps per epoch)')
+    )
+    keep = ', '.join(
+      f'--config.{k}={saved[k]}'
+      for k in (f'{stage}.num_epochs', f'{stage}.max_steps')
+      if k in saved
+    )
+    raise resume.ConfigChangedError(
+      f'the {stage} stage of {workdir} has trained to step {step}, but this config ends it at '
+      f'step {end} ({now}); checkpoints are never cut back, so nothing would be trained and '
+      f'config.json would contradict them. Keep the saved values ({keep or "see config.json"}) '
+      'or more, or use a fresh --workdir (eval.py evaluates without training)'
+    )
+
+
 def _retrain_dual_if_its_input_changed(config, workdir: str) -> None:
   """A dual stage trained from a vanilla checkpoint that has since changed is trained again."""
   reason = stage_lib.dual_source_change(config, workdir)
@@ -129,10 +276,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = Tru
   A workdir with checkpoints is resumed only with the config saved in it, up to the fields
   of `defaults.RESUME_SAFE_FIELDS` (resume.check_and_write_config). One run at a time: process
   0 holds the workdir's lock (`workdir.locked`) for the whole run. A dual stage whose vanilla
-  checkpoint changed since it trained is trained again (`stage.dual_source_change`). A finished
-  run (every stage at its last step, results.json computed from those checkpoints and this
-  config) is not evaluated again unless `eval.force` (single-process runs); its saved results
-  are printed.
+  checkpoint changed since it trained, or whose origin cannot be established, is trained again
+  (`stage.dual_source_change`). A config that ends a stage before its checkpoints' step is
+  refused (`refuse_shorter_than_trained`). A finished run (every stage at its last, verified
+  step; results.json computed from those checkpoints with this config's evaluation settings)
+  restores no stage and is not evaluated again unless `eval.force` (single-process runs): it
+  says so first and prints its saved results.
   SIGTERM / SIGINT stop the run with a checkpoint and raise `interrupt.Interrupted` (a
   SystemExit with code 128 + signum); no later stage or evaluation starts.
 
@@ -140,8 +289,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = Tru
     {'stages': {stage: train summary}, 'results': eval results dict or None,
      'reused': True when the saved results were returned without evaluating}.
   Raises:
-    one of USER_ERRORS (a changed config, another run holding the workdir, batch sizes that do
-    not split over the devices) before any data is generated or any step runs.
+    one of USER_ERRORS (a changed or shortened config, another run holding the workdir, batch
+    sizes that do not split over the devices) before any step runs (all but the shortened
+    config before any data is generated). The entry points print these, and the other errors
+    that are the user's to fix (`user_error_line`), in one line.
   """
   sharding.maybe_initialize_distributed()
   defaults.validate(config)
@@ -150,23 +301,37 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = Tru
   with lock, interrupt.handling():
     if jax.process_index() == 0:
       workdir_lib.remove_stale_temporaries(workdir, defaults.STAGES)
-    resume.check_and_write_config(config, workdir, write=jax.process_index() == 0)
+    resume.check_and_write_config(config, workdir, write=False)  # before any data is made
     if config.input.source == 'folder' and config.input.synthetic.generate:
       data.ensure_synthetic(config.input)
+    refuse_shorter_than_trained(config, workdir)
+    resume.check_and_write_config(config, workdir, write=jax.process_index() == 0)
     want_eval = evaluate and 'dual' in config.stages
     check_labels(
       config, [config.input.train_split] + ([config.input.eval_split] if want_eval else [])
     )
+    # One process only: every process must take the same branch, and each reads its own view
+    # of the workdir (a multi-host run trains and evaluates again rather than risk a split).
+    single = jax.process_count() == 1
+    summaries = _finished_stages(config, workdir) if single else None
+    results, reused = None, False
+    if summaries is not None and want_eval and not config.eval.force:
+      results = saved_results(config, workdir)
+      reused = results is not None
+    if summaries is not None and (reused or not want_eval):
+      # Said first, with no stage restored and no loader built: there is nothing to do.
+      if reused:
+        _show_saved(workdir)
+      else:
+        log.info('%s is finished: every stage of %s is trained', workdir, list(config.stages))
+      return {'stages': summaries, 'results': results, 'reused': reused}
     summaries = {}
     for stage in config.stages:
       interrupt.raise_if_requested(f'stopped before stage {stage}')
       if stage == 'dual':
         _retrain_dual_if_its_input_changed(config, workdir)
       summaries[stage] = loop.train_stage(config, workdir, stage)
-    results, reused = None, False
-    # One process only: every process must take the same branch, and each reads its own view
-    # of the workdir (a multi-host run evaluates again rather than risk a split decision).
-    if want_eval and not config.eval.force and jax.process_count() == 1:
+    if want_eval and not config.eval.force and single:
       results = saved_results(config, workdir)
       reused = results is not None
       if reused and jax.process_index() == 0:

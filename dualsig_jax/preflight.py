@@ -15,6 +15,8 @@ import ml_collections
 from dualsig_jax import workdir as workdir_lib  # light: os, fcntl and json only
 from dualsig_jax.data import paths  # light: os and importlib only
 
+SYNTH_SPLITS = ('train', 'val', 'test')  # == data.synthetic.SPLITS (checked by a test)
+
 
 def _convert_hint(config) -> str:
   m = config.model
@@ -67,7 +69,17 @@ def problems(
             f'no metadata for split {split!r} of {i.dataset_name}: {d}/image_ids.txt is missing '
             '(set input.metadata_root, or make it with python -m dualsig_jax.data.make_metadata)'
           )
-  elif i.source == 'tfds' and not i.tfds.name:
+  elif generate and i.source == 'folder':
+    # The generated set's splits (data/synthetic.SPLITS; that module is heavy to import here).
+    for name in ('train_split', 'eval_split'):
+      if name == 'train_split' and for_eval:
+        continue
+      if i[name] not in SYNTH_SPLITS:
+        out.append(
+          f'input.{name}={i[name]!r} is not a split of the generated SYNTH set; valid: '
+          f'{", ".join(SYNTH_SPLITS)} (e.g. --config.input.{name}=test)'
+        )
+  if i.source == 'tfds' and not i.tfds.name:
     out.append("input.source='tfds' needs --config.input.tfds.name (e.g. caltech_birds2011)")
 
   stages = tuple(config.stages)

@@ -2,15 +2,115 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import time
 
 import numpy as np
 
 from dualsig_jax import cam, paper, vocab
+from dualsig_jax.train import resume
 from dualsig_jax.wsol import plots as wsol_plots
 
 BRANCHES = vocab.BRANCHES
+
+# Config fields that change neither the numbers nor the plots of an evaluation (where the same
+# data lives, how it is batched, the train side), left out of its settings record.
+_NOT_SHAPING = (
+  'eval.force',
+  'eval.batch_size',
+  'eval.save_scoremaps',
+  'input.batch_size',
+  'input.num_workers',
+  'input.train_split',
+  'input.eval_split',  # recorded as the evaluated `split`
+  'input.augment',
+  'input.resize_size',
+  'input.crop_size',
+  'input.data_root',
+  'input.mask_root',
+  'input.metadata_root',
+)
+_SHAPING_SECTIONS = ('eval.', 'input.', 'model.')
+
+
+def _settings_of(values: dict, split: str, checkpoint: str | None) -> dict:
+  out = {
+    k: v for k, v in values.items() if k.startswith(_SHAPING_SECTIONS) and k not in _NOT_SHAPING
+  }
+  out.update(split=split, checkpoint=None if checkpoint is None else os.path.abspath(checkpoint))
+  return json.loads(json.dumps(out, sort_keys=True))  # tuples as the lists JSON reads back
+
+
+def evaluation_settings(config, split: str, checkpoint: str | None = None) -> dict:
+  """Every setting that shapes an evaluation's results (split, methods, thresholds, model,
+  eval input, the checkpoint folder named by eval.py --checkpoint or None), as JSON values.
+  Stored in results.json (`settings`) and compared before saved results are reused."""
+  return _settings_of(resume.config_values(config), split, checkpoint)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputNames:
+  """Where one evaluation writes: `<stem>.json`, `<stem>.md` and the plots folder."""
+
+  stem: str  # 'results' for the run's own settings, else 'results-<split>-<methods>-<hash>'
+  plots: str  # 'plots', or 'plots/<tag>' next to a tagged stem
+  settings: dict
+
+
+def output_names(config, workdir: str, split: str, checkpoint: str | None = None) -> OutputNames:
+  """The file names for evaluating `workdir` with these settings, so that evaluations with
+  different settings never overwrite each other.
+
+  The run's own settings (those of `<workdir>/config.json` on its eval split, its own dual
+  checkpoints) keep `results.json` / `results.md` / `plots/`; any other setting gets
+  `results-<split>-<methods>-<hash8>.*` and `plots/<same tag>/`. A workdir without a readable
+  config.json (eval.py --checkpoint into a new folder) uses the plain names unless a
+  results.json of other settings is already there."""
+  settings = evaluation_settings(config, split, checkpoint)
+  own = resume.saved_values(workdir)
+  if own is not None:
+    run_split = own.get('input.eval_split', split)
+    plain = settings == _settings_of(own, run_split, None)
+  else:
+    prior = _recorded_settings(os.path.join(workdir, 'results.json'))
+    plain = prior is None or prior == settings
+  if plain:
+    return OutputNames('results', 'plots', settings)
+  tag = _tag(settings)
+  return OutputNames(f'results-{tag}', os.path.join('plots', tag), settings)
+
+
+def _tag(settings: dict) -> str:
+  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+  methods = '+'.join(settings.get('eval.methods') or ['none'])
+  return f'{settings["split"]}-{methods}-{digest}'
+
+
+def _recorded_settings(path: str) -> dict | None:
+  """The `settings` a results file records; {} for one without (older runs), None if absent."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return saved.get('settings', {}) if isinstance(saved, dict) else {}
+
+
+def _keep_other_settings(workdir: str, names: OutputNames) -> None:
+  """Before results.json is written: one of other settings (or of unknown ones, from an older
+  version) is renamed to its own tagged name rather than overwritten."""
+  path = os.path.join(workdir, names.stem + '.json')
+  prior = _recorded_settings(path)
+  if prior is None or prior == names.settings:
+    return
+  tag = _tag(prior) if prior else f'earlier-{time.strftime("%Y%m%d-%H%M%S")}'
+  for ext in ('.json', '.md'):
+    old = os.path.join(workdir, names.stem + ext)
+    if os.path.exists(old):
+      os.replace(old, os.path.join(workdir, f'results-{tag}{ext}'))
 
 
 def _fmt(v):
@@ -116,28 +216,39 @@ def paper_table(comparison: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def write_outputs(config, workdir: str, results: dict, curves: dict, plots) -> None:
-  """Writes `<workdir>/results.json`, `results.md` and `plots/` (call on one process).
+def write_outputs(
+  config, workdir: str, results: dict, curves: dict, plots, names: OutputNames | None = None
+) -> None:
+  """Writes `<workdir>/<names.stem>.json` / `.md` and `<names.plots>/` (call on one process).
 
   `curves[(method, branch)]` = (box metrics | None, mask metrics | None); `plots` holds the
   CAM grid's images: `.image` list of `[S, S, 3]`, `.boxes`, `.title`, `.maps['<m>/<b>']`.
+  `names`: from `output_names` (default: the plain names for the results' own split). A
+  results.json of other settings already there is renamed to its tagged name, never lost.
   """
   os.makedirs(workdir, exist_ok=True)
+  if names is None:
+    names = output_names(config, workdir, results['split'])
   m = config.model
   if 'paper' not in results:  # evaluate() adds it on every process; a caller's own results
     results = {
       **results,
       'paper': paper_comparison(results, config.input.dataset_name, m.arch, m.family),
     }
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+  results = {**results, 'settings': names.settings}
+  if names.stem == 'results':
+    _keep_other_settings(workdir, names)
+  _write_text(os.path.join(workdir, names.stem + '.json'), json.dumps(results, indent=2))
   table = results_table(results)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(f'# {config.experiment}: {m.arch} on {config.input.dataset_name}\n\n')
-    f.write(table)
-    f.write('\n' + paper_table(results['paper']))
+  _write_text(
+    os.path.join(workdir, names.stem + '.md'),
+    f'# {config.experiment}: {m.arch} on {config.input.dataset_name}\n\n'
+    + table
+    + '\n'
+    + paper_table(results['paper']),
+  )
   print(table)
-  plot_dir = os.path.join(workdir, 'plots')
+  plot_dir = os.path.join(workdir, names.plots)
   os.makedirs(plot_dir, exist_ok=True)
   for m in config.eval.methods:
     boxes = {b: curves[(m, b)][0] for b in BRANCHES if curves[(m, b)][0] is not None}
@@ -162,3 +273,16 @@ def write_outputs(config, workdir: str, results: dict, curves: dict, plots) -> N
         threshold=config.eval.loc_threshold,
         titles=plots.title,
       )
+
+
+def _write_text(path: str, text: str) -> None:
+  """Whole or not at all: a full disk leaves the previous file, not half of a new one."""
+  tmp = path + '.tmp'
+  try:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except OSError:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

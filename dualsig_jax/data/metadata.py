@@ -289,7 +289,8 @@ def _read_labels(labels_file, num_classes):
     if label < 0 or (num_classes is not None and label >= num_classes):
       raise MetadataError(
         f'{labels_file}:{num}: label {label} out of range '
-        f'[0, {num_classes if num_classes is not None else "inf"})'
+        f'[0, {num_classes if num_classes is not None else "inf"}); fix the label in that file '
+        '(labels are class indices from 0)'
       )
     _no_conflict(labels, label_where, fields[0], label, f'{abs_labels}:{num}', 'label')
     labels[fields[0]], label_where[fields[0]] = label, f'{abs_labels}:{num}'

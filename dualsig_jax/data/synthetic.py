@@ -167,7 +167,8 @@ def generate(
   return params
 
 
-# Top-level entries a generated set may hold besides its files ('.lock': earlier versions).
+# Top-level entries a generated set may hold besides its files ('.lock': earlier versions'
+# empty flock file; a non-empty or non-file '.lock' is a user's and refuses regeneration).
 _LEGACY = ('.lock',)
 _META_FILES = ('image_ids.txt', 'class_labels.txt', 'image_sizes.txt', 'localization.txt')
 
@@ -239,7 +240,10 @@ def _foreign(folder, written):
     rel = os.path.relpath(dirpath, folder)
     for e in sorted(dirs) + sorted(files):
       found.append(e if rel == '.' else f'{rel}/{e}')
-  return sorted(p for p in found if p not in expected)
+  # Earlier versions' '.lock' was an empty flock file: one with content is a user's file.
+  legacy = {p for p in _LEGACY if os.path.isfile(os.path.join(folder, p))}
+  legacy = {p for p in legacy if os.path.getsize(os.path.join(folder, p)) == 0}
+  return sorted(p for p in found if p not in expected - (set(_LEGACY) - legacy))
 
 
 def _refuse(folder, foreign, what):

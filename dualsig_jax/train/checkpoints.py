@@ -10,7 +10,8 @@ readers fall back to the newest readable step with a warning (`restore_newest`).
 
 Each step also gets `checksums.json` (sha256 of every file of the step, written once the step is
 complete): a file whose bytes changed at the same size, which no parser notices, is damage like
-a truncated one. Steps written before the manifest existed are read unverified.
+a truncated one. Steps written before the manifest existed (their record holds no config) are
+read unverified; a step whose record holds the config but whose manifest is gone is damaged.
 
 Saves may be asynchronous (`manager(async_save=True)`): `save` returns once the arrays and
 the data position are copied to the host, Orbax writes the step into a temporary folder in the
@@ -93,6 +94,7 @@ def step_dir(mgr: ocp.CheckpointManager, step: int) -> str:
 
 
 MANIFEST = 'checksums.json'
+PENDING = '.manifest-pending'  # next to a step folder while its manifest is not written yet
 
 
 def _digests(path: str) -> dict[str, str]:
@@ -175,6 +177,10 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) ->
   items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
   if data_iter is not None:
     items['data'] = grain.PyGrainCheckpointSave(_DataPosition(data_iter))
+  # `<step>.manifest-pending` says a kill between Orbax's rename and the manifest is no damage.
+  pending = step_dir(mgr, step) + PENDING
+  if jax.process_index() == 0:
+    open(pending, 'w').close()
   mgr.save(step, args=ocp.args.Composite(**items), force=True)
   setattr(mgr, _PENDING, step)
   if not getattr(mgr, _ASYNC, False):
@@ -192,6 +198,7 @@ def finish(mgr: ocp.CheckpointManager) -> None:
   # The step folder is complete (renamed into place): every process's files are in it.
   if jax.process_index() == 0:
     write_manifest(step_dir(mgr, step))
+    os.remove(step_dir(mgr, step) + PENDING)
 
 
 def _short(e: BaseException) -> str:
@@ -215,6 +222,16 @@ def _culprit(e: BaseException, where: str) -> str:
   return rel
 
 
+def _records_config(path: str) -> bool:
+  """Whether the step's JSON record holds the run's config (this version's steps, which all
+  get a manifest); False for older steps or an unreadable record (parsed and named later)."""
+  try:
+    with open(os.path.join(path, 'meta', 'metadata'), encoding='utf-8') as f:
+      return isinstance(json.load(f).get('config'), dict)
+  except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+    return False
+
+
 def check_files(path: str, *, data: bool, verify: bool = True) -> None:
   """Checks the files of the step folder `path` against its checksum manifest (`verify`), then
   parses its JSON files (names the broken file in both cases).
@@ -226,8 +243,17 @@ def check_files(path: str, *, data: bool, verify: bool = True) -> None:
   """
   if not os.path.isdir(os.path.join(path, 'state')):
     raise _corrupt(path, 'state', 'the folder is missing')
-  if verify:
-    verify_manifest(path)
+  if (
+    verify
+    and not verify_manifest(path)
+    and _records_config(path)
+    and not os.path.exists(path.rstrip('/') + PENDING)
+  ):
+    # Every step whose record holds the config was written with a manifest (or left a pending
+    # mark when killed before it): one without either is damage, not a pre-manifest step.
+    raise _corrupt(
+      path, MANIFEST, 'the checksum manifest is missing, so its arrays cannot be verified'
+    )
   files = [f for item, f in _JSON_FILES if os.path.isdir(os.path.join(path, item))]
   if data:
     found = sorted(glob.glob(os.path.join(path, 'data', '*.json')))

@@ -69,12 +69,33 @@ def _restore_or_init(config, workdir, st, data_iter):
   target = st.make_state(stage_lib.fresh_variables(config, st.model))
 
   def read(step):
-    return checkpoints.restore(st.mgr, step, target, data_iter, expected=st.meta)[0]
+    return checkpoints.restore(st.mgr, step, target, data_iter, expected=st.meta)
 
-  start, state, skipped = checkpoints.restore_newest(st.mgr, read)
+  start, (state, meta), skipped = checkpoints.restore_newest(st.mgr, read)
   if skipped:
     checkpoints.set_aside(st.mgr, skipped)
+  _say_if_devices_changed(st, meta, start)
   return state, start, f'resumed from step {start}'
+
+
+def _say_if_devices_changed(st, meta: dict, step: int) -> None:
+  """A resume on another device or process count is allowed (the global batch and the data
+  order stay the same) but drifts in the last bits: the log says so."""
+  then = (meta.get('devices'), meta.get('processes'))
+  now = (jax.device_count(), jax.process_count())
+  if then[0] is None or then == now or jax.process_index() != 0:
+    return
+  log.warning(
+    'stage %s: step %d was saved on %d devices (%s processes), this run has %d devices (%d '
+    'processes): the resume continues with the same global batch and data order, but the '
+    'batch is split differently, so the results drift from an uninterrupted run in the last '
+    'bits (as documented)',
+    st.name,
+    step,
+    then[0],
+    then[1],
+    *now,
+  )
 
 
 def train_stage(config: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
@@ -139,6 +160,10 @@ def _set_up(config, workdir, stage) -> _Stage:
   sharding.check_accumulation(config.input.batch_size, o.accum_steps, mesh, f'{stage}.accum_steps')
   spe = data.steps_per_epoch(config.input, config.input.batch_size)
   ckpt_dir = stage_lib.checkpoint_dir(workdir, stage)
+  meta = stage_lib.model_record(config, stage)
+  meta.update(devices=jax.device_count(), processes=jax.process_count())  # (a resume compares)
+  if stage == 'dual':  # its origin, should dual/source.json be lost (stage.dual_source_change)
+    meta['source'] = stage_lib.source_identity_now(config, workdir)
   return _Stage(
     name=stage,
     workdir=workdir,
@@ -154,7 +179,7 @@ def _set_up(config, workdir, stage) -> _Stage:
       async_save=config.checkpoint.async_save,
       writer=True,
     ),
-    meta=stage_lib.model_record(config, stage),
+    meta=meta,
     steps_per_epoch=spe,
     total=stage_lib.total_steps(config, stage, spe),
     local_batch=local_batch,

@@ -5,8 +5,8 @@ with another batch size or learning rate would silently mix two experiments, so 
 fields of `defaults.RESUME_SAFE_FIELDS` may change. metrics.jsonl is cut back to the step a
 stage resumes from, so the records a killed run wrote after its last checkpoint are not
 repeated. Every checkpoint step also records the config (`stage.model_record`): when
-config.json is missing or unreadable, that copy guards the resume, and with neither the resume
-is refused. No JAX here (the entry points may call it before JAX starts).
+config.json is missing, unreadable or incomplete (a field it lacks cannot be checked), that copy
+guards the resume, and with neither the resume is refused. No JAX here (the entry points may call it before JAX starts).
 """
 
 from __future__ import annotations
@@ -70,6 +70,11 @@ def _read_saved(path: str) -> tuple[dict | None, str]:
     return None, f'it is unreadable ({e})'
 
 
+def saved_values(workdir: str) -> dict | None:
+  """The workdir's config.json as dotted name -> value, or None when missing or unreadable."""
+  return _read_saved(os.path.join(workdir, CONFIG_FILE))[0]
+
+
 def checkpoint_config(workdir: str) -> tuple[dict | None, str]:
   """(config recorded in the newest checkpoint step that has one, where) or (None, '').
 
@@ -89,6 +94,17 @@ def checkpoint_config(workdir: str) -> tuple[dict | None, str]:
     if isinstance(record, dict) and isinstance(record.get('config'), dict):
       return dict(record['config']), path
   return None, ''
+
+
+# Fields every version of config.json held (a record without one of them is not a record).
+_CORE_FIELDS = (
+  'seed',
+  'model.arch',
+  'model.num_classes',
+  'input.batch_size',
+  'vanilla.lr',
+  'dual.lr',
+)
 
 
 def _show(v) -> str:
@@ -118,6 +134,25 @@ def check_and_write_config(
   old, lost = None, False
   if resuming:
     old, why = _read_saved(path)
+    gaps = [] if old is None else [k for k in new if k not in old and not is_resume_safe(k)]
+    if gaps:
+      # A record that parses but lacks fields ({} or a hand-edited file) cannot vouch for
+      # them: the checkpoint's own copy fills them in (config.json wins where both have one).
+      recorded, where = checkpoint_config(workdir)
+      if recorded is not None:
+        if write:
+          log.warning(
+            '%s lacks %d fields (%s); checking this resume against the config recorded in %s',
+            path,
+            len(gaps),
+            ', '.join(gaps[:6]) + (' ...' if len(gaps) > 6 else ''),
+            where,
+          )
+        old = {**recorded, **old}
+        lost = True
+    if old is not None and any(k not in old for k in _CORE_FIELDS):
+      # Fields every version recorded: without them it is no record of a run at all.
+      old, why = None, f'it lacks {[k for k in _CORE_FIELDS if k not in old]}'
     if old is None:
       # Without config.json the checkpoint's own copy of the config guards the resume.
       old, where = checkpoint_config(workdir)

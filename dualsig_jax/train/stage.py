@@ -132,20 +132,27 @@ def model_record(config: ml_collections.ConfigDict, stage: str) -> dict:
 def check_source_matches(info: dict, config: ml_collections.ConfigDict, where: str) -> None:
   """Refuses starting weights recorded with another arch, family, class count or feature-map
   size. ResNet50/InceptionV3 have the same keys with and without `large_feature_map`, so the
-  record is the only way to catch that mismatch; old checkpoints without a record pass."""
+  record is the only way to catch that mismatch; old checkpoints without a record pass.
+
+  Raises:
+    ValueError naming every field that differs at once, and the overrides that make this
+    config fit the checkpoint (they work with any config file).
+  """
   want = model_record(config, 'dual')
-  for key in ('arch', 'family', 'num_classes', 'large_feature_map'):
-    if key in info and info[key] is not None and info[key] != want[key]:
-      raise ValueError(
-        f'{where} was written for model.{key}={info[key]!r}, but this config has '
-        f'model.{key}={want[key]!r}; use the matching checkpoint, or '
-        + (
-          f'the config argument for that model (e.g. configs/<dataset>.py:{info.get("arch")}'
-          f'{",standard" if info.get("family") == "standard" else ""})'
-          if key in ('arch', 'family')
-          else f'--config.model.{key}={info[key]!r}'
-        )
-      )
+  keys = ('arch', 'family', 'num_classes', 'large_feature_map')
+  wrong = [k for k in keys if info.get(k) is not None and info[k] != want[k]]
+  if not wrong:
+    return
+  detail = ', '.join(f'model.{k}={info[k]!r} (this config: {want[k]!r})' for k in wrong)
+  fix = ' '.join(f'--config.model.{k}={_flag_value(info[k])}' for k in wrong)
+  raise ValueError(
+    f'{where} was written for {detail}; use the matching checkpoint, or run with {fix}'
+  )
+
+
+def _flag_value(v) -> str:
+  """A value as an ml_collections override takes it on a command line."""
+  return str(v) if isinstance(v, (bool, int)) else v
 
 
 def _names(path) -> str:
@@ -248,6 +255,20 @@ def check_structure(variables: dict, config: ml_collections.ConfigDict, model, *
     )
 
 
+def _untrained_head(variables: dict, info: dict) -> str:
+  """Why the checkpoint's sigmoid head fc2 is not a trained one, or ''."""
+  if 'fc2' not in variables.get('params', {}):
+    return 'has no sigmoid head (fc2)'
+  if info.get('stage') == 'vanilla':
+    # The vanilla stage trains the dual model's softmax head only: its fc2 is the random init.
+    return 'is a vanilla-stage checkpoint (its fc2 is the untrained initialisation)'
+  if info.get('fc2') not in (None, 'loaded'):
+    return f'was converted without a sigmoid head (its record says fc2: {info["fc2"]})'
+  if info.get('stage') == 'dual' and info.get('step') == 0:
+    return 'is the dual stage at step 0 (its fc2 has not trained a step)'
+  return ''
+
+
 def load_dual_checkpoint(config: ml_collections.ConfigDict, path: str, model=None):
   """(variables, record) of the dual-branch checkpoint folder `path` (a stage's checkpoint
   folder, newest readable step, or a converter output), checked against this config's model
@@ -257,14 +278,18 @@ def load_dual_checkpoint(config: ml_collections.ConfigDict, path: str, model=Non
   Raises:
     FileNotFoundError: no checkpoint folder. CheckpointCorruptError: no readable step.
     ValueError: the checkpoint's record or arrays belong to another model (names the field),
-      or it has no sigmoid head `fc2` (a single-head classifier).
+      or its sigmoid head `fc2` is not a trained one: missing, a vanilla-stage checkpoint
+      (whose fc2 is the random init), a converter output whose record says `fc2: init` /
+      `clone`, or a dual stage at step 0.
   """
   variables, info = checkpoints.restore_variables(path)
   check_source_matches(info, config, path)
-  if 'fc2' not in variables.get('params', {}):
+  untrained = _untrained_head(variables, info)
+  if untrained:
     raise ValueError(
-      f'{path} has no sigmoid head (fc2): it is a single-head classifier; train the dual stage '
-      'on it (dual.init_checkpoint) or convert a dual-branch checkpoint'
+      f'{path} {untrained}: it is a single-head classifier, and its fc2 would be evaluated as '
+      '"sigmoid (ours)"; train the dual stage on it (--config.dual.init_checkpoint) or convert '
+      'a dual-branch checkpoint'
     )
   model = model if model is not None else build_stage_model(config, 'dual')
   check_structure(variables, config, model, where=path)
@@ -297,22 +322,58 @@ def _write_source_record(workdir: str, src: str, step: int | None) -> None:
   os.replace(path + '.tmp', path)
 
 
+def source_identity_now(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """The identity of the vanilla checkpoint the dual stage would start from now (its newest
+  step), recorded in each dual step's record; None when that folder has no steps."""
+  src = vanilla_source(config, workdir)
+  numbered = workdir_lib.folder_steps(src)
+  return _source_identity(src, numbered[-1]) if numbered else None
+
+
+def _recorded_source(workdir: str) -> dict | None:
+  """What the dual stage started from: dual/source.json, else the record of its newest step
+  (a lost or damaged source.json is recovered from there); None when neither says."""
+  try:
+    with open(os.path.join(workdir, 'dual', SOURCE_FILE), encoding='utf-8') as f:
+      rec = json.load(f)
+    if isinstance(rec, dict) and 'step' in rec:
+      return rec
+  except (OSError, ValueError):
+    pass
+  for step in reversed(workdir_lib.steps(workdir, 'dual')):
+    meta = os.path.join(checkpoint_dir(workdir, 'dual'), str(step), 'meta', 'metadata')
+    try:
+      with open(meta, encoding='utf-8') as f:
+        rec = json.load(f).get('source')
+    except (OSError, ValueError, AttributeError):
+      continue
+    if isinstance(rec, dict) and 'step' in rec:
+      return rec
+  return None
+
+
 def dual_source_change(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   """Why the dual stage's checkpoints no longer match the vanilla checkpoint they started
   from (e.g. the vanilla stage trained on after `vanilla.num_epochs` grew), or None.
 
-  None also when there is nothing to compare: no dual checkpoint, no record (runs before the
-  record existed), a converted starting folder, or a vanilla folder without steps."""
+  The origin is `dual/source.json`, or the record of the newest dual step when that file is
+  lost; a dual stage whose origin neither establishes is stale too (it may come from any
+  vanilla checkpoint). None when there is nothing to compare: no dual checkpoint, a converted
+  starting folder, or a vanilla folder without steps."""
   if not workdir_lib.steps(workdir, 'dual'):
-    return None
-  try:
-    with open(os.path.join(workdir, 'dual', SOURCE_FILE), encoding='utf-8') as f:
-      rec = json.load(f)
-  except (OSError, ValueError):
     return None
   src = vanilla_source(config, workdir)
   numbered = workdir_lib.folder_steps(src)
-  if rec.get('step') is None or not numbered:
+  if not numbered:
+    return None
+  rec = _recorded_source(workdir)
+  if rec is None:
+    return (
+      f'the origin of the dual stage of {workdir} cannot be established ({SOURCE_FILE} is '
+      'missing or unreadable and its checkpoints do not record it), so it may come from '
+      f'another vanilla checkpoint than {src}'
+    )
+  if rec.get('step') is None:
     return None
   now = _source_identity(src, numbered[-1])
   if (now['step'], now['digest']) == (rec['step'], rec.get('digest')):

@@ -145,13 +145,17 @@ def flat_metrics(results: dict) -> dict[str, float]:
   return out
 
 
-def write_eval(config, workdir: str, results: dict, step: int | None) -> None:
-  """Evaluation metrics into `<workdir>/tensorboard/eval` at `step` (process 0, option on);
-  an evaluation of the same step again replaces the earlier points."""
+def write_eval(
+  config, workdir: str, results: dict, step: int | None, folder: str = 'eval'
+) -> None:
+  """Evaluation metrics into `<workdir>/tensorboard/<folder>` at `step` (process 0, option on);
+  an evaluation of the same step again replaces the earlier points. `folder` is `eval` for the
+  run's own evaluation settings and `eval-<tag>` for others (report.OutputNames), so another
+  split or method never replaces the run's own curves."""
   if not enabled(config):
     return
   step = int(step or 0)
-  w = Writer(os.path.join(workdir, FOLDER, 'eval'), resumed_from=step - 1)
+  w = Writer(os.path.join(workdir, FOLDER, folder), resumed_from=step - 1)
   w.scalars(step, flat_metrics(results))
   w.close()
 
