@@ -145,9 +145,7 @@ def flat_metrics(results: dict) -> dict[str, float]:
   return out
 
 
-def write_eval(
-  config, workdir: str, results: dict, step: int | None, folder: str = 'eval'
-) -> None:
+def write_eval(config, workdir: str, results: dict, step: int | None, folder: str = 'eval') -> None:
   """Evaluation metrics into `<workdir>/tensorboard/<folder>` at `step` (process 0, option on);
   an evaluation of the same step again replaces the earlier points. `folder` is `eval` for the
   run's own evaluation settings and `eval-<tag>` for others (report.OutputNames), so another
