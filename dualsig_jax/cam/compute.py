@@ -20,10 +20,12 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dualsig_jax import vocab
 from dualsig_jax.cam import methods as M
 from dualsig_jax.cam.resize import resize_maps
+from dualsig_jax.cam.targets import check_categories
 
 BRANCHES = vocab.BRANCHES
 LOGIT_KEYS = {'softmax': 'softmax_logits', 'sigmoid': 'sigmoid_logits'}
@@ -159,6 +161,21 @@ def _compute_multi(
   return maps, targets
 
 
+def _check_targets(apply_fn, variables, images, targets, branches) -> None:
+  """Integer classes ``[B]`` within the logits (the output's shape from one trace)."""
+  b = images.shape[0]
+  check_categories(targets, None, b, 'targets')
+  if np.ndim(targets) != 1:
+    raise ValueError(f'targets must be int [B]={b} (one class per image), got {np.shape(targets)}')
+  if isinstance(targets, jax.core.Tracer):
+    return
+  out = jax.eval_shape(apply_fn, variables, images)
+  key = LOGIT_KEYS[branches[0]]
+  k = out[key].shape[-1] if isinstance(out, dict) and key in out else None
+  if k is not None:
+    check_categories(targets, k, b, 'targets')
+
+
 def compute_cams_multi(
   apply_fn: Callable,
   variables,
@@ -208,10 +225,11 @@ def compute_cams_multi(
     truncate = (bool(truncate_negative_weights),) * len(branches)
   size = tuple(images.shape[1:3]) if output_size is None else output_size
   size = tuple(int(v) for v in size)
+  if images.shape[0] == 0:
+    raise ValueError('images is an empty batch (B=0): pass at least one image')
   if targets is not None:
+    _check_targets(apply_fn, variables, images, targets, branches)
     targets = jnp.asarray(targets, jnp.int32)
-    if targets.shape != (images.shape[0],):
-      raise ValueError(f'targets must be [B]={images.shape[0]}, got shape {targets.shape}')
   return _compute_multi(
     variables,
     images,

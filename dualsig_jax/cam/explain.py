@@ -135,7 +135,7 @@ def _scorer(cfg: _Config, tgt, b: int):
 
     def score(out, rows=None):
       t = tgt if rows is None else tgt[rows]
-      return jnp.take_along_axis(out.astype(jnp.float32), t[:, None], axis=1)[:, 0]
+      return jnp.take_along_axis(M.at_least_f32(out), t[:, None], axis=1)[:, 0]
 
   else:
 
@@ -225,7 +225,7 @@ def _raw_maps(forward, state, images, tgt, cfg: _Config):
       main, cmp = L.finer_classes(out, tgt, tuple(cfg.opt('finer_comparisons')))
       alpha = cfg.opt('finer_alpha')
       ct = jax.grad(lambda lg: jnp.sum(L.finer_target_score(lg, main, cmp, alpha)))(
-        out.astype(jnp.float32)
+        M.at_least_f32(out)
       )
       res[m] = weighted(M.grad_cam_weights(grads_for(ct)))
     elif m == 'shapleycam':

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dualsig_jax.cam.layer_methods import upsample_channels
+from dualsig_jax.cam.methods import at_least_f32
 
 _ABLATION_VALUE = 1e7  # AblationLayer: below the minimum when the layer has no zeros
 
@@ -108,5 +109,5 @@ def ablation_weights(
     return score(forward_edit(s, images[bi], lambda _: ablated), bi)
 
   ablated_scores = chunked_scores(chunk, b * c, batch_size, state).reshape(b, c)
-  y = y.astype(jnp.float32)[:, None]
+  y = at_least_f32(y)[:, None]
   return (y - ablated_scores) / y

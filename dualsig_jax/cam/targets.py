@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from dualsig_jax.cam.methods import at_least_f32
 from dualsig_jax.cam.target_layer import Static
 
 
@@ -161,7 +162,7 @@ def check_scores(scores, b: int) -> jax.Array:
   if not hasattr(scores, 'shape') or tuple(scores.shape) != (b,):
     got = getattr(scores, 'shape', type(scores).__name__)
     raise ValueError(f'a target function must return one score per image, [B]={b}; got {got}')
-  return scores.astype(jnp.float32)
+  return at_least_f32(scores)
 
 
 def check_categories(category, k: int | None, b: int, what: str) -> None:
