@@ -88,6 +88,13 @@ class ScanNet(nnx.Module):
     return self.after_post(self.post(self.run_blocks(nnx.relu(self.stem(x)))))
 
 
+def host(a):
+  """A state leaf as NumPy (RNG keys as their raw data)."""
+  if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+    a = jax.random.key_data(a)
+  return np.asarray(a)
+
+
 def images(b=2, size=12, seed=3):
   return jax.random.normal(jax.random.key(seed), (b, size, size, 3))
 
@@ -146,7 +153,7 @@ def test_nnx_scan_model_at_layers_before_and_after_the_scan():
   with pytest.raises(TypeError):
     hash(nnx.split(model)[0])  # the config object makes the graph definition unhashable
   x = images()
-  before = jax.tree.map(np.asarray, nnx.state(model))
+  before = jax.tree.map(host, nnx.state(model))
   maps, t = explain(model, None, x, 'post', EXPLAIN_METHODS, batch_size=8)
   check_all_methods(maps, 2, (12, 12))
   trunk = model.run_blocks(nnx.relu(model.stem(x)))
@@ -165,5 +172,5 @@ def test_nnx_scan_model_at_layers_before_and_after_the_scan():
   size = _explain._cache_size()
   explain(model, None, x * 0.5, 'post', EXPLAIN_METHODS, batch_size=8)
   assert _explain._cache_size() == size
-  after = jax.tree.map(np.asarray, nnx.state(model))
+  after = jax.tree.map(host, nnx.state(model))
   jax.tree.map(np.testing.assert_array_equal, before, after)

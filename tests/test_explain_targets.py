@@ -1,18 +1,19 @@
 """cam.explain's targets (functions, shipped targets, every class / top k), several layers, and
 maps_fn: a pure function whose maps are differentiated inside the caller's jit / vmap / grad.
 
-The gradient check compares jax.grad of a scalar function of the maps, w.r.t. the parameters and
+The gradient check (float64, scoped with ``jax.enable_x64(True)``; ``jax.experimental.enable_x64``
+is gone from this JAX) compares jax.grad of a scalar function of the maps, w.r.t. the parameters and
 the images, with central finite differences in float64: directional derivatives agree to a
 relative 1e-5 (float64 round-off of the differences at eps=1e-5 is ~1e-10 of the value).
 """
 
+import cv2
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.experimental import enable_x64
 
 from dualsig_jax.cam import explain, maps_fn
 from dualsig_jax.cam import targets as T
@@ -58,8 +59,10 @@ def test_target_functions_and_shipped_targets():
   _, st = net.apply(v, x, capture_intermediates=lambda m, _: m.scope.path == ('conv2',))
   act = st['intermediates']['conv2']['__call__'][0]
 
+  fc = v['params']['fc']
+
   def prob(a):
-    out = net.apply(v, a, method=lambda m, a: m.fc(jnp.tanh(a).mean(axis=(1, 2))))
+    out = jnp.tanh(a).mean(axis=(1, 2)) @ fc['kernel'] + fc['bias']
     return jnp.sum(jax.nn.softmax(out)[:, 1])
 
   g = jax.grad(prob)(act)
@@ -133,7 +136,7 @@ def test_maps_fn_inside_jit_and_vmap():
 
 
 def test_gradients_of_maps_match_finite_differences_float64():
-  with enable_x64():
+  with jax.enable_x64(True):  # scoped: float64 for this test only
     net = Net()
     x = jax.random.normal(jax.random.key(5), (2, 6, 6, 3), jnp.float64)
     v = jax.tree.map(lambda a: a.astype(jnp.float64), net.init(jax.random.key(6), x))
@@ -184,7 +187,9 @@ def synthetic_batch(n=4, size=32, classes=10):
   labels = np.arange(n) % classes
   imgs, inside = [], []
   for lab in labels:
-    img, mask = render(int(lab), classes, size, rng)
+    img, mask = render(int(lab), classes, size, rng)  # the size varies per image
+    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
     ys, xs = np.nonzero(mask)
     box = np.zeros((size, size), np.float32)
     box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = 1.0

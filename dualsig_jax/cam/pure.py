@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from dualsig_jax.cam import explain as E
 from dualsig_jax.cam import explain_checks as C
+from dualsig_jax.cam.explain import EXPLAIN_METHODS, _compute, _prepare, check_explain_method
 
 
 def maps_fn(
@@ -59,13 +59,13 @@ def maps_fn(
     options=options,
     call_kwargs=call_kwargs,
   )
-  C.methods_tuple(methods, E.check_explain_method, E.EXPLAIN_METHODS)
+  C.methods_tuple(methods, check_explain_method, EXPLAIN_METHODS)
   _, state = C.forwards(model, variables, target_layer, kw, logits_2d=False)
 
   def fn(state, images, targets=None):
-    forwards, _, tgt, cfg = E._prepare(
+    forwards, _, tgt, cfg = _prepare(
       model, variables, images, target_layer, methods, targets, dict(kw), check=False
     )
-    return E._compute(state, images, tgt, forwards=forwards, cfg=cfg)
+    return _compute(state, images, tgt, forwards=forwards, cfg=cfg)
 
   return fn, state
