@@ -1,8 +1,14 @@
-"""Jitted, batched CAM, Grad-CAM, Grad-CAM++, XGrad-CAM and LayerCAM for any Flax model.
+"""Class activation maps for Flax models, jitted and batched.
 
-Maps come from either head (``branch='softmax'`` or ``'sigmoid'``), are resized on device with
-matrices that reproduce ``cv2.resize`` and normalized exactly as the reference (wsolevaluation +
-pytorch-grad-cam) does; see ``compute.postprocess_maps``.
+Two entry points: ``compute_cams`` / ``compute_cams_multi`` (CAM, Grad-CAM, Grad-CAM++, XGrad-CAM
+and LayerCAM of this project's models, or of any model given as features + head), and
+``explain`` / ``maps_fn`` (any Linen or NNX model as it is, at any layer, with every
+class-discriminative method of pytorch-grad-cam 1.5.7). Beside them: guided backprop, the
+fidelity and ROAD metrics, and plotting helpers.
+
+``compute_cams``' maps come from either head (``branch='softmax'`` or ``'sigmoid'``); all maps
+are resized on device with matrices that reproduce ``cv2.resize`` and normalized exactly as the
+reference (wsolevaluation + pytorch-grad-cam) does; see ``compute.postprocess_maps``.
 
 A model is seen through ``apply_fn(variables, images) -> {'features', '<branch>_logits'...}``,
 ``head_fn(variables, features) -> logits dict`` (gradient methods) and

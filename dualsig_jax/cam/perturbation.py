@@ -2,10 +2,10 @@
 
 Both need one forward per (image, channel). The ``B * C`` forwards are cut into chunks of
 ``batch_size`` and run by ``jax.lax.scan`` inside the caller's jit, so the masked inputs are built
-on device chunk by chunk (never all ``B * C`` at once). The model's state rides in the scan's
-carry, an argument of the loop body, never a value closed over from the outer trace (an NNX
-model rebuilt from closed-over values fails inside its own ``nnx.scan``). The last chunk is padded with repeated
-indices whose scores are dropped. Formulas as pytorch-grad-cam 1.5.7's ``ScoreCAM`` and
+on device chunk by chunk (never all ``B * C`` at once). The last chunk is padded with repeated
+indices whose scores are dropped. The model's state rides in the scan's carry, an argument of
+the loop body, never a value closed over from the outer trace (an NNX model rebuilt from
+closed-over values fails inside its own ``nnx.scan``). Formulas as pytorch-grad-cam 1.5.7's ``ScoreCAM`` and
 ``AblationCAM`` (with its default ``AblationLayer`` and ``ratio_channels_to_ablate=1.0``).
 """
 
