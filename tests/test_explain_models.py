@@ -160,12 +160,12 @@ def test_nnx_scan_model_at_layers_before_and_after_the_scan():
   ref, ref_t = reference(model.post(trunk), model.after_post, (12, 12))
   check_against(maps, t, ref, ref_t)
 
-  # Before the scan: the gradient runs back through nnx.scan. NNX refuses a model built outside
-  # jax.grad inside its nnx.scan, so the reference rebuilds it inside (nnx.merge).
+  # Before the scan: the gradient runs back through nnx.scan. NNX refuses, inside its nnx.scan,
+  # variables made outside jax.grad, so the reference rebuilds them inside (fresh Variables).
   graphdef, state = nnx.split(model)
 
   def tail(a):
-    m = nnx.merge(graphdef, state)
+    m = nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
     return m.after_post(m.post(m.run_blocks(nnx.relu(a))))
 
   stem_maps, stem_t = explain(model, None, x, model.stem, EXPLAIN_METHODS, batch_size=8)
