@@ -231,3 +231,20 @@ def test_training_step_with_a_map_term_in_the_loss():
     losses.append(float(loss))
     assert np.isfinite(float(outside))
   assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_more_classes_than_one_vmap_chunk():
+  class Wide(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      a = nn.relu(nn.Conv(6, (3, 3), name='conv')(x))
+      return nn.Dense(40, name='fc')(a.mean(axis=(1, 2)))
+
+  _, _, x = setup()
+  net = Wide()
+  v = net.init(jax.random.key(3), x)
+  maps, classes = explain(net, v, x, 'conv', ('gradcam',), 'all')
+  assert maps['gradcam'].shape == (2, 40, 8, 8) and classes[0].tolist() == list(range(40))
+  for c in (0, 33, 39):
+    one, _ = explain(net, v, x, 'conv', ('gradcam',), [c, c])
+    close(maps['gradcam'][:, c], one['gradcam'])

@@ -88,6 +88,7 @@ NOT_DIFFERENTIABLE = {
 # ttach's default for aug_smooth: horizontal flip x multiply by (0.9, 1, 1.1).
 _AUG_FLIPS = (False, True)
 _AUG_FACTORS = (0.9, 1.0, 1.1)
+_CLASS_CHUNK = 32  # classes per vmap with targets='all' / ('topk', k); see _compute
 
 
 def check_explain_method(method: str) -> str:
@@ -188,7 +189,11 @@ def _raw_maps(forward, state, images, tgt, cfg: _Config):
 
   grads = None
   if methods & _NEEDS_GRADS:
-    grads = grads_for(jax.grad(lambda o: jnp.sum(score(o)))(out))
+    if cfg.target is None:  # d score / d output of a class index: its one-hot
+      ct = jax.nn.one_hot(tgt, out.shape[-1], dtype=jnp.float32)
+    else:
+      ct = jax.grad(lambda o: jnp.sum(score(o)))(out)
+    grads = grads_for(ct)
   es, tr = cfg.eigen_smooth, cfg.truncate
 
   def weighted(w):
@@ -299,9 +304,25 @@ def _compute(state, images, tgt, *, forwards, cfg: _Config):
   else:
     classes = jax.lax.top_k(logits, cfg.classes)[1].astype(jnp.int32)
   one = dataclasses.replace(cfg, classes=None)
-  return jax.vmap(
-    lambda s, t: _smoothed(forwards, s, images, t, one), in_axes=(None, 1), out_axes=1
-  )(state, classes)
+
+  def per_class(s, t):  # t int32 [B, n] -> maps [B, n, H, W]
+    return jax.vmap(
+      lambda s2, tk: _smoothed(forwards, s2, images, tk, one), in_axes=(None, 1), out_axes=1
+    )(s, t)
+
+  b, n = classes.shape
+  if n <= _CLASS_CHUNK:
+    return per_class(state, classes)
+  # More classes than one chunk: vmapped chunks in a scan. On XLA:CPU, one vmap over 200
+  # classes gave wrong maps for every class past the 32nd (bench/bench_cam_classes.py); chunks
+  # of 32 match the per-class maps. The forwards are recomputed once per chunk.
+  pad = -n % _CLASS_CHUNK
+  chunks = jnp.pad(classes, ((0, 0), (0, pad)), mode='edge').reshape(b, -1, _CLASS_CHUNK)
+  _, (maps, used) = jax.lax.scan(
+    lambda s, t: (s, per_class(s, t)), state, jnp.moveaxis(chunks, 1, 0)
+  )
+  join = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1, *x.shape[3:])[:, :n]  # noqa: E731
+  return {m: join(v) for m, v in maps.items()}, join(used)
 
 
 _explain = jax.jit(_compute, static_argnames=('forwards', 'cfg'))
