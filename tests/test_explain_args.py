@@ -105,7 +105,6 @@ def test_compute_cams_bad_targets(setup):
   head_fn, weights_fn = linear_head_fns({'softmax': ('fc',)})
   kw = dict(method='gradcam', branch='softmax', head_fn=head_fn, head_weights_fn=weights_fn)
   for targets, match in (
-    ([7, 0], r'\[7\] out of range'),
     ([-1, 0], r'\[-1\] out of range'),
     ([0.0, 1.0], 'integer class indices'),
     ([0, 1, 2], r'\[B\]=2'),
