@@ -339,7 +339,8 @@ def _old_vs_new_scorecam(model, v, x, layer, chunk, reps):
     def run(st, xx):
       logits, acts = forward(st, xx, None)
       t = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      return fn(lambda y: forward(st, y, None)[0], xx, acts, t, chunk)
+      score = lambda out, rows: jnp.take_along_axis(out, t[rows][:, None], axis=1)[:, 0]  # noqa: E731
+      return fn(lambda s_, y: forward(s_, y, None)[0], st, xx, acts, score, chunk)
 
     f = jax.jit(run)
     return lambda: jax.block_until_ready(f(state, x))

@@ -53,6 +53,16 @@ def _model():
   return forward, jax.random.normal(k[1], (2, 8, 8, 3))
 
 
+def _weights(fn, forward, images, acts, targets, batch_size):
+  """``fn`` (scorecam_weights or _all) with a stateless ``forward(x) -> logits [N, K]`` and the
+  target logit as the score, in the calling convention of cam.explain."""
+
+  def score(out, rows):
+    return jnp.take_along_axis(out, targets[rows][:, None], axis=1)[:, 0]
+
+  return fn(lambda _, x: forward(x), None, images, acts, score, batch_size)
+
+
 def test_weights_equal_one_forward_per_channel_and_fewer_forwards_run():
   forward, images = _model()
   acts, targets = _acts(), jnp.array([3, 5], jnp.int32)
@@ -62,10 +72,10 @@ def test_weights_equal_one_forward_per_channel_and_fewer_forwards_run():
     jax.debug.callback(lambda n: calls.append(int(n)), x.shape[0])
     return forward(x)
 
-  new = jax.jit(lambda: P.scorecam_weights(counted, images, acts, targets, 2))()
+  new = jax.jit(lambda: _weights(P.scorecam_weights, counted, images, acts, targets, 2))()
   jax.block_until_ready(new)
   new_calls, calls[:] = list(calls), []
-  old = jax.jit(lambda: P.scorecam_weights_all(counted, images, acts, targets, 2))()
+  old = jax.jit(lambda: _weights(P.scorecam_weights_all, counted, images, acts, targets, 2))()
   jax.block_until_ready(old)
   np.testing.assert_allclose(np.asarray(new), np.asarray(old), rtol=0, atol=1e-6)
   # 16 (image, channel) pairs: 3 constant, 3 repeats -> 10 distinct masks = 5 chunks of 2,
@@ -78,8 +88,8 @@ def test_no_savings_when_every_map_differs():
   forward, images = _model()
   acts = jax.random.normal(jax.random.key(3), (2, 4, 4, 8))
   targets = jnp.array([0, 6], jnp.int32)
-  new = P.scorecam_weights(forward, images, acts, targets, 3)
-  old = P.scorecam_weights_all(forward, images, acts, targets, 3)
+  new = _weights(P.scorecam_weights, forward, images, acts, targets, 3)
+  old = _weights(P.scorecam_weights_all, forward, images, acts, targets, 3)
   np.testing.assert_allclose(np.asarray(new), np.asarray(old), rtol=0, atol=1e-6)
   rep, constant = P.scorecam_plan(acts)
   assert not bool(constant.any()) and bool((rep == jnp.arange(8)).all())

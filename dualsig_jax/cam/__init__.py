@@ -1,8 +1,14 @@
-"""Jitted, batched CAM, Grad-CAM, Grad-CAM++, XGrad-CAM and LayerCAM for any Flax model.
+"""Class activation maps for Flax models, jitted and batched.
 
-Maps come from either head (``branch='softmax'`` or ``'sigmoid'``), are resized on device with
-matrices that reproduce ``cv2.resize`` and normalized exactly as the reference (wsolevaluation +
-pytorch-grad-cam) does; see ``compute.postprocess_maps``.
+Two entry points: ``compute_cams`` / ``compute_cams_multi`` (CAM, Grad-CAM, Grad-CAM++, XGrad-CAM
+and LayerCAM of this project's models, or of any model given as features + head), and
+``explain`` / ``maps_fn`` (any Linen or NNX model as it is, at any layer, with every
+class-discriminative method of pytorch-grad-cam 1.5.7). Beside them: guided backprop, the
+fidelity and ROAD metrics, and plotting helpers.
+
+``compute_cams``' maps come from either head (``branch='softmax'`` or ``'sigmoid'``); all maps
+are resized on device with matrices that reproduce ``cv2.resize`` and normalized exactly as the
+reference (wsolevaluation + pytorch-grad-cam) does; see ``compute.postprocess_maps``.
 
 A model is seen through ``apply_fn(variables, images) -> {'features', '<branch>_logits'...}``,
 ``head_fn(variables, features) -> logits dict`` (gradient methods) and
@@ -57,15 +63,22 @@ before its GAP + Dense head named ``fc``)::
 
 Method names: ``cam``, ``gradcam``, ``gradcam++``, ``xgradcam``, ``layercam``.
 
-Any model as it is (no ``features``/``head``/``sow``), Linen or NNX, at any layer, with every
-class-discriminative method of pytorch-grad-cam 1.5.7 (``EXPLAIN_METHODS``)::
+Any model as it is (no ``features``/``head``/``sow``), Linen or NNX (config-object fields and
+``nnx.scan`` included), at any layer or list of layers, with every class-discriminative method
+of pytorch-grad-cam 1.5.7 (``EXPLAIN_METHODS``)::
 
     from dualsig_jax import cam
     maps, targets = cam.explain(model, variables, images, target_layer='layer4',
                                 methods=('gradcam', 'scorecam'))
+
+``targets`` is a class per image, ``'all'`` / ``('topk', k)``, or a JAX function of the output
+(``cam.targets``: classifier, softmax, binary, raw scores, semantic segmentation).
+``cam.maps_fn`` gives the same maps as a pure function to differentiate inside one's own
+``jax.jit`` (docs/explain_targets.md).
 """
 
 from dualsig_jax import lazy
+from dualsig_jax.cam import targets
 from dualsig_jax.cam.compute import (
   BRANCHES,
   compute_cams,
@@ -93,6 +106,7 @@ from dualsig_jax.cam.methods import (
   normalize_scoremap,
   xgrad_cam,
 )
+from dualsig_jax.cam.pure import maps_fn
 from dualsig_jax.cam.resize import resize_maps
 from dualsig_jax.cam.road_metrics import cam_mult_image_confidence_change, road, road_combined
 
@@ -120,11 +134,13 @@ __all__ = [
   'insertion_deletion',
   'layer_cam',
   'linear_head_fns',
+  'maps_fn',
   'normalize_scoremap',
   'postprocess_maps',
   'resize_maps',
   'road',
   'road_combined',
+  'targets',
   'xgrad_cam',
 ]
 

@@ -20,10 +20,12 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dualsig_jax import vocab
 from dualsig_jax.cam import methods as M
 from dualsig_jax.cam.resize import resize_maps
+from dualsig_jax.cam.targets import check_categories
 
 BRANCHES = vocab.BRANCHES
 LOGIT_KEYS = {'softmax': 'softmax_logits', 'sigmoid': 'sigmoid_logits'}
@@ -159,6 +161,17 @@ def _compute_multi(
   return maps, targets
 
 
+def _check_targets(targets, b: int) -> None:
+  """Integer classes ``[B]``, none negative. The upper bound is not checked here: it needs the
+  logits' shape, and tracing ``apply_fn`` for it would cost a trace per call."""
+  check_categories(targets, None, b, 'targets')
+  if np.ndim(targets) != 1:
+    raise ValueError(f'targets must be int [B]={b} (one class per image), got {np.shape(targets)}')
+  if not isinstance(targets, jax.core.Tracer) and np.size(targets) and np.min(targets) < 0:
+    bad = np.asarray(targets)[np.asarray(targets) < 0][:5].tolist()
+    raise ValueError(f'targets {bad} out of range: class indices are >= 0')
+
+
 def compute_cams_multi(
   apply_fn: Callable,
   variables,
@@ -208,10 +221,11 @@ def compute_cams_multi(
     truncate = (bool(truncate_negative_weights),) * len(branches)
   size = tuple(images.shape[1:3]) if output_size is None else output_size
   size = tuple(int(v) for v in size)
+  if images.shape[0] == 0:
+    raise ValueError('images is an empty batch (B=0): pass at least one image')
   if targets is not None:
+    _check_targets(targets, images.shape[0])
     targets = jnp.asarray(targets, jnp.int32)
-    if targets.shape != (images.shape[0],):
-      raise ValueError(f'targets must be [B]={images.shape[0]}, got shape {targets.shape}')
   return _compute_multi(
     variables,
     images,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dualsig_jax.cam.methods import at_least_f32
+
 _HI = jax.lax.Precision.HIGHEST  # f32 matmuls on accelerators too: the maps feed thresholds
 _SCORECAM_EPS = 1e-8  # ScoreCAM's per-channel min-max
 KPCA_KERNELS = ('sigmoid', 'rbf', 'linear', 'poly', 'cosine')
@@ -31,7 +33,7 @@ def first_component(x: jax.Array) -> jax.Array:
   Args: x float ``[B, h, w, C]``. Returns float32 ``[B, h, w]``.
   """
   b, h, w, c = x.shape
-  flat = jnp.nan_to_num(x.astype(jnp.float32), nan=0.0).reshape(b, h * w, c)
+  flat = jnp.nan_to_num(at_least_f32(x), nan=0.0).reshape(b, h * w, c)
   flat = flat - jnp.mean(flat, axis=1, keepdims=True)
   _, _, vt = jnp.linalg.svd(flat, full_matrices=False)
   proj = jnp.einsum('bnc,bc->bn', flat, vt[:, 0, :], precision=_HI)
@@ -45,31 +47,31 @@ def weighted_map(
 
   Args: acts float ``[B, h, w, C]``; weights float ``[B, C]``. Returns float32 ``[B, h, w]``.
   """
-  w = weights.astype(jnp.float32)
+  w = at_least_f32(weights)
   if truncate:
     w = jnp.maximum(w, 0.0)
-  weighted = acts.astype(jnp.float32) * w[:, None, None, :]
+  weighted = at_least_f32(acts) * w[:, None, None, :]
   return first_component(weighted) if eigen_smooth else jnp.sum(weighted, axis=-1)
 
 
 def _sum_or_project(x: jax.Array, eigen_smooth: bool) -> jax.Array:
-  return first_component(x) if eigen_smooth else jnp.sum(x.astype(jnp.float32), axis=-1)
+  return first_component(x) if eigen_smooth else jnp.sum(at_least_f32(x), axis=-1)
 
 
 def hirescam(acts, grads, *, eigen_smooth: bool = False) -> jax.Array:
   """HiResCAM (Draelos & Carin 2020): ``sum_c g_c * A_c`` element-wise. ``[B, h, w]``."""
-  return _sum_or_project(grads.astype(jnp.float32) * acts.astype(jnp.float32), eigen_smooth)
+  return _sum_or_project(at_least_f32(grads) * at_least_f32(acts), eigen_smooth)
 
 
 def gradcam_elementwise(acts, grads, *, eigen_smooth: bool = False) -> jax.Array:
   """GradCAMElementWise: ``sum_c ReLU(g_c * A_c)``. ``[B, h, w]``."""
-  prod = grads.astype(jnp.float32) * acts.astype(jnp.float32)
+  prod = at_least_f32(grads) * at_least_f32(acts)
   return _sum_or_project(jnp.maximum(prod, 0.0), eigen_smooth)
 
 
 def layercam(acts, grads, *, eigen_smooth: bool = False) -> jax.Array:
   """LayerCAM with the package's ``eigen_smooth``: ``sum_c ReLU(g_c) * A_c``. ``[B, h, w]``."""
-  prod = jnp.maximum(grads.astype(jnp.float32), 0.0) * acts.astype(jnp.float32)
+  prod = jnp.maximum(at_least_f32(grads), 0.0) * at_least_f32(acts)
   return _sum_or_project(prod, eigen_smooth)
 
 
@@ -80,7 +82,7 @@ def eigencam(acts) -> jax.Array:
 
 def eigengradcam(acts, grads) -> jax.Array:
   """EigenGradCAM: first principal component of ``g * A``. ``[B, h, w]``."""
-  return first_component(grads.astype(jnp.float32) * acts.astype(jnp.float32))
+  return first_component(at_least_f32(grads) * at_least_f32(acts))
 
 
 def _kernel(x: jax.Array, kind: str, gamma: float) -> jax.Array:
@@ -113,7 +115,7 @@ def kpca_cam(acts, *, kernel: str = 'sigmoid', gamma: float | None = None) -> ja
   if kernel not in KPCA_KERNELS:
     raise ValueError(f'unknown KPCA kernel {kernel!r}; valid: {KPCA_KERNELS}')
   b, h, w, c = acts.shape
-  x = jnp.nan_to_num(acts.astype(jnp.float32), nan=0.0).reshape(b, h * w, c)
+  x = jnp.nan_to_num(at_least_f32(acts), nan=0.0).reshape(b, h * w, c)
   x = x - jnp.mean(x, axis=1, keepdims=True)
   k = _kernel(x, kernel, 1.0 / c if gamma is None else float(gamma))
   # KernelCenterer: K - row means - column means + grand mean.
@@ -135,7 +137,7 @@ def fem(acts, *, k: float = 2.0) -> jax.Array:
 
   The std is the population one (``ddof=0``), as ``np.std``. Returns float32 ``[B, h, w]``.
   """
-  a = acts.astype(jnp.float32)
+  a = at_least_f32(acts)
   th = jnp.mean(a, axis=(1, 2), keepdims=True) + k * jnp.std(a, axis=(1, 2), keepdims=True)
   weights = jnp.mean((a > th).astype(jnp.float32), axis=(1, 2))
   return jnp.sum(a * weights[:, None, None, :], axis=-1)
@@ -146,7 +148,7 @@ def shapley_weights(grads, hvp) -> jax.Array:
 
   ``hvp [B, h, w, C]`` is the Hessian of the score w.r.t. the activations times the activations.
   """
-  return jnp.mean(grads.astype(jnp.float32) - 0.5 * hvp.astype(jnp.float32), axis=(1, 2))
+  return jnp.mean(at_least_f32(grads) - 0.5 * at_least_f32(hvp), axis=(1, 2))
 
 
 def finer_target_score(
@@ -157,7 +159,7 @@ def finer_target_score(
   ``p = softmax(logits)``, ``j`` over the comparison classes; the denominator gets ``+1e-9``.
   Args: logits ``[B, K]``; main int ``[B]``; comparisons int ``[B, J]``. Returns ``[B]``.
   """
-  logits = logits.astype(jnp.float32)
+  logits = at_least_f32(logits)
   prob = jax.nn.softmax(logits, axis=-1)
   y_main = jnp.take_along_axis(logits, main[:, None], axis=1)
   y_cmp = jnp.take_along_axis(logits, comparisons, axis=1)
@@ -193,7 +195,7 @@ def bilinear_align_corners_matrix(in_size: int, out_size: int) -> jax.Array:
   pos = jnp.arange(out_size, dtype=jnp.float32) * jnp.float32((in_size - 1) / (out_size - 1))
   lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, in_size - 1)
   hi = jnp.minimum(lo + 1, in_size - 1)
-  t = pos - lo.astype(jnp.float32)
+  t = pos - at_least_f32(lo)
   return jax.nn.one_hot(lo, in_size) * (1.0 - t)[:, None] + jax.nn.one_hot(hi, in_size) * t[:, None]
 
 
@@ -202,7 +204,7 @@ def upsample_channels(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
   min-max normalized per map with eps 1e-8. Returns float32 ``[N, H, W]``."""
   ry = bilinear_align_corners_matrix(maps.shape[1], size[0])
   rx = bilinear_align_corners_matrix(maps.shape[2], size[1])
-  up = jnp.einsum('Hh,nhw,Ww->nHW', ry, maps.astype(jnp.float32), rx, precision=_HI)
+  up = jnp.einsum('Hh,nhw,Ww->nHW', ry, at_least_f32(maps), rx, precision=_HI)
   lo = jnp.min(up, axis=(1, 2), keepdims=True)
   hi = jnp.max(up, axis=(1, 2), keepdims=True)
   return (up - lo) / (hi - lo + _SCORECAM_EPS)

@@ -20,6 +20,14 @@ METHODS = vocab.CAM_METHODS
 GRADIENT_METHODS = vocab.GRADIENT_METHODS
 
 _GRADCAMPP_EPS = 1e-6  # pytorch-grad-cam GradCAMPlusPlus
+
+
+def at_least_f32(x: jax.Array) -> jax.Array:
+  """``x`` in float32, or float64 when it is float64: maps are float32 for float32 / bf16
+  models, and float64 models keep float64 (finite-difference gradient checks)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 _XGRADCAM_EPS = 1e-7  # pytorch-grad-cam XGradCAM
 _SCALE_EPS = 1e-7  # pytorch-grad-cam scale_cam_image
 
@@ -47,9 +55,7 @@ def _weighted_sum(features: jax.Array, weights: jax.Array, truncate: bool) -> ja
   if truncate:
     weights = jnp.maximum(weights, 0.0)
   hi = jax.lax.Precision.HIGHEST  # keep f32 on accelerators; the map feeds thresholds
-  return jnp.einsum(
-    'bhwc,bc->bhw', features.astype(jnp.float32), weights.astype(jnp.float32), precision=hi
-  )
+  return jnp.einsum('bhwc,bc->bhw', at_least_f32(features), at_least_f32(weights), precision=hi)
 
 
 def cam(
@@ -74,7 +80,7 @@ def grad_cam_weights(grads: jax.Array) -> jax.Array:
 
   Args: grads float ``[B, h, w, C]``. Returns float32 ``[B, C]``.
   """
-  return jnp.mean(grads.astype(jnp.float32), axis=(1, 2))
+  return jnp.mean(at_least_f32(grads), axis=(1, 2))
 
 
 def grad_cam(
@@ -95,10 +101,10 @@ def grad_cam_plus_plus_weights(features: jax.Array, grads: jax.Array) -> jax.Arr
 
   Args: features, grads float ``[B, h, w, C]``. Returns float32 ``[B, C]``.
   """
-  g = grads.astype(jnp.float32)
+  g = at_least_f32(grads)
   g2 = g * g
   g3 = g2 * g
-  sum_a = jnp.sum(features.astype(jnp.float32), axis=(1, 2), keepdims=True)
+  sum_a = jnp.sum(at_least_f32(features), axis=(1, 2), keepdims=True)
   alpha = g2 / (2.0 * g2 + sum_a * g3 + _GRADCAMPP_EPS)
   alpha = jnp.where(g != 0, alpha, 0.0)
   return jnp.sum(jnp.maximum(g, 0.0) * alpha, axis=(1, 2))
@@ -117,9 +123,9 @@ def xgrad_cam_weights(features: jax.Array, grads: jax.Array) -> jax.Array:
 
   Args: features, grads float ``[B, h, w, C]``. Returns float32 ``[B, C]``.
   """
-  a = features.astype(jnp.float32)
+  a = at_least_f32(features)
   sum_a = jnp.sum(a, axis=(1, 2))
-  return jnp.sum(grads.astype(jnp.float32) * a, axis=(1, 2)) / (sum_a + _XGRADCAM_EPS)
+  return jnp.sum(at_least_f32(grads) * a, axis=(1, 2)) / (sum_a + _XGRADCAM_EPS)
 
 
 def xgrad_cam(
@@ -140,9 +146,7 @@ def layer_cam(
   Args: features, grads float ``[B, h, w, C]``. Returns float32 ``[B, h, w]``.
   """
   del truncate_negative_weights
-  return jnp.sum(
-    jnp.maximum(grads.astype(jnp.float32), 0.0) * features.astype(jnp.float32), axis=-1
-  )
+  return jnp.sum(jnp.maximum(at_least_f32(grads), 0.0) * at_least_f32(features), axis=-1)
 
 
 GRADIENT_FORMULAS = {
@@ -162,7 +166,7 @@ def normalize_scoremap(maps: jax.Array) -> jax.Array:
   A map containing any NaN, or a constant map, becomes all zeros.
   Args: maps float ``[B, H, W]``. Returns float32 ``[B, H, W]``.
   """
-  maps = maps.astype(jnp.float32)
+  maps = at_least_f32(maps)
   has_nan = jnp.any(jnp.isnan(maps), axis=(1, 2), keepdims=True)
   safe = jnp.where(has_nan, 0.0, maps)
   lo = jnp.min(safe, axis=(1, 2), keepdims=True)

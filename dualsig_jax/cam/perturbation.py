@@ -1,9 +1,11 @@
 """ScoreCAM and AblationCAM channel weights: many masked forwards, batched on device.
 
 Both need one forward per (image, channel). The ``B * C`` forwards are cut into chunks of
-``batch_size`` and run by ``jax.lax.map`` inside the caller's jit, so the masked inputs are built
+``batch_size`` and run by ``jax.lax.scan`` inside the caller's jit, so the masked inputs are built
 on device chunk by chunk (never all ``B * C`` at once). The last chunk is padded with repeated
-indices whose scores are dropped. Formulas as pytorch-grad-cam 1.5.7's ``ScoreCAM`` and
+indices whose scores are dropped. The model's state rides in the scan's carry, an argument of
+the loop body, never a value closed over from the outer trace (an NNX model rebuilt from
+closed-over values fails inside its own ``nnx.scan``). Formulas as pytorch-grad-cam 1.5.7's ``ScoreCAM`` and
 ``AblationCAM`` (with its default ``AblationLayer`` and ``ratio_channels_to_ablate=1.0``).
 """
 
@@ -15,34 +17,34 @@ import jax
 import jax.numpy as jnp
 
 from dualsig_jax.cam.layer_methods import upsample_channels
+from dualsig_jax.cam.methods import at_least_f32
 
 _ABLATION_VALUE = 1e7  # AblationLayer: below the minimum when the layer has no zeros
 
 
-def chunked_scores(score_fn: Callable, n: int, batch_size: int) -> jax.Array:
-  """``score_fn(idx int32 [batch_size]) -> [batch_size]`` over ``0..n-1`` in chunks; ``[n]``."""
+def chunked_scores(score_fn: Callable, n: int, batch_size: int, state=None) -> jax.Array:
+  """``score_fn(state, idx int32 [batch_size]) -> [batch_size]`` over ``0..n-1`` in chunks;
+  returns ``[n]``."""
   bs = max(1, min(int(batch_size), n))
   chunks = -(-n // bs)
   idx = (jnp.arange(chunks * bs, dtype=jnp.int32) % n).reshape(chunks, bs)
-  return jax.lax.map(score_fn, idx).reshape(-1)[:n]
+  _, scores = jax.lax.scan(lambda s, i: (s, score_fn(s, i)), state, idx)
+  return scores.reshape(-1)[:n]
 
 
-def _target_score(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  return jnp.take_along_axis(logits.astype(jnp.float32), targets[:, None], axis=1)[:, 0]
-
-
-def _masked_scores(forward, images, acts, targets) -> Callable:
-  """``idx int32 [n]`` (``image * C + channel``) -> the target logit of each masked image."""
+def _masked_scores(forward, images, acts, score) -> Callable:
+  """``(state, idx int32 [n])`` (``idx = image * C + channel``) -> the target score of each
+  masked image, at least float32."""
   c = acts.shape[-1]
   size = images.shape[1:3]
 
-  def score(idx):
+  def run(s, idx):
     bi, ci = idx // c, idx % c
     maps = jnp.moveaxis(acts[bi], -1, 1)[jnp.arange(idx.shape[0]), ci]  # [n, h, w]
     masked = images[bi] * upsample_channels(maps, size)[..., None].astype(images.dtype)
-    return _target_score(forward(masked), targets[bi])
+    return at_least_f32(score(forward(s, masked), bi))
 
-  return score
+  return run
 
 
 def scorecam_plan(acts: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -79,9 +81,10 @@ def scorecam_plan(acts: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def scorecam_weights(
   forward: Callable,
+  state,
   images: jax.Array,
   acts: jax.Array,
-  targets: jax.Array,
+  score: Callable,
   batch_size: int,
 ) -> jax.Array:
   """ScoreCAM (Wang et al. 2020) weights: softmax over channels of the target logit of
@@ -98,8 +101,11 @@ def scorecam_weights(
   constant channels are zeros).
 
   Args:
-    forward: ``images [N, H, W, 3] -> logits [N, K]`` (a plain forward of the model).
-    images: float ``[B, H, W, 3]``; acts float ``[B, h, w, C]``; targets int32 ``[B]``.
+    forward: ``(state, images [N, H, W, 3]) -> output [N, ...]`` (a plain forward).
+    state: the model's state, handed to ``forward``.
+    images: float ``[B, H, W, 3]``; acts float ``[B, h, w, C]``.
+    score: ``(output [N, ...], rows int32 [N]) -> [N]``: the target score of copies of images
+      ``rows``.
     batch_size: masked images per forward.
   Returns:
     float32 ``[B, C]``.
@@ -114,45 +120,49 @@ def scorecam_weights(
   chunks = -(-n // bs)
   pos = jnp.arange(chunks * bs, dtype=jnp.int32).reshape(chunks, bs)
 
-  score = _masked_scores(forward, images, acts, targets)
+  run = _masked_scores(forward, images, acts, score)
+  dtype = jax.eval_shape(run, state, pos[0]).dtype
 
-  def chunk(p):
+  def chunk(s, p):
     idx = order[p % n]
-    vals = jax.lax.cond(p[0] < n_work, score, lambda i: jnp.zeros(i.shape, jnp.float32), idx)
-    return jnp.where(p < jnp.minimum(n_work, n), idx, n), vals  # n: dropped below
+    vals = jax.lax.cond(p[0] < n_work, run, lambda _, i: jnp.zeros(i.shape, dtype), s, idx)
+    return s, (jnp.where(p < jnp.minimum(n_work, n), idx, n), vals)  # n: dropped below
 
-  dest, vals = jax.lax.map(chunk, pos)
-  scores = jnp.zeros((n,), jnp.float32).at[dest.reshape(-1)].set(vals.reshape(-1), mode='drop')
+  _, (dest, vals) = jax.lax.scan(chunk, state, pos)
+  scores = jnp.zeros((n,), dtype).at[dest.reshape(-1)].set(vals.reshape(-1), mode='drop')
   scores = jnp.take_along_axis(scores.reshape(b, c), rep, axis=1)
-  zero_logits = forward(jnp.zeros((1,) + images.shape[1:], images.dtype))
-  zero_scores = _target_score(jnp.broadcast_to(zero_logits, (b,) + zero_logits.shape[1:]), targets)
+  zero_out = forward(state, jnp.zeros((1,) + images.shape[1:], images.dtype))
+  zero_out = jnp.broadcast_to(zero_out, (b,) + zero_out.shape[1:])
+  zero_scores = at_least_f32(score(zero_out, jnp.arange(b, dtype=jnp.int32)))
   scores = jnp.where(constant, zero_scores[:, None], scores)
   return jax.nn.softmax(scores, axis=-1)
 
 
 def scorecam_weights_all(
   forward: Callable,
+  state,
   images: jax.Array,
   acts: jax.Array,
-  targets: jax.Array,
+  score: Callable,
   batch_size: int,
 ) -> jax.Array:
   """ScoreCAM weights with one forward per (image, channel), no deduplication: the previous
   implementation, kept as the reference of ``scorecam_weights``'s savings (tests, benchmark).
   Arguments and result as :func:`scorecam_weights`."""
   b, _, _, c = acts.shape
-  score = _masked_scores(forward, images, acts, targets)
+  run = _masked_scores(forward, images, acts, score)
 
-  scores = chunked_scores(score, b * c, batch_size).reshape(b, c)
+  scores = chunked_scores(run, b * c, batch_size, state).reshape(b, c)
   return jax.nn.softmax(scores, axis=-1)
 
 
 def ablation_weights(
   forward_edit: Callable,
+  state,
   images: jax.Array,
   raw_acts: jax.Array,
-  logits: jax.Array,
-  targets: jax.Array,
+  y: jax.Array,
+  score: Callable,
   batch_size: int,
 ) -> jax.Array:
   """AblationCAM (Desai & Ramaswamy 2020) weights ``(y - y_c) / y``: ``y`` the target logit,
@@ -165,10 +175,12 @@ def ablation_weights(
   layers after a ReLU, which have zeros).
 
   Args:
-    forward_edit: ``(images [N, ...], edit) -> logits [N, K]``, ``edit`` replacing the layer
-      output.
+    forward_edit: ``(state, images [N, ...], edit) -> output [N, ...]``, ``edit`` replacing the
+      layer output.
+    state: the model's state, handed to ``forward_edit``.
     images: float ``[B, H, W, 3]``; raw_acts: the layer output ``[B, ..., C]``;
-      logits ``[B, K]`` of the unablated forward; targets int32 ``[B]``.
+      y: float32 ``[B]`` target scores of the unablated forward.
+    score: ``(output [N, ...], rows int32 [N]) -> [N]`` as in ``scorecam_weights``.
     batch_size: ablated copies per forward.
   Returns:
     float32 ``[B, C]``.
@@ -177,14 +189,14 @@ def ablation_weights(
   lo = jnp.min(raw_acts.reshape(b, -1), axis=1)
   value = jnp.where(lo == 0, 0.0, lo - _ABLATION_VALUE).astype(raw_acts.dtype)
 
-  def score(idx):
+  def chunk(s, idx):
     bi, ci = idx // c, idx % c
     hit = jax.nn.one_hot(ci, c, dtype=jnp.bool_)  # [n, C]
     hit = hit.reshape((idx.shape[0],) + (1,) * (raw_acts.ndim - 2) + (c,))
     vals = value[bi].reshape((-1,) + (1,) * (raw_acts.ndim - 1))
     ablated = jnp.where(hit, vals, raw_acts[bi])
-    return _target_score(forward_edit(images[bi], lambda _: ablated), targets[bi])
+    return score(forward_edit(s, images[bi], lambda _: ablated), bi)
 
-  ablated_scores = chunked_scores(score, b * c, batch_size).reshape(b, c)
-  y = _target_score(logits, targets)[:, None]
+  ablated_scores = chunked_scores(chunk, b * c, batch_size, state).reshape(b, c)
+  y = at_least_f32(y)[:, None]
   return (y - ablated_scores) / y

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dualsig_jax.cam.methods import at_least_f32
+
 INTERPOLATIONS = ('linear', 'cubic')
 _CUBIC_A = -0.75
 
@@ -90,5 +92,5 @@ def resize_maps(maps: jax.Array, size: tuple[int, int], interpolation: str = 'cu
   rx = jnp.asarray(resize_matrix(in_w, out_w, interpolation))
   # HIGHEST: accelerators otherwise may run f32 matmuls in bf16 passes, breaking cv2 parity.
   hi = jax.lax.Precision.HIGHEST
-  tmp = jnp.einsum('Hh,bhw->bHw', ry, maps.astype(jnp.float32), precision=hi)
+  tmp = jnp.einsum('Hh,bhw->bHw', ry, at_least_f32(maps), precision=hi)
   return jnp.einsum('bHw,Ww->bHW', tmp, rx, precision=hi)
