@@ -80,7 +80,10 @@ def test_kill_9_during_an_async_save_resumes_from_the_previous_step(smoke_data, 
   # The step in flight never became a step folder (only Orbax's temporary one is left, which
   # no reader takes); the previous one is complete.
   assert checkpoint_steps(workdir) == [4]
-  assert [d for d in os.listdir(_ckpt_dir(workdir)) if d.startswith('8.')], 'not killed mid-save'
+  half = [d for d in os.listdir(_ckpt_dir(workdir)) if d.startswith('8.')]
+  assert any(os.path.isdir(os.path.join(_ckpt_dir(workdir), d)) for d in half), (
+    f'not killed mid-save: {half}'
+  )
   assert checkpoints.manager(_ckpt_dir(workdir), max_to_keep=2).all_steps() == [4]
   variables, info = checkpoints.restore_variables(_ckpt_dir(workdir))
   assert info['step'] == 4 and variables['params']
@@ -93,5 +96,6 @@ def test_kill_9_during_an_async_save_resumes_from_the_previous_step(smoke_data, 
     starts = [json.loads(line) for line in f if '"start"' in line]
   assert starts[-1]['origin'] == 'resumed from step 4', starts
   assert checkpoint_steps(workdir)[-1] == 6
-  # The resumed run removed the half-written folder.
+  # The resumed run removed the half-written folder and its pending-manifest mark.
   assert not [d for d in os.listdir(_ckpt_dir(workdir)) if d.startswith('8.')]
+  assert not [d for d in os.listdir(_ckpt_dir(workdir)) if d.endswith(checkpoints.PENDING)]

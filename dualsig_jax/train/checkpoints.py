@@ -86,7 +86,18 @@ def manager(
   )
   mgr = ocp.CheckpointManager(os.path.abspath(directory), options=options)
   setattr(mgr, _ASYNC, async_save)
+  if writer and jax.process_index() == 0:
+    _remove_orphan_marks(str(mgr.directory))
   return mgr
+
+
+def _remove_orphan_marks(directory: str) -> None:
+  """Removes `<step>.manifest-pending` marks whose step folder does not exist: a save killed
+  before Orbax renamed its temporary folder into place (that folder is gone too). A mark next
+  to an existing step is kept: it says the step was complete and only its manifest is missing."""
+  for mark in glob.glob(os.path.join(glob.escape(directory), '*' + PENDING)):
+    if not os.path.isdir(mark[: -len(PENDING)]):
+      os.remove(mark)
 
 
 def step_dir(mgr: ocp.CheckpointManager, step: int) -> str:
