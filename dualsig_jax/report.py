@@ -272,6 +272,7 @@ def write_outputs(
         gt_boxes=plots.boxes,
         threshold=config.eval.loc_threshold,
         titles=plots.title,
+        method=m,
       )
 
 

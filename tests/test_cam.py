@@ -521,6 +521,28 @@ def test_largest_contour_box_and_grid(tmp_path):
   assert ov.shape == (32, 32, 3) and ov.min() >= 0 and ov.max() <= 1
 
 
+def test_cam_grid_says_what_it_shows(tmp_path, monkeypatch):
+  """The column titles name the method and the head; a legend names the green and red boxes."""
+  figs = []
+  save = plots.Figure.savefig
+  monkeypatch.setattr(
+    plots.Figure, 'savefig', lambda f, *a, **k: (figs.append(f), save(f, *a, **k))
+  )
+  m = np.zeros((16, 16), np.float32)
+  m[4:12, 4:12] = 1.0
+  imgs = np.zeros((1, 16, 16, 3), np.float32)
+  C.save_cam_grid(str(tmp_path / 'g.png'), imgs, m[None], m[None], method='gradcam', threshold=0.3)
+  (fig,) = figs
+  titles = [ax.get_title() for ax in fig.axes]
+  assert titles == ['image', 'gradcam, softmax head', 'gradcam, sigmoid head'], titles
+  (legend,) = fig.legends
+  texts = [t.get_text() for t in legend.get_texts()]
+  assert texts[0] == 'ground-truth box' and texts[1].startswith('predicted box'), texts
+  assert '0.3' in texts[1]
+  colors = [h.get_edgecolor() for h in legend.legend_handles]
+  assert colors[0][:3] == (0.0, 1.0, 0.0) and colors[1][:3] == (1.0, 0.0, 0.0), colors
+
+
 # ----------------------------------------------------------------------------- package models
 
 

@@ -101,12 +101,15 @@ def save_cam_grid(
   threshold: float = 0.2,
   titles: Sequence[str] | None = None,
   alpha: float = 0.5,
+  method: str = 'cam',
   **display_kw,
 ) -> str:
-  """Save a PNG grid: per image (row) the image, softmax-head CAM and sigmoid-head CAM.
+  """Save a PNG grid: per image (row) the image and the ``method`` maps of the softmax and the
+  sigmoid head.
 
   GT boxes are drawn in green on every panel; the predicted box (``largest_contour_box`` at
-  ``threshold``) of each map is drawn in red on its panel.
+  ``threshold``) of each map is drawn in red on its panel. The column titles name the method and
+  the head, and a legend under the grid says what the boxes are.
 
   Args:
     path: output PNG path (parent folders are created).
@@ -116,6 +119,7 @@ def save_cam_grid(
       all-zero rows (padding) are skipped.
     threshold: CAM threshold of the predicted box.
     titles: optional per-row label (e.g. class names).
+    method: the CAM method the maps come from (column titles), e.g. ``'gradcam'``.
   Returns: ``path``.
   """
   images, smx, sig = np.asarray(images), np.asarray(softmax_maps), np.asarray(sigmoid_maps)
@@ -125,7 +129,7 @@ def save_cam_grid(
   fig = Figure(figsize=(9, 3 * n))
   FigureCanvasAgg(fig)
   axes = fig.subplots(n, 3, squeeze=False)
-  heads = [('image', None), ('softmax-head CAM', smx), ('sigmoid-head CAM', sig)]
+  heads = [('image', None), (f'{method}, softmax head', smx), (f'{method}, sigmoid head', sig)]
   for i in range(n):
     for j, (name, maps) in enumerate(heads):
       ax = axes[i, j]
@@ -143,7 +147,16 @@ def save_cam_grid(
         label = f'{label}\n{titles[i]}' if label else str(titles[i])
       ax.set_title(label, fontsize=9)
       ax.axis('off')
-  fig.tight_layout()
+  legend = [
+    Rectangle((0, 0), 1, 1, fill=False, edgecolor='lime', linewidth=2),
+    Rectangle((0, 0), 1, 1, fill=False, edgecolor='red', linewidth=2),
+  ]
+  names = [
+    'ground-truth box',
+    f"predicted box (the map's largest region at threshold {threshold:g})",
+  ]
+  fig.legend(legend, names, loc='lower center', ncol=2, fontsize=9, frameon=False)
+  fig.tight_layout(rect=(0, 0.5 / (3 * n), 1, 1))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
   return path
