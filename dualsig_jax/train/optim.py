@@ -120,10 +120,19 @@ def make_optimizer(
 ):
   """Builds the stage's optimizer.
 
-  global_batch: the run's global batch; the lr is scaled from `optim_cfg.base_batch_size` by
-    `optim_cfg.lr_scaling` (None: not scaled). `optim_cfg.warmup_epochs` ramps it up and
-    `optim_cfg.accum_steps` > 1 wraps the optimizer in optax.MultiSteps (fields missing from
-    an older section: no scaling, warmup or accumulation).
+  Args:
+    params: the parameter pytree the optimizer updates.
+    arch: the backbone name (its lr rule), or None for a user's model.
+    stage: ``'vanilla'`` or ``'dual'``.
+    optim_cfg: the stage's config section (lr, schedule, weight decay, batch scaling).
+    steps_per_epoch: optimizer steps per epoch (schedules are in epochs).
+    unfreeze: what trains in the dual stage.
+    family: ``'cam'`` or ``'standard'``.
+    global_batch: the run's global batch; the lr is scaled from ``optim_cfg.base_batch_size``
+      by ``optim_cfg.lr_scaling`` (None: not scaled). ``optim_cfg.warmup_epochs`` ramps it up
+      and ``optim_cfg.accum_steps`` > 1 wraps the optimizer in optax.MultiSteps (fields missing
+      from an older section: no scaling, warmup or accumulation).
+
   Returns:
     (tx, labels, schedules): the optax transformation, the label pytree (same structure as
     params) and {'feature': fn, 'classifier': fn} learning-rate schedules for logging.
