@@ -24,15 +24,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dualsig_jax import data, models  # noqa: E402
+from dualsig_jax import data, runs  # noqa: E402
 from dualsig_jax.cam.perturbation import scorecam_plan  # noqa: E402
 from dualsig_jax.cam.target_layer import layer_forward  # noqa: E402
 
 
 def open_run(path: str):
-  """(model, variables, config) of a trained run (models.load_run)."""
-  model, variables = models.load_run(path)
-  return model, variables, models.config_of_run(path)
+  """(model, variables, config) of a trained run (runs.load_run)."""
+  model, variables = runs.load_run(path)
+  return model, variables, runs.config_of_run(path)
 
 
 def torch_twin(variables, config):
@@ -40,7 +40,7 @@ def torch_twin(variables, config):
   import torch
   import torch_models
 
-  from dualsig_jax.convert_layouts import flax_to_torch
+  from dualsig_jax.convert.layouts import flax_to_torch
 
   m = config.model
   tmodel = torch_models.build_torch_model(

@@ -1,4 +1,4 @@
-"""models.load_run opens what a user has after training: a train.py workdir, one stage's
+"""runs.load_run opens what a user has after training: a train.py workdir, one stage's
 checkpoint folder, a converter output; with eval.py --checkpoint's checks, and a model that
 cam.explain can differentiate down to any layer. One tiny smoke run (2 + 2 steps, 64 px) serves
 every test."""
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import smoke_helpers
 
-from dualsig_jax import cam, convert, models
+from dualsig_jax import cam, convert, runs
 from dualsig_jax.train import checkpoints, stage
 
 smoke_data = smoke_helpers.smoke_data
@@ -50,7 +50,7 @@ def _same(a, b):
 
 
 def test_workdir_opens_the_newest_dual_step_and_explains(run):
-  model, variables = models.load_run(run)
+  model, variables = runs.load_run(run)
   want, info = checkpoints.restore_variables(stage.checkpoint_dir(run, 'dual'))
   assert info['step'] == 2
   _same(variables, want)
@@ -74,13 +74,13 @@ def test_workdir_opens_the_newest_dual_step_and_explains(run):
 
 
 def test_checkpoint_folder_and_converter_output_open_the_same_weights(run, tmp_path):
-  _, from_workdir = models.load_run(run)
-  _, from_folder = models.load_run(stage.checkpoint_dir(run, 'dual'))
+  _, from_workdir = runs.load_run(run)
+  _, from_folder = runs.load_run(stage.checkpoint_dir(run, 'dual'))
   _same(from_folder, from_workdir)
   out = convert.save_variables(
     from_workdir, str(tmp_path / 'converted'), arch='resnet_tiny', large_feature_map=True
   )
-  model, converted = models.load_run(out)
+  model, converted = runs.load_run(out)
   _same(converted, from_workdir)
   assert model.arch == 'resnet_tiny'
 
@@ -89,31 +89,31 @@ def test_checkpoint_folder_without_config_json_uses_its_record(run, tmp_path):
   copy = tmp_path / 'copy'
   shutil.copytree(run, copy)
   os.remove(copy / 'config.json')
-  config = models.config_of_run(str(copy / 'dual' / 'checkpoints'))
+  config = runs.config_of_run(str(copy / 'dual' / 'checkpoints'))
   assert (config.model.arch, config.model.num_classes, config.model.large_feature_map) == (
     'resnet_tiny',
     10,
     True,
   )
-  models.load_run(str(copy / 'dual' / 'checkpoints'))
+  runs.load_run(str(copy / 'dual' / 'checkpoints'))
 
 
 def test_config_of_another_model_is_refused_naming_the_field(run, smoke_data):
   wrong = _config(smoke_data, **{'model.num_classes': 5})
   with pytest.raises(ValueError, match='num_classes'):
-    models.load_run(run, config=wrong)
+    runs.load_run(run, config=wrong)
 
 
 def test_vanilla_only_and_missing_runs_say_what_to_do(run, tmp_path):
-  # As eval.py --checkpoint: a vanilla step has an (untrained) fc2 and opens, with a warning.
-  _, vanilla = models.load_run(stage.checkpoint_dir(run, 'vanilla'))
-  assert vanilla['params']['fc2']['kernel'].shape == (128, 10)
+  # As eval.py --checkpoint: a vanilla step's fc2 is the random init, never a sigmoid head.
+  with pytest.raises(ValueError, match='single-head classifier'):
+    runs.load_run(stage.checkpoint_dir(run, 'vanilla'))
   vanilla_only = tmp_path / 'vanilla_only'
   shutil.copytree(os.path.join(run, 'vanilla'), vanilla_only / 'vanilla')
   with pytest.raises(ValueError, match='no dual stage'):
-    models.load_run(str(vanilla_only))
+    runs.load_run(str(vanilla_only))
   with pytest.raises(FileNotFoundError, match='no run at'):
-    models.load_run(str(tmp_path / 'nothing'))
+    runs.load_run(str(tmp_path / 'nothing'))
   (tmp_path / 'empty').mkdir()
   with pytest.raises(FileNotFoundError, match='neither a workdir'):
-    models.load_run(str(tmp_path / 'empty'))
+    runs.load_run(str(tmp_path / 'empty'))

@@ -111,7 +111,7 @@ def test_single_head_checkpoints_are_refused_for_evaluation(finished, tmp_path):
   image is read: a vanilla stage folder, and converter outputs whose record says fc2: init or
   clone (variants: the vanilla folder named through evaluate(); the workdir's own dual folder
   still loads)."""
-  from dualsig_jax import convert_io
+  from dualsig_jax import convert as convert_io
   from dualsig_jax.train import stage as stage_lib
 
   config, workdir, _ = finished

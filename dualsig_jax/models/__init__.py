@@ -30,7 +30,6 @@ from dualsig_jax.models.heads import clone_head, head_weights, init_key
 from dualsig_jax.models.naming import ARCHS, FAMILIES, check_arch, check_family
 from dualsig_jax.models.nnx_branch import nnx_dual_branch
 from dualsig_jax.models.spec import BoundHead
-from dualsig_jax.models.trained import config_of_run, load_run
 
 __all__ = [
   'ARCHS',
@@ -50,8 +49,6 @@ __all__ = [
   'lr_group',
   'check_arch',
   'check_family',
-  'config_of_run',
-  'load_run',
 ]
 
 _DEFAULT_DROPOUT = 0.5  # the reference's p wherever a model has dropout

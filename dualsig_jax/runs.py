@@ -1,5 +1,9 @@
 """A trained run, opened in Python: ``load_run(path) -> (model, variables)`` for ``cam.explain``.
 
+It lives above ``models`` and ``train`` (it reads checkpoints through ``train.stage`` and
+eval.py's warnings in ``evaluate``, which both import ``models``), so it is a top-level module
+and not part of ``models``: ``from dualsig_jax import runs; runs.load_run(...)``.
+
 ``path`` is what a user has after training or converting: a workdir of ``train.py`` (its newest
 dual-stage step), one stage's checkpoint folder (``<workdir>/<stage>/checkpoints``) or a
 converter output (``python -m dualsig_jax.convert``). The checks are eval.py ``--checkpoint``'s
@@ -49,7 +53,7 @@ def _locate(path: str) -> tuple[str, str | None]:
   if os.path.isdir(workdir_lib.checkpoint_dir(path, 'vanilla')):
     raise ValueError(
       f'{path} has a vanilla stage but no dual stage (no {dual}): it has no sigmoid head yet; '
-      'finish train.py on it, or pass its vanilla/checkpoints to explain the softmax head alone'
+      'finish train.py on it (its dual stage trains the sigmoid head)'
     )
   if workdir_lib.folder_steps(path):  # <workdir>/<stage>/checkpoints
     parent = os.path.dirname(os.path.dirname(os.path.abspath(path)))
@@ -160,8 +164,6 @@ def load_run(path: str, *, config: ml_collections.ConfigDict | None = None):
   checkpoint, workdir = _locate(path)
   config = config_of_run(path) if config is None else config
   variables, info = stage.load_dual_checkpoint(config, checkpoint)
-  if info.get('stage') == 'vanilla':
-    log.warning('%s is a vanilla-stage checkpoint: its sigmoid head fc2 is untrained', checkpoint)
   if workdir is not None and checkpoint == stage.checkpoint_dir(workdir, 'dual'):
     from dualsig_jax import evaluate  # eval.py's warnings on an unfinished or stale dual stage
 
