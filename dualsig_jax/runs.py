@@ -14,12 +14,10 @@ model, the sigmoid head present); only finding the config is added here.
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import ml_collections
 
-log = logging.getLogger('dualsig_jax')
 
 _CONFIG_FILE = 'config.json'  # resume.CONFIG_FILE (not imported: resume is a train module)
 _CONVERSION_FILE = 'conversion.json'
