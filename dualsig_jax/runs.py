@@ -18,7 +18,6 @@ import os
 
 import ml_collections
 
-
 _CONFIG_FILE = 'config.json'  # resume.CONFIG_FILE (not imported: resume is a train module)
 _CONVERSION_FILE = 'conversion.json'
 # Which recorded fields rebuild the model when no config is given (the rest keep their defaults,
