@@ -35,20 +35,24 @@ def mesh():
 @needs_libtpu
 def test_train_steps_per_image_flops_constant_and_memory_grows(mesh):
   """FLOPs per step are a fixed part (the optimizer update, batch-free) plus a part per image:
-  the per-image part is the same, within 1%, between per-chip batches 2 -> 4 and 4 -> 8; the
-  HBM footprint grows with the batch. The dual step: positive, growing with the batch."""
+  the per-image part is the same, within 1%, between per-chip batches 8 -> 16 and 16 -> 32; the
+  HBM footprint grows with the batch. The dual step: positive, growing with the batch.
+
+  Below 8 images per chip the TPU program pads the batch (measured for vgg_tiny at 32 px on
+  v5e:2x2: 36.7, 36.1 and 29.9 MFLOP per image at 2, 4 and 8 per chip; the marginal cost from 8
+  to 16 and from 16 to 32 was 29.61 MFLOP per image both times), so the test starts at 8."""
   assert mesh.devices.size == 4
   c = _tiny_config()
-  a, b, d = (compiled.compile_step(c, 'vanilla', mesh, n) for n in (2, 4, 8))
+  a, b, d = (compiled.compile_step(c, 'vanilla', mesh, n) for n in (8, 16, 32))
   for cost in (a, b, d):
     assert cost.flops > 0 and cost.bytes_accessed > 0
     assert cost.argument > 0 and cost.hbm > 0
-  per_image_small = (b.flops - a.flops) / 2
-  per_image_big = (d.flops - b.flops) / 4
+  per_image_small = (b.flops - a.flops) / 8
+  per_image_big = (d.flops - b.flops) / 16
   assert per_image_small > 0
   assert per_image_big == pytest.approx(per_image_small, rel=0.01)
   assert a.hbm < b.hbm < d.hbm
-  small, big = (compiled.compile_step(c, 'dual', mesh, n) for n in (2, 8))
+  small, big = (compiled.compile_step(c, 'dual', mesh, n) for n in (8, 16))
   assert 0 < small.flops < big.flops and 0 < small.hbm < big.hbm
 
 
