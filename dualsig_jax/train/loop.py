@@ -408,13 +408,16 @@ def _train_stage(config, workdir, stage):
   finally:
     # Deferred: a Ctrl-C raised inside grain's teardown would be printed and swallowed.
     with interrupt.deferred():
-      # An asynchronous save still in flight completes (with its manifest) on every exit path.
-      checkpoints.finish(st.mgr)
-      if progress is not None:
-        progress.close()
-        if progress.logger.tb is not None:
-          progress.logger.tb.close()
-      data_iter.close()  # the workers stop now, not at garbage collection
+      try:
+        # An asynchronous save still in flight completes (with its manifest) on every exit
+        # path; an error there (a full disk) still closes the bar, so the error is one line.
+        checkpoints.finish(st.mgr)
+      finally:
+        if progress is not None:
+          progress.close()
+          if progress.logger.tb is not None:
+            progress.logger.tb.close()
+        data_iter.close()  # the workers stop now, not at garbage collection
   _raise_if_stopped(st, step, saved)
   return {'step': step, 'checkpoint_dir': st.ckpt_dir, 'loss': last_loss}
 
