@@ -18,21 +18,12 @@ import os
 
 import ml_collections
 
-_CONFIG_FILE = 'config.json'  # resume.CONFIG_FILE (not imported: resume is a train module)
+from dualsig_jax.train import resume  # no JAX: config.json's name and reading
+
 _CONVERSION_FILE = 'conversion.json'
 # Which recorded fields rebuild the model when no config is given (the rest keep their defaults,
 # which the model does not read).
 _MODEL_FIELDS = ('arch', 'family', 'num_classes', 'large_feature_map', 'dtype', 'dropout_rate')
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
 
 
 def _locate(path: str) -> tuple[str, str | None]:
@@ -54,7 +45,7 @@ def _locate(path: str) -> tuple[str, str | None]:
     )
   if workdir_lib.folder_steps(path):  # <workdir>/<stage>/checkpoints
     parent = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    return path, parent if os.path.isfile(os.path.join(parent, _CONFIG_FILE)) else None
+    return path, parent if os.path.isfile(os.path.join(parent, resume.CONFIG_FILE)) else None
   if os.path.isdir(os.path.join(path, 'variables')):
     return path, None
   raise FileNotFoundError(
@@ -84,10 +75,10 @@ def _recorded_values(checkpoint: str, workdir: str | None) -> tuple[dict, str]:
   step's record, else the converter's conversion.json (model fields only)."""
   if workdir is not None:
     try:
-      with open(os.path.join(workdir, _CONFIG_FILE), encoding='utf-8') as f:
+      with open(os.path.join(workdir, resume.CONFIG_FILE), encoding='utf-8') as f:
         saved = json.load(f)
       if isinstance(saved, dict):
-        return _flatten(saved), os.path.join(workdir, _CONFIG_FILE)
+        return resume.flatten(saved), os.path.join(workdir, resume.CONFIG_FILE)
     except (OSError, ValueError):
       pass  # a lost config.json: the checkpoint's own record below
   conversion = os.path.join(checkpoint, _CONVERSION_FILE)

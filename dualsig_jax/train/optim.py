@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dualsig_jax import models, vocab
+from dualsig_jax import defaults, models, vocab
 
 Labels = Any
 
@@ -75,8 +75,8 @@ def step_decay_schedule(
 def lr_scale(rule: str, global_batch: int, base_batch: int) -> float:
   """The factor a stage's lr is multiplied by at `global_batch` (tuned at `base_batch`):
   'linear' B/base, 'sqrt' sqrt(B/base), 'none' 1. Exactly 1.0 when B == base."""
-  if rule not in ('linear', 'sqrt', 'none'):
-    raise ValueError(f"unknown lr_scaling {rule!r}; valid: ['linear', 'sqrt', 'none']")
+  if rule not in defaults.LR_SCALINGS:
+    raise ValueError(f'unknown lr_scaling {rule!r}; valid: {list(defaults.LR_SCALINGS)}')
   if rule == 'none' or global_batch == base_batch:
     return 1.0
   ratio = global_batch / base_batch
