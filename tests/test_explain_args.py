@@ -115,3 +115,9 @@ def test_compute_cams_bad_targets(setup):
     compute_cams(net.apply, v, x[:0], **kw)
   maps, t = compute_cams(net.apply, v, x, targets=[4, 0], **kw)  # valid ones still work
   assert maps.shape == (2, 8, 8) and t.tolist() == [4, 0]
+  # Beyond the 5 classes: one_hot gave an all-zero gradient and take() a clamped CAM, silently.
+  for method in ('gradcam', 'cam'):
+    kw['method'] = method
+    for targets in ([5, 0], np.array([0, 9], np.int64), jnp.asarray([5, 6])):
+      with pytest.raises(ValueError, match=r'out of range: the model has 5 classes'):
+        compute_cams(net.apply, v, x, targets=targets, **kw)

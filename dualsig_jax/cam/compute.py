@@ -158,12 +158,15 @@ def _compute_multi(
       else:
         raw = M.GRADIENT_FORMULAS[m](feats, grads[b], truncate_negative_weights=trunc)
       maps[(m, b)] = postprocess_maps(raw, m, output_size)
-  return maps, targets
+  # An empty [0, K] array: its shape tells the caller K after dispatch, with no extra trace
+  # and no wait for the device (the upper bound of the targets is checked there).
+  num_classes = min(out[k].shape[-1] for k in keys)
+  return maps, targets, jnp.zeros((0, num_classes), jnp.int32)
 
 
 def _check_targets(targets, b: int) -> None:
-  """Integer classes ``[B]``, none negative. The upper bound is not checked here: it needs the
-  logits' shape, and tracing ``apply_fn`` for it would cost a trace per call."""
+  """Integer classes ``[B]``, none negative. The upper bound needs the logits' shape: the
+  caller checks it against the traced step's class count."""
   check_categories(targets, None, b, 'targets')
   if np.ndim(targets) != 1:
     raise ValueError(f'targets must be int [B]={b} (one class per image), got {np.shape(targets)}')
@@ -223,10 +226,12 @@ def compute_cams_multi(
   size = tuple(int(v) for v in size)
   if images.shape[0] == 0:
     raise ValueError('images is an empty batch (B=0): pass at least one image')
+  given = None
   if targets is not None:
     _check_targets(targets, images.shape[0])
+    given = None if isinstance(targets, jax.core.Tracer) else np.asarray(targets)
     targets = jnp.asarray(targets, jnp.int32)
-  return _compute_multi(
+  maps, targets, classes = _compute_multi(
     variables,
     images,
     targets,
@@ -238,6 +243,12 @@ def compute_cams_multi(
     output_size=size,
     truncate=truncate,
   )
+  k = classes.shape[1]
+  if given is not None and given.size and given.max() >= k:
+    # one_hot / take would silently give an all-zero or clamped map for such a class.
+    bad = given[given >= k][:5].tolist()
+    raise ValueError(f'targets {bad} out of range: the model has {k} classes (0..{k - 1})')
+  return maps, targets
 
 
 def compute_cams(
