@@ -76,6 +76,12 @@ def test_largest_batch_search():
   assert best == 88 and len(seen) == 3
   best, _ = compiled.largest_batch(m, 1050, start=m(8), max_compiles=4)
   assert best is None  # not even 8 per chip fits
+  # The line through two compiles alone (--max_compiles 2): the same 88, and 8 at the least.
+  assert compiled.linear_fit_batch(m(8), m(16), 10_000) == 88
+  assert compiled.linear_fit_batch(m(16), m(8), 10_000) == 88
+  assert compiled.linear_fit_batch(m(8), m(16), 1050) == 8
+  with pytest.raises(ValueError, match='different batches'):
+    compiled.linear_fit_batch(m(8), m(8), 10_000)
 
 
 def test_roofline_and_stage_hours():

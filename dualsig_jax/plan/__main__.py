@@ -92,6 +92,11 @@ def main(argv=None) -> int:
     best = max(
       (c for c in seen if c.hbm <= chip.hbm_bytes), key=lambda c: c.per_chip_batch, default=None
     )
+    # The line through the first two compiles: with --max_compiles 2 the only estimate of the
+    # largest batch, named as a prediction (the search above compiles to confirm it).
+    predicted = (
+      compiled.linear_fit_batch(seen[0], seen[1], chip.hbm_bytes) if len(seen) >= 2 else None
+    )
     row = dict(
       step=step,
       per_chip_batch=first.per_chip_batch,
@@ -105,6 +110,7 @@ def main(argv=None) -> int:
       roofline_img_s_per_chip=img_s,
       bound=bound,
       largest_per_chip_batch=largest,
+      predicted_largest_per_chip_batch=predicted,
       largest_roofline_img_s_per_chip=estimate.roofline(best, chip)[0] if best else None,
       compiled=[
         dict(batch=c.per_chip_batch, hbm_gib=c.hbm / GIB, gflop=c.flops / 1e9) for c in seen
@@ -118,8 +124,9 @@ def main(argv=None) -> int:
       f'{row["hbm_out_gib"]:.2f} - aliased) of {chip.hbm_bytes / GIB:.0f}: '
       f'{"fits" if row["fits"] else "DOES NOT FIT"}; {row["gflop_per_image"]:.2f} GFLOP and '
       f'{row["mb_per_image"]:.1f} MB per image; roofline {img_s:.0f} img/s/chip ({bound}-bound); '
-      f'largest per-chip batch {largest if largest else "n/a"}'
-      f'{"" if a.max_compiles >= 2 else " (not searched: --max_compiles 1)"} '
+      f'largest compiled per-chip batch that fits {largest if largest else "n/a"}'
+      f'{"" if a.max_compiles >= 2 else " (not searched: --max_compiles 1)"}'
+      f'{f", linear-fit prediction {predicted} (not compiled)" if predicted else ""} '
       f'[{len(seen)} compiles, {row["compile_s"]:.0f} s]',
       flush=True,
     )

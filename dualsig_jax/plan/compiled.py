@@ -175,6 +175,21 @@ def compile_step(
   )
 
 
+def linear_fit_batch(a: StepCost, b: StepCost, hbm_bytes: int, multiple: int = 8) -> int:
+  """The largest per-chip batch (a multiple of `multiple`, at least `multiple`) that the line
+  through the HBM footprints of two compiles `a` and `b` of one step puts within `hbm_bytes`:
+  a prediction, exact only as far as HBM is linear in the batch (XLA's buffer assignment is
+  close to it, not exactly). 4x the larger batch when the footprint does not grow."""
+  if a.per_chip_batch == b.per_chip_batch:
+    raise ValueError('two compiles at different batches are needed for a line')
+  slope = (b.hbm - a.hbm) / (b.per_chip_batch - a.per_chip_batch)
+  fixed = a.hbm - slope * a.per_chip_batch
+  guess = (
+    int((hbm_bytes - fixed) / slope) if slope > 0 else 4 * max(a.per_chip_batch, b.per_chip_batch)
+  )
+  return max(multiple, guess // multiple * multiple)
+
+
 def largest_batch(
   measure, hbm_bytes: int, *, start: StepCost, multiple: int = 8, max_compiles: int = 4
 ) -> tuple[int | None, list[StepCost]]:
@@ -190,10 +205,7 @@ def largest_batch(
   seen = {start.per_chip_batch: start}
   second = measure(2 * start.per_chip_batch)
   seen[second.per_chip_batch] = second
-  slope = (second.hbm - start.hbm) / start.per_chip_batch
-  fixed = start.hbm - slope * start.per_chip_batch
-  guess = int((hbm_bytes - fixed) / slope) if slope > 0 else 4 * second.per_chip_batch
-  guess = max(multiple, guess // multiple * multiple)
+  guess = linear_fit_batch(start, second, hbm_bytes, multiple)
   for _ in range(max_compiles - 2):
     fit = [b for b, c in seen.items() if c.hbm <= hbm_bytes]
     over = [b for b, c in seen.items() if c.hbm > hbm_bytes]
