@@ -81,7 +81,7 @@ def evaluate(
     variables, info = stage_lib.load_dual_checkpoint(config, path, model)
     sources = {'dual': {'path': os.path.abspath(path), 'step': info.get('step')}}
     if checkpoint is None:
-      sources['dual'].update(_dual_progress(config, workdir, info.get('step')))
+      sources['dual'].update(dual_progress(config, workdir, info.get('step')))
   vanilla, vanilla_source = _vanilla_variables(config, workdir, variables)
   if vanilla_source is not None:
     sources['vanilla'] = vanilla_source
@@ -98,7 +98,7 @@ def evaluate(
     num_classes=config.model.num_classes,
   )
   acc = _Accumulators(config.eval, loader.metadata, with_vanilla=vanilla is not None)
-  batch_fn = _make_batch_fn(model, config, mesh)
+  batch_fn = make_batch_fn(model, config, mesh)
   plots = _PlotStore(config.eval.num_plot_images, acc.keys)
   n_batches = len(loader)  # the same on every process: the loader pads short shards
   if config.eval.max_batches > 0:
@@ -160,7 +160,7 @@ def evaluate(
   return results
 
 
-def _dual_progress(config, workdir: str, step: int | None) -> dict:
+def dual_progress(config, workdir: str, step: int | None) -> dict:
   """{'total': the step the config trains the dual stage to, 'finished': bool} for the workdir's
   own dual checkpoint, with a warning when it is unfinished or its vanilla input has changed
   since it trained; {} when that cannot be told (e.g. no train split on this machine)."""
@@ -198,7 +198,7 @@ def _vanilla_variables(config, workdir: str, dual_variables: dict) -> tuple[dict
   return merged, {'path': os.path.abspath(src), 'step': info.get('step')}
 
 
-def _make_batch_fn(model, config, mesh):
+def make_batch_fn(model, config, mesh):
   """One jitted step per global batch: predictions, maps and confidence changes, per image.
 
   `(variables, vanilla_variables | None, images [B, S, S, 3] f32, labels [B] i32)` -> dict of

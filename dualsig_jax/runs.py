@@ -155,7 +155,7 @@ def load_run(path: str, *, config: ml_collections.ConfigDict | None = None):
   if workdir is not None and checkpoint == stage.checkpoint_dir(workdir, 'dual'):
     from dualsig_jax import evaluate  # eval.py's warnings on an unfinished or stale dual stage
 
-    evaluate._dual_progress(config, workdir, info.get('step'))
+    evaluate.dual_progress(config, workdir, info.get('step'))
   m = config.model
   model = models.build_model(
     m.arch,

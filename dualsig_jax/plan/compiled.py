@@ -142,7 +142,7 @@ def _lower_eval(config: ml_collections.ConfigDict, mesh, global_batch: int):
   data = sharding.data_sharded(mesh)
   images = jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32, sharding=data)
   labels = jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=data)
-  fn = evaluate._make_batch_fn(model, config, mesh)
+  fn = evaluate.make_batch_fn(model, config, mesh)
   # The vanilla classifier's forward (eval's Top-1 of the vanilla stage) is included.
   return fn.lower(variables, variables, images, labels)
 
