@@ -108,3 +108,10 @@ def test_without_libtpu_one_line(monkeypatch, capsys):
 def test_unknown_topology_generation(capsys):
   rc = plan_main.main(['--config', 'configs/synthetic.py:smoke', '--topology', 'v9x:2x2'])
   assert rc == 2 and 'valid' in capsys.readouterr().err
+
+
+def test_times_are_printed_in_a_readable_unit():
+  # An ImageNet-val pass at roofline takes seconds: it printed as '0.0 min'.
+  assert plan_main._fmt_h(2.07) == '2 s'
+  assert plan_main._fmt_h(90) == '1.5 min'
+  assert plan_main._fmt_h(7200) == '2.00 h'

@@ -42,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _fmt_h(seconds: float) -> str:
-  return f'{seconds / 3600:.2f} h' if seconds >= 360 else f'{seconds / 60:.1f} min'
+  if seconds >= 360:
+    return f'{seconds / 3600:.2f} h'
+  return f'{seconds / 60:.1f} min' if seconds >= 60 else f'{seconds:.0f} s'
 
 
 def main(argv=None) -> int:
