@@ -8,7 +8,9 @@ Each run is `python train.py --config configs/synthetic.py --workdir <out>/<isa>
 and started again. A delta whose min-max range spans zero is reported as no difference.
 
 `--set input.batch_size=512 --set vanilla.warmup_epochs=1` passes config overrides to every run
-(give each setting its own `--out`: finished runs there are reused as they are).
+(give each setting its own `--out`: finished runs there are reused as they are). `{seed}` in
+an override is the run's seed, e.g. the dual stage alone from each seed's vanilla checkpoint:
+`--set stages="('dual',)" --set dual.init_checkpoint=runs/seeds/native_seed{seed}` (a vanilla run's workdir).
 
 Usage: python bench/seed_spread.py [--seeds 0 1 2] [--isa native AVX2] [--out runs/seeds]
        [--set FIELD=VALUE ...] [--markdown spread.md]
@@ -57,7 +59,7 @@ def run(seed: int, isa: str, out: str, overrides=()) -> dict:
       '--workdir',
       workdir,
       f'--config.seed={seed}',
-      *(f'--config.{o}' for o in overrides),
+      *(f'--config.{o.replace("{seed}", str(seed))}' for o in overrides),
     ]
     print('+', ' '.join(cmd), f'(XLA_FLAGS={env.get("XLA_FLAGS", "")})', flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
@@ -121,7 +123,7 @@ def main():
     action='append',
     default=[],
     metavar='FIELD=VALUE',
-    help='config override for every run (--config.FIELD=VALUE), repeatable',
+    help='config override for every run (--config.FIELD=VALUE; {seed}: the seed), repeatable',
   )
   a = p.parse_args()
   import jax  # only for the versions line

@@ -74,13 +74,9 @@ def _recorded_values(checkpoint: str, workdir: str | None) -> tuple[dict, str]:
   """(dotted config values the run recorded, where): the workdir's config.json, else the newest
   step's record, else the converter's conversion.json (model fields only)."""
   if workdir is not None:
-    try:
-      with open(os.path.join(workdir, resume.CONFIG_FILE), encoding='utf-8') as f:
-        saved = json.load(f)
-      if isinstance(saved, dict):
-        return resume.flatten(saved), os.path.join(workdir, resume.CONFIG_FILE)
-    except (OSError, ValueError):
-      pass  # a lost config.json: the checkpoint's own record below
+    saved = resume.saved_values(workdir)  # None when lost: the checkpoint's own record below
+    if saved is not None:
+      return saved, os.path.join(workdir, resume.CONFIG_FILE)
   conversion = os.path.join(checkpoint, _CONVERSION_FILE)
   if os.path.isfile(conversion):
     with open(conversion, encoding='utf-8') as f:

@@ -351,6 +351,7 @@ def test_truncate_defaults_per_branch(setup):
 # ----------------------------------------------------------------------------- API behaviour
 
 
+@pytest.mark.numerics
 def test_multi_equals_single_and_traces_once(setup):
   variables, images = setup
   calls = []

@@ -104,6 +104,7 @@ def _scoremaps(workdir):
   }
 
 
+@pytest.mark.numerics
 def test_two_processes_give_the_metrics_of_one(setup):
   # Both runs at once: the machine's cores overlap their start-up and compilation.
   one_dir, one = _launch(setup, 'one', 1)

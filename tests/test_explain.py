@@ -104,6 +104,7 @@ class NnxNet(nnx.Module):
     return self.head(jnp.tanh(self.conv3(self.bn(x))).mean(axis=(1, 2)))
 
 
+@pytest.mark.numerics
 def test_nnx_model_by_attribute_path_and_object_unchanged():
   model, x = NnxNet(nnx.Rngs(0)), images()
   model.eval()
@@ -237,6 +238,7 @@ class DictNet(nn.Module):
     }
 
 
+@pytest.mark.numerics
 def test_both_heads_call_kwargs_cache_and_sharding():
   net, x = DictNet(), images(b=8)
   v = net.init(jax.random.key(0), x, train=False)

@@ -31,6 +31,7 @@ class NnxNet(nnx.Module):
     return self.head(x.mean(axis=(1, 2)))
 
 
+@pytest.mark.numerics
 def test_nnx_guided_backprop_equals_explicit_guided_relu_model():
   x = jax.random.normal(jax.random.key(1), (2, 12, 12, 3))
   model = NnxNet(nnx.Rngs(0))

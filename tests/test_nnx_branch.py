@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 from flax import nnx
 
 from dualsig_jax.cam import explain
@@ -59,6 +60,7 @@ def optim_cfg():
   )
 
 
+@pytest.mark.numerics
 def test_three_dual_steps_freeze_backbone_and_fc_then_explain_both_heads():
   user = Classifier(nnx.Rngs(0))
   before_user = snapshot(user)

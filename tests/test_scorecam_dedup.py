@@ -6,6 +6,7 @@ not run."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dualsig_jax.cam import perturbation as P
 
@@ -63,6 +64,7 @@ def _weights(fn, forward, images, acts, targets, batch_size):
   return fn(lambda _, x: forward(x), None, images, acts, score, batch_size)
 
 
+@pytest.mark.numerics
 def test_weights_equal_one_forward_per_channel_and_fewer_forwards_run():
   forward, images = _model()
   acts, targets = _acts(), jnp.array([3, 5], jnp.int32)
@@ -84,6 +86,7 @@ def test_weights_equal_one_forward_per_channel_and_fewer_forwards_run():
   assert calls == [2] * 8, calls
 
 
+@pytest.mark.numerics
 def test_no_savings_when_every_map_differs():
   forward, images = _model()
   acts = jax.random.normal(jax.random.key(3), (2, 4, 4, 8))

@@ -83,6 +83,7 @@ def tiny_vgg():
   return model, init_variables(model, 0)
 
 
+@pytest.mark.numerics
 def test_standard_dropout_and_frozen_backbone(tiny_vgg):
   model, variables = tiny_vgg
   x = jnp.asarray(np.random.RandomState(1).randn(2, 64, 64, 3).astype(np.float32))

@@ -105,10 +105,12 @@ def _same_run(root, name, ref='one'):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.numerics
 def test_two_processes_train_exactly_as_one(runs):
   _same_run(runs, 'two')
 
 
+@pytest.mark.numerics
 def test_a_run_resumed_on_another_process_count_is_the_uninterrupted_run(runs):
   assert max(_records(runs / 'half')) == STEPS // 2
   _same_run(runs, 'resumed')
