@@ -31,12 +31,12 @@ class ConfigChangedError(ValueError):
   """A run resumes a workdir whose saved config differs in fields that must not change."""
 
 
-def flatten(tree: dict, prefix: str = '') -> dict:
+def _flatten(tree: dict, prefix: str = '') -> dict:
   """A config as JSON stores it (nested dicts) -> dotted field name -> value."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(flatten(v, f'{prefix}{k}.'))
+      out.update(_flatten(v, f'{prefix}{k}.'))
     else:
       out[f'{prefix}{k}'] = v
   return out
@@ -44,7 +44,7 @@ def flatten(tree: dict, prefix: str = '') -> dict:
 
 def config_values(config: ml_collections.ConfigDict) -> dict:
   """Dotted field name -> value, as JSON stores it (tuples are lists)."""
-  return flatten(json.loads(config.to_json_best_effort()))
+  return _flatten(json.loads(config.to_json_best_effort()))
 
 
 def is_resume_safe(name: str) -> bool:
@@ -64,7 +64,7 @@ def _read_saved(path: str) -> tuple[dict | None, str]:
       saved = json.load(f)
     if not isinstance(saved, dict):
       raise ValueError('not a JSON object')
-    return flatten(saved), ''
+    return _flatten(saved), ''
   except FileNotFoundError:
     return None, 'it is missing'
   except (OSError, ValueError, UnicodeDecodeError) as e:
