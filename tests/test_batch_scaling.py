@@ -139,3 +139,29 @@ def test_validate_refuses_unknown_rule():
     c.vanilla.lr_scaling = 'cubic'
   with pytest.raises(ValueError, match='lr_scaling'):
     defaults.validate(c)
+
+
+def test_batch_report_states_the_scaled_lr_and_warns_outside_validation():
+  # At the tuned batch: the lr as configured, nothing to warn about.
+  info, warns = optim.batch_report(_section('dual', lr=0.01), 'dual', 32, 10, 30)
+  assert 'lr 0.01 tuned at batch 32, x1 (linear) = 0.01 at batch 32' in info
+  assert warns == []
+  # The dual stage at 8x: validated, no warning.
+  info, warns = optim.batch_report(_section('dual', lr=0.01), 'dual', 256, 10, 30)
+  assert 'x8 (linear) = 0.08 at batch 256' in info
+  assert warns == []
+  # 16x: beyond what was validated.
+  _, warns = optim.batch_report(_section('dual', lr=0.01), 'dual', 512, 10, 30)
+  assert len(warns) == 1 and 'validated up to 8x only' in warns[0]
+  # 'none' scales nothing, so it claims nothing about validation.
+  _, warns = optim.batch_report(_section('dual', lr=0.01, lr_scaling='none'), 'dual', 512, 10, 30)
+  assert warns == []
+  # The vanilla stage at any scaled batch: no validated rule.
+  _, warns = optim.batch_report(_section('vanilla', lr=0.05), 'vanilla', 64, 10, 80)
+  assert len(warns) == 1 and 'no lr rule is validated for the vanilla stage' in warns[0]
+  # A warmup as long as the stage: the scaled lr is never reached.
+  o = _section('dual', lr=0.01, warmup_epochs=3.0)
+  _, warns = optim.batch_report(o, 'dual', 64, 10, 30)
+  assert len(warns) == 1 and 'never reaches its scaled value 0.02' in warns[0]
+  _, warns = optim.batch_report(_section('dual', lr=0.01, warmup_epochs=2.0), 'dual', 64, 10, 30)
+  assert warns == []

@@ -239,6 +239,12 @@ def _log_start(config, st: _Stage, logger: _Log, origin: str, first: int) -> dic
     config.input.batch_size,
     st.mesh.devices.size,
   )
+  info, warnings = optim.batch_report(
+    st.section, st.name, int(config.input.batch_size), st.steps_per_epoch, st.total
+  )
+  log.info('%s', info)
+  for w in warnings:
+    log.warning('%s', w)
   log.info(
     'stage %s trains %d parameter arrays (feature lr group: %s; classifier lr x%g: %s); %d frozen',
     st.name,
