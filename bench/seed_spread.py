@@ -80,7 +80,9 @@ def prediction_interval(v: np.ndarray, level: float = 0.90) -> tuple[float, floa
 def _cell(v: np.ndarray, delta: bool) -> str:
   lo, hi = prediction_interval(v)
   sign = '+' if delta else ''
-  text = f'{v.mean():{sign}.2f} ({v.min():{sign}.2f} – {v.max():{sign}.2f}) [{lo:{sign}.2f}, {hi:{sign}.2f}]'
+  text = f'{v.mean():{sign}.2f} ({v.min():{sign}.2f} – {v.max():{sign}.2f})'
+  # One run has no spread to predict from: no interval rather than '[nan, nan]'.
+  text += '' if np.isnan(lo) else f' [{lo:{sign}.2f}, {hi:{sign}.2f}]'
   if delta:
     text += ' ≈ 0' if v.min() <= 0 <= v.max() else ''
   return text
