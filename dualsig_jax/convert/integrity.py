@@ -14,17 +14,16 @@ float dtypes and finite weights.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import zipfile
 from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ['MANIFEST', 'check_zip_crcs', 'write_manifest', 'verify_manifest', 'check_finite']
+from dualsig_jax import checksums
+from dualsig_jax.checksums import MANIFEST
 
-MANIFEST = 'checksums.json'
+__all__ = ['MANIFEST', 'check_zip_crcs', 'write_manifest', 'verify_manifest', 'check_finite']
 
 
 def check_zip_crcs(path: str) -> None:
@@ -61,27 +60,11 @@ def _files(directory: str):
         yield os.path.join(dirpath, name)
 
 
-def _digests(directory: str) -> dict[str, str]:
-  """{path relative to ``directory``: sha256} of every file the converter wrote there."""
-  out = {}
-  for full in _files(directory):
-    h = hashlib.sha256()
-    with open(full, 'rb') as f:
-      for chunk in iter(lambda: f.read(1 << 20), b''):
-        h.update(chunk)
-    out[os.path.relpath(full, directory)] = h.hexdigest()
-  return out
-
-
 def write_manifest(directory: str) -> str:
   """Writes ``directory/checksums.json`` (``{'sha256': {file: digest}}``, atomically) for the
   complete output folder ``directory`` (``variables/`` and ``conversion.json``); returns its
   path."""
-  path = os.path.join(directory, MANIFEST)
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump({'sha256': _digests(directory)}, f, indent=0, sort_keys=True)
-  os.replace(path + '.tmp', path)
-  return path
+  return checksums.write(directory, checksums.digests(directory, _files(directory)))
 
 
 def verify_manifest(directory: str, *, required: bool) -> bool:
@@ -92,29 +75,27 @@ def verify_manifest(directory: str, *, required: bool) -> bool:
   Raises ``ValueError`` naming the first file that is missing, added to ``variables``, or whose
   bytes changed, and for a missing or unreadable manifest that is required.
   """
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isfile(path):
+  try:
+    recorded = checksums.read(directory)
+  except ValueError as e:
+    raise ValueError(f'{directory} is damaged: {MANIFEST} is unreadable ({e})') from None
+  if recorded is None:
     if required:
       raise ValueError(
         f'{directory} is damaged: its checksum manifest {MANIFEST} is missing (its '
         'conversion.json says one was written); convert the PyTorch checkpoint again'
       )
     return False
-  try:
-    with open(path, encoding='utf-8') as f:
-      recorded = json.load(f)['sha256']
-    recorded = dict(recorded)
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'{directory} is damaged: {MANIFEST} is unreadable ({e})') from None
-  actual = _digests(directory)
-  for rel in sorted(recorded):
-    if rel not in actual:
+  actual = checksums.digests(directory, _files(directory))
+  diff = checksums.first_difference(recorded, actual)
+  if diff is not None:
+    rel, kind = diff
+    if kind == 'missing':
       raise ValueError(f'{directory} is damaged: {rel} is missing; convert it again')
-    if actual[rel] != recorded[rel]:
-      raise ValueError(
-        f'{directory} is damaged: the bytes of {rel} differ from those written (checksum '
-        'mismatch); convert it again'
-      )
+    raise ValueError(
+      f'{directory} is damaged: the bytes of {rel} differ from those written (checksum '
+      'mismatch); convert it again'
+    )
   added = sorted(r for r in actual if r not in recorded and r.startswith('variables' + os.sep))
   if added:
     raise ValueError(f'{directory} is damaged: {added[0]} was not written by the converter')

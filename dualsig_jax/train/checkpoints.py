@@ -24,7 +24,6 @@ the training loop on every exit path (including SIGTERM), call it.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,9 @@ import grain.python as grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from dualsig_jax import checksums
+from dualsig_jax.checksums import MANIFEST
 
 log = logging.getLogger('dualsig_jax')
 
@@ -104,33 +106,21 @@ def step_dir(mgr: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(mgr.directory), str(step))
 
 
-MANIFEST = 'checksums.json'
 PENDING = '.manifest-pending'  # next to a step folder while its manifest is not written yet
 
 
-def _digests(path: str) -> dict[str, str]:
-  """{file relative to the step folder `path`: sha256 hex} of every file but the manifest."""
-  out = {}
+def _step_files(path: str):
+  """Every file of the step folder `path` but its manifest (and the manifest's temporary)."""
   for dirpath, _, files in os.walk(path):
     for name in files:
       full = os.path.join(dirpath, name)
-      rel = os.path.relpath(full, path)
-      if rel in (MANIFEST, MANIFEST + '.tmp'):
-        continue
-      h = hashlib.sha256()
-      with open(full, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-          h.update(chunk)
-      out[rel] = h.hexdigest()
-  return out
+      if os.path.relpath(full, path) not in (MANIFEST, MANIFEST + '.tmp'):
+        yield full
 
 
 def write_manifest(path: str) -> None:
   """Writes `path/checksums.json` (atomically) for the complete step folder `path`."""
-  tmp = os.path.join(path, MANIFEST + '.tmp')
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump({'sha256': _digests(path)}, f, indent=0, sort_keys=True)
-  os.replace(tmp, os.path.join(path, MANIFEST))
+  checksums.write(path, checksums.digests(path, _step_files(path)))
 
 
 def verify_manifest(path: str) -> bool:
@@ -140,20 +130,20 @@ def verify_manifest(path: str) -> bool:
   Raises:
     CheckpointCorruptError naming the first file that is missing or whose bytes changed.
   """
-  manifest = os.path.join(path, MANIFEST)
-  if not os.path.isfile(manifest):
-    return False
   try:
-    with open(manifest, encoding='utf-8') as f:
-      recorded = json.load(f)['sha256']
-  except (OSError, ValueError, KeyError, TypeError) as e:
+    recorded = checksums.read(path)
+  except ValueError as e:
     raise _corrupt(path, MANIFEST, f'the checksum manifest is unreadable ({e})') from e
-  actual = _digests(path)
-  for rel in sorted(recorded):
-    if rel not in actual:
-      raise _corrupt(path, rel, 'the file is missing')
-    if actual[rel] != recorded[rel]:
-      raise _corrupt(path, rel, 'its bytes differ from those saved (checksum mismatch)')
+  if recorded is None:
+    return False
+  diff = checksums.first_difference(recorded, checksums.digests(path, _step_files(path)))
+  if diff is not None:
+    rel, kind = diff
+    detail = {
+      'missing': 'the file is missing',
+      'changed': 'its bytes differ from those saved (checksum mismatch)',
+    }[kind]
+    raise _corrupt(path, rel, detail)
   return True
 
 
@@ -161,8 +151,7 @@ def manifest_digest(path: str) -> str | None:
   """sha256 of the step folder `path`'s manifest (identifies the step's exact contents), or
   None when it has none."""
   try:
-    with open(os.path.join(path, MANIFEST), 'rb') as f:
-      return hashlib.sha256(f.read()).hexdigest()
+    return checksums.file_sha256(os.path.join(path, MANIFEST))
   except OSError:
     return None
 
