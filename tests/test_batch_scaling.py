@@ -153,6 +153,11 @@ def test_batch_report_states_the_scaled_lr_and_warns_outside_validation():
   # 16x: beyond what was validated.
   _, warns = optim.batch_report(_section('dual', lr=0.01), 'dual', 512, 10, 30)
   assert len(warns) == 1 and 'validated up to 8x only' in warns[0]
+  # sqrt was never validated, at any scaled batch; at the tuned batch it changes nothing.
+  _, warns = optim.batch_report(_section('dual', lr=0.01, lr_scaling='sqrt'), 'dual', 64, 10, 30)
+  assert len(warns) == 1 and 'sqrt rule is not validated' in warns[0]
+  _, warns = optim.batch_report(_section('dual', lr=0.01, lr_scaling='sqrt'), 'dual', 32, 10, 30)
+  assert warns == []
   # 'none' scales nothing, so it claims nothing about validation.
   _, warns = optim.batch_report(_section('dual', lr=0.01, lr_scaling='none'), 'dual', 512, 10, 30)
   assert warns == []

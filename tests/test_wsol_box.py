@@ -463,7 +463,8 @@ def test_config_and_evaluators_accept_the_same_intervals():
 def test_kernel_releases_the_gil():
   """While one thread runs the kernel on a large map, Python code runs in another: the reason
   the default pool is threads. Holding the GIL, the loop below would get one switch interval
-  (5 ms, ~5e4 spins); released, it runs for the whole call (~1e6 spins or more)."""
+  (5 ms, ~5e4 spins); released, it runs for the whole call (~1e6 spins on a fast core; 4.7e5
+  seen on a slow shared one, hence the threshold at 4x the held case)."""
   import threading
 
   rng = np.random.default_rng(5)
@@ -480,4 +481,4 @@ def test_kernel_releases_the_gil():
   while worker.is_alive():
     spins += 1
   worker.join()
-  assert spins > 500_000, spins
+  assert spins > 200_000, spins

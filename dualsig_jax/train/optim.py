@@ -118,11 +118,17 @@ def batch_report(
   )
   warnings = []
   ratio = global_batch / base
-  if rule != 'none' and ratio > VALIDATED_BATCH_RATIO:
+  if rule == 'linear' and ratio > VALIDATED_BATCH_RATIO:
     warnings.append(
       f'stage {stage}: batch {global_batch} is {ratio:g}x the batch its lr was tuned at '
-      f'({base}); the {rule!r} rule was validated up to {VALIDATED_BATCH_RATIO}x only: compare '
+      f'({base}); the linear rule was validated up to {VALIDATED_BATCH_RATIO}x only: compare '
       f'with a run at batch {base} before trusting the numbers (docs/pods_plan.md)'
+    )
+  if rule == 'sqrt' and ratio != 1:
+    warnings.append(
+      f'stage {stage}: batch {global_batch} is {ratio:g}x the batch its lr was tuned at '
+      f"({base}) and the sqrt rule is not validated (the dual stage's linear rule is, up to "
+      f'{VALIDATED_BATCH_RATIO}x): compare with a run at batch {base} (docs/pods_plan.md)'
     )
   if stage == 'vanilla' and rule != 'none' and ratio != 1:
     warnings.append(
