@@ -83,6 +83,11 @@ def lr_scale(rule: str, global_batch: int, base_batch: int) -> float:
   return ratio if rule == 'linear' else ratio**0.5
 
 
+def _warmup_steps(optim_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """The stage's `warmup_epochs` in optimizer steps (0 when the field is absent)."""
+  return round(float(optim_cfg.get('warmup_epochs', 0.0)) * steps_per_epoch)
+
+
 # The largest batch / base_batch ratio validated on the synthetic benchmark (dual stage, linear
 # rule; docs/pods_plan.md "Validation on the synthetic benchmark").
 VALIDATED_BATCH_RATIO = 8
@@ -111,7 +116,7 @@ def batch_report(
   o = optim_cfg
   rule, base = o.get('lr_scaling', 'none'), int(o.get('base_batch_size', global_batch))
   scale = lr_scale(rule, global_batch, base)
-  warmup = round(float(o.get('warmup_epochs', 0.0)) * steps_per_epoch)
+  warmup = _warmup_steps(o, steps_per_epoch)
   info = (
     f'stage {stage}: lr {o.lr:g} tuned at batch {base}, x{scale:g} ({rule}) = {o.lr * scale:g} '
     f'at batch {global_batch}; warmup {warmup} of {total} steps'
@@ -203,7 +208,7 @@ def make_optimizer(
   scale = 1.0
   if global_batch is not None:
     scale = lr_scale(o.get('lr_scaling', 'none'), global_batch, o.get('base_batch_size', 32))
-  warmup = round(float(o.get('warmup_epochs', 0.0)) * steps_per_epoch)
+  warmup = _warmup_steps(o, steps_per_epoch)
   # At scale 1.0 the lr is not multiplied at all: a run at the tuned batch is bit-identical.
   lr = o.lr if scale == 1.0 else o.lr * scale
   schedules = {
